@@ -1,0 +1,31 @@
+"""jemkit: turn any classifier into a Joint Energy-based Model (JEM) and train, sample, calibrate and score it.
+
+Public API: everything in ``__all__``; other names may change between releases.
+"""
+
+__version__ = "0.1.0"
+
+from jemkit.adapters import select_logits
+from jemkit.data import DigitsDataModule, GaussianMixtureDataModule
+from jemkit.energy import energy_matrix, joint_energy, log_px, log_py_given_x, marginal_energy
+from jemkit.module import JEM, DivergenceError
+from jemkit.sampling import MALA, SGLD, GaussianInit, ReplayBuffer, UniformInit
+
+__all__ = [
+    "JEM",
+    "MALA",
+    "SGLD",
+    "DigitsDataModule",
+    "DivergenceError",
+    "GaussianInit",
+    "GaussianMixtureDataModule",
+    "ReplayBuffer",
+    "UniformInit",
+    "__version__",
+    "energy_matrix",
+    "joint_energy",
+    "log_px",
+    "log_py_given_x",
+    "marginal_energy",
+    "select_logits",
+]

@@ -1,0 +1,99 @@
+"""Small named adapters between a user's classifier and jemkit: which output is the logits, and how layers whose
+behaviour depends on train/eval mode (BatchNorm, Dropout) behave while sampling.
+
+jemkit never edits the classifier; it only calls it through these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+__all__ = [
+    "SamplingMode",
+    "has_batchnorm",
+    "is_mode_sensitive",
+    "sampling_context",
+    "select_logits",
+]
+
+SamplingMode = Literal["eval", "train"]
+OutputKey = str | int | Callable[[Any], Tensor] | None
+
+
+def select_logits(output: Any, output_key: OutputKey = None) -> Tensor:
+    """Pick the logits out of a classifier's output.
+
+    ``output_key`` is ``None`` (the output is the logits), a key of a dict-like output (e.g. ``"logits"``), an index
+    into a tuple/list output (e.g. ``0`` for models with auxiliary heads), or a callable ``output -> logits``.
+    """
+    if callable(output_key):
+        logits = output_key(output)
+    elif output_key is None:
+        logits = output
+    else:
+        try:
+            logits = output[output_key]
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"could not read output_key={output_key!r} from the classifier output of type {type(output).__name__}"
+            ) from err
+    if not isinstance(logits, Tensor):
+        hint = ""
+        if isinstance(output, dict):
+            hint = f"; it returned a dict with keys {list(output)}: pass output_key=<the logits key>"
+        elif isinstance(output, (tuple, list)):
+            hint = f"; it returned a {type(output).__name__} of {len(output)}: pass output_key=<index of the logits>"
+        raise TypeError(
+            f"expected the classifier to return a Tensor of logits [B, C], got {type(logits).__name__}{hint}"
+        )
+    return logits
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether any layer normalises with batch statistics in train mode (BatchNorm, SyncBatchNorm)."""
+    return any(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def is_mode_sensitive(module: nn.Module) -> bool:
+    """Whether train and eval mode compute different functions (BatchNorm or Dropout present)."""
+    return any(isinstance(m, (_BatchNorm, _DropoutNd)) for m in module.modules())
+
+
+@contextmanager
+def sampling_context(module: nn.Module, mode: SamplingMode = "eval") -> Iterator[None]:
+    """Run the classifier as the sampler should see it, and leave it exactly as it was.
+
+    - ``"eval"`` (default): eval mode, so BatchNorm uses its running statistics (each sample's energy does not
+      depend on the rest of the batch) and Dropout is off; every submodule's own train flag is restored afterwards.
+    - ``"train"``: keep train mode (BatchNorm uses batch statistics, as the JEM reference code does), but restore the
+      running statistics afterwards so that samples never leak into them.
+    """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"sampling mode must be 'eval' or 'train', got {mode!r}")
+    flags = [(m, m.training) for m in module.modules()]
+    stats = []
+    if mode == "eval":
+        module.eval()
+    else:
+        for m in module.modules():
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
+                stats.append(
+                    (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                )
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+        with torch.no_grad():
+            for m, mean, var, count in stats:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)

@@ -1,0 +1,73 @@
+"""Energies read off a classifier's logits: the one place jemkit turns logits into E(x, y), E(x) and log-probabilities.
+
+A classifier ``f`` with logits ``f(x) [B, C]`` defines a Gibbs distribution at temperature ``T`` (inverse temperature
+``beta = 1 / T``)::
+
+    E(x, y) = -f(x)[y] / T          p(x, y) ∝ exp(-E(x, y))
+    E(x)    = -T * logsumexp(f(x) / T)
+
+With ``T = 1`` (JEM) ``p(y | x)`` is the classifier's usual softmax and ``-E(x)`` is ``log p(x)`` up to the unknown
+normaliser. Every other module calls these functions rather than re-deriving them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_logits",
+    "energy_matrix",
+    "joint_energy",
+    "log_px",
+    "log_py_given_x",
+    "marginal_energy",
+]
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def check_logits(logits: Tensor) -> None:
+    """Raise ``ValueError`` unless ``logits`` has the classifier output shape ``[B, C]``."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"expected the classifier to return a Tensor of logits [B, C], got {type(logits).__name__}"
+        )
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits of shape [B, C], got shape {tuple(logits.shape)}")
+
+
+def energy_matrix(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """All joint energies ``E(x, y) = -f(x)[y] / T`` at once: ``[B, C] -> [B, C]``."""
+    _check_temperature(temperature)
+    return -logits / temperature
+
+
+def joint_energy(logits: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
+    """``E(x, y) = -f(x)[y] / T`` for the given labels: logits ``[B, C]``, labels ``[B]`` -> ``[B]``."""
+    check_logits(logits)
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"expected labels of shape [{logits.shape[0]}], got {tuple(y.shape)}")
+    return energy_matrix(logits, temperature).gather(1, y.long().unsqueeze(1)).squeeze(1)
+
+
+def marginal_energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``E(x) = -T * logsumexp(f(x) / T)``: logits ``[B, C]`` -> ``[B]``; stable for large logits."""
+    check_logits(logits)
+    _check_temperature(temperature)
+    return -temperature * torch.logsumexp(logits / temperature, dim=1)
+
+
+def log_px(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Unnormalised ``log p(x) = -E(x)``: ``[B, C] -> [B]``. Higher means more in-distribution."""
+    return -marginal_energy(logits, temperature)
+
+
+def log_py_given_x(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log p(y | x) = E(x) - E(x, y)`` for every class, i.e. ``log_softmax(f(x) / T)``: ``[B, C] -> [B, C]``."""
+    check_logits(logits)
+    _check_temperature(temperature)
+    return torch.log_softmax(logits / temperature, dim=1)

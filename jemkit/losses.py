@@ -1,0 +1,238 @@
+"""Losses on energies: the discriminative EBM losses of LeCun et al. (2006) and JEM's generative terms.
+
+Any classifier is an energy-based model once its logits are read as energies
+(``jemkit.energy.energy_matrix``: ``E(x, y) = -f(x)[y] / T``). "A Tutorial on Energy-Based Learning"
+(LeCun, Chopra, Hadsell, Ranzato & Huang 2006, Table 1) lists the losses that train such a model to give
+the correct answer a lower energy than the others. They are written here once, as pure functions of an
+energy matrix ``energies [B, C]`` (lower = better) and integer labels ``y [B]``, each returning the batch
+mean, so that a training loop can swap the classification term of JEM for any of them by name
+(``get_ebm_loss``). With ``beta = 1`` the NLL/MMI loss is exactly cross-entropy on the logits, which is the
+term JEM uses for ``log p(y | x)``.
+
+The generative half of JEM does not need labels: ``contrastive_divergence_loss`` is the maximum-likelihood
+surrogate for ``log p(x)`` given energies of data and of model samples (e.g. from SGLD), and
+``energy_l2_regularization`` is the energy-magnitude penalty of Du & Mordatch (2019) that keeps it stable.
+
+Notation: ``ȳ`` is the *most offending incorrect answer*, the incorrect class with the lowest energy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "EBM_LOSSES",
+    "contrastive_divergence_loss",
+    "energy_l2_regularization",
+    "energy_loss",
+    "get_ebm_loss",
+    "hinge_loss",
+    "log_loss",
+    "lvq2_loss",
+    "mce_loss",
+    "nll_loss",
+    "perceptron_loss",
+    "square_exponential_loss",
+    "square_square_loss",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_energies_and_labels(energies: Tensor, y: Tensor, min_classes: int = 1) -> None:
+    """Check ``energies [B, C]`` and ``B`` integer labels ``y`` in ``[0, C)``; ``ValueError`` otherwise."""
+    if energies.dim() != 2:
+        raise ValueError(f"expected energies of shape [B, C], got shape {tuple(energies.shape)}")
+    batch, num_classes = energies.shape
+    if num_classes < min_classes:
+        why = " to compare the correct answer with an incorrect one" if min_classes >= 2 else ""
+        raise ValueError(
+            f"this loss needs at least {min_classes} classes{why}, got energies with C={num_classes}"
+        )
+    if y.shape != (batch,):
+        shapes = f"energies {tuple(energies.shape)}, got labels of shape {tuple(y.shape)}"
+        raise ValueError(f"expected labels of shape [{batch}] to match {shapes}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"expected integer class labels, got dtype {y.dtype}")
+    if batch > 0:
+        bad = (y < 0) | (y >= num_classes)
+        if bool(bad.any()):
+            value = int(y[bad][0])
+            raise ValueError(f"labels must lie in [0, C) with C={num_classes}, got label {value}")
+
+
+def _correct_energy(energies: Tensor, y: Tensor) -> Tensor:
+    """``E(x, y)`` for the correct labels: ``[B, C], [B] -> [B]``."""
+    return energies.gather(1, y.long().unsqueeze(1)).squeeze(1)
+
+
+def _most_offending_energy(energies: Tensor, y: Tensor) -> Tensor:
+    """``E(x, ȳ)``, ``ȳ = argmin_{c != y} E(x, c)`` the most offending incorrect answer: ``[B, C] -> [B]``.
+
+    The correct class is masked with ``+inf`` before the min, so the gradient flows only to ``E(x, ȳ)``.
+    """
+    correct = F.one_hot(y.long(), num_classes=energies.shape[1]).bool()
+    return energies.masked_fill(correct, float("inf")).amin(dim=1)
+
+
+def _energy_gap(energies: Tensor, y: Tensor) -> Tensor:
+    """``E(x, y) - E(x, ȳ)`` (negative when the correct answer wins): ``[B, C], [B] -> [B]``."""
+    _check_energies_and_labels(energies, y, min_classes=2)
+    return _correct_energy(energies, y) - _most_offending_energy(energies, y)
+
+
+def _check_sample_energies(e_data: Tensor, e_sample: Tensor) -> None:
+    for name, e in (("e_data", e_data), ("e_sample", e_sample)):
+        if e.dim() != 1:
+            raise ValueError(f"expected {name} of shape [N], got shape {tuple(e.shape)}")
+        if e.numel() == 0:
+            raise ValueError(f"{name} is empty; need at least one energy to average")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# discriminative losses (LeCun et al. 2006, Table 1)
+
+
+def energy_loss(energies: Tensor, y: Tensor) -> Tensor:
+    """Energy loss ``mean E(x, y)``: only pushes the correct energy down (can collapse without an architecture
+    that pulls the others up). ``energies [B, C]``, ``y [B]`` -> scalar."""
+    _check_energies_and_labels(energies, y)
+    return _correct_energy(energies, y).mean()
+
+
+def perceptron_loss(energies: Tensor, y: Tensor) -> Tensor:
+    """Generalised perceptron loss ``mean(E(x, y) - min_c E(x, c))`` (``>= 0``, no margin).
+    ``energies [B, C]``, ``y [B]`` -> scalar."""
+    _check_energies_and_labels(energies, y)
+    return (_correct_energy(energies, y) - energies.amin(dim=1)).mean()
+
+
+def hinge_loss(energies: Tensor, y: Tensor, margin: float = 1.0) -> Tensor:
+    """Hinge loss ``mean max(0, m + E(x, y) - E(x, ȳ))``: zero once the correct answer wins by ``margin``.
+    ``energies [B, C]`` (``C >= 2``), ``y [B]`` -> scalar."""
+    return F.relu(margin + _energy_gap(energies, y)).mean()
+
+
+def log_loss(energies: Tensor, y: Tensor) -> Tensor:
+    """Log loss ``mean log(1 + exp(E(x, y) - E(x, ȳ)))``, a soft hinge with an infinite margin.
+    ``energies [B, C]`` (``C >= 2``), ``y [B]`` -> scalar."""
+    return F.softplus(_energy_gap(energies, y)).mean()
+
+
+def lvq2_loss(energies: Tensor, y: Tensor, saturation: float = 1.0) -> Tensor:
+    """LVQ2 loss ``mean min(M, max(0, E(x, y) - E(x, ȳ)))`` with ``M = saturation`` (Table 1's form; no
+    margin, and the loss saturates for badly wrong samples).
+    ``energies [B, C]`` (``C >= 2``), ``y [B]`` -> scalar."""
+    if not saturation > 0:
+        raise ValueError(f"saturation must be > 0, got {saturation!r}")
+    return _energy_gap(energies, y).clamp(min=0.0, max=saturation).mean()
+
+
+def mce_loss(energies: Tensor, y: Tensor) -> Tensor:
+    """Minimum classification error loss ``mean sigmoid(E(x, y) - E(x, ȳ))``, a smooth 0/1 error.
+    ``energies [B, C]`` (``C >= 2``), ``y [B]`` -> scalar."""
+    return torch.sigmoid(_energy_gap(energies, y)).mean()
+
+
+def square_square_loss(energies: Tensor, y: Tensor, margin: float = 1.0) -> Tensor:
+    """Square-square loss ``mean(E(x, y)^2 + max(0, m - E(x, ȳ))^2)``: drives the correct energy to 0 and the
+    most offending one above ``m`` (assumes non-negative energies to be meaningful).
+    ``energies [B, C]`` (``C >= 2``), ``y [B]`` -> scalar."""
+    _check_energies_and_labels(energies, y, min_classes=2)
+    e_correct = _correct_energy(energies, y)
+    e_offending = _most_offending_energy(energies, y)
+    return (e_correct.square() + F.relu(margin - e_offending).square()).mean()
+
+
+def square_exponential_loss(energies: Tensor, y: Tensor, gamma: float = 1.0) -> Tensor:
+    """Square-exponential loss ``mean(E(x, y)^2 + gamma * exp(-E(x, ȳ)))``.
+    ``energies [B, C]`` (``C >= 2``), ``y [B]`` -> scalar."""
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    _check_energies_and_labels(energies, y, min_classes=2)
+    e_correct = _correct_energy(energies, y)
+    e_offending = _most_offending_energy(energies, y)
+    return (e_correct.square() + gamma * torch.exp(-e_offending)).mean()
+
+
+def nll_loss(energies: Tensor, y: Tensor, beta: float = 1.0) -> Tensor:
+    """Negative log-likelihood / MMI loss ``mean(E(x, y) + (1 / beta) * logsumexp_c(-beta * E(x, c)))``.
+
+    This is ``-log p(y | x) / beta`` under the Gibbs distribution at inverse temperature ``beta``; with
+    ``beta = 1`` and ``energies = -logits`` it equals ``F.cross_entropy(logits, y)``.
+    ``energies [B, C]``, ``y [B]`` -> scalar.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    _check_energies_and_labels(energies, y)
+    free_energy = torch.logsumexp(-beta * energies, dim=1) / beta
+    return (_correct_energy(energies, y) + free_energy).mean()
+
+
+EBM_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "energy": energy_loss,
+    "perceptron": perceptron_loss,
+    "hinge": hinge_loss,
+    "log": log_loss,
+    "lvq2": lvq2_loss,
+    "mce": mce_loss,
+    "square_square": square_square_loss,
+    "square_exponential": square_exponential_loss,
+    "nll": nll_loss,
+    "mmi": nll_loss,
+}
+"""Name -> loss function; ``"mmi"`` is an alias of ``"nll"``."""
+
+
+def get_ebm_loss(name: str, **kwargs: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """Look up a loss by name and bind its hyperparameters, e.g.
+    ``get_ebm_loss("hinge", margin=0.5)(energies, y)``.
+
+    Names are case-insensitive and ``-`` may stand for ``_``. Raises ``ValueError`` on an unknown name or on
+    a keyword the loss does not take.
+    """
+    key = name.strip().lower().replace("-", "_")
+    if key not in EBM_LOSSES:
+        raise ValueError(f"unknown EBM loss {name!r}; valid names: {', '.join(sorted(EBM_LOSSES))}")
+    fn = EBM_LOSSES[key]
+    params = list(inspect.signature(fn).parameters)[2:]
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        accepted = ", ".join(params) if params else "none"
+        raise ValueError(
+            f"loss {key!r} got unexpected argument(s) {', '.join(unknown)}; it accepts: {accepted}"
+        )
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generative terms (JEM's log p(x))
+
+
+def contrastive_divergence_loss(e_data: Tensor, e_sample: Tensor) -> Tensor:
+    """Maximum-likelihood surrogate for ``log p(x)``: ``mean E(x_data) - mean E(x_sample)``.
+
+    Its gradient is the (sampled) gradient of ``-log p(x_data)``: it lowers data energies and raises the
+    energies of the model's own samples. Pass ``e_sample`` computed on detached samples.
+    ``e_data [N]``, ``e_sample [M]`` -> scalar.
+    """
+    _check_sample_energies(e_data, e_sample)
+    return e_data.mean() - e_sample.mean()
+
+
+def energy_l2_regularization(e_data: Tensor, e_sample: Tensor) -> Tensor:
+    """Energy magnitude penalty ``mean E(x_data)^2 + mean E(x_sample)^2`` (Du & Mordatch 2019).
+
+    Keeps the energies near zero so contrastive divergence cannot diverge by shifting them without bound.
+    ``e_data [N]``, ``e_sample [M]`` -> scalar.
+    """
+    _check_sample_energies(e_data, e_sample)
+    return e_data.square().mean() + e_sample.square().mean()

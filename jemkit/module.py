@@ -1,0 +1,408 @@
+"""``JEM``: the LightningModule that turns any classifier into a Joint Energy-based Model.
+
+The classifier stays the user's and is only called. The module owns a sampler and a replay buffer and trains
+
+    loss = ce_weight * CE(f(x), y)
+         + px_weight  * (E(x_data).mean() - E(x_sample).mean())              # log p(x)
+         + pxy_weight * (E(x_data, y).mean() - E(x_sample_y, y_q).mean())    # log p(x | y), optional
+         + energy_l2_weight * (E(x_data)^2 + E(x_sample)^2).mean()          # optional regulariser
+
+where the samples come from SGLD chains continued from the buffer (Grathwohl et al. 2020).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from jemkit.adapters import (
+    OutputKey,
+    SamplingMode,
+    has_batchnorm,
+    is_mode_sensitive,
+    sampling_context,
+    select_logits,
+)
+from jemkit.energy import check_logits, joint_energy, marginal_energy
+from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
+from jemkit.sampling import SGLD, InitialDistribution, ReplayBuffer, Sampler, UniformInit
+
+__all__ = ["JEM", "DivergenceError"]
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite (or exploding) loss or energy: the run diverged."""
+
+
+class JEM(pl.LightningModule):
+    """Wrap a classifier ``f(x) -> logits [B, C]`` as a JEM and train it with ``cross-entropy + log p(x)``.
+
+    ``forward`` returns the classifier's logits, so a JEM drops in wherever the classifier was used. Defaults are the
+    JEM paper's: SGLD with 20 steps of size 1.0 and noise 0.01, a 10,000-sample replay buffer with 5% re-initialisation
+    from uniform noise on [-1, 1], data noise 0.03, Adam with learning rate 1e-4.
+
+    Args:
+        classifier: any ``nn.Module`` mapping a batch of inputs to logits (see ``output_key`` for tuple/dict outputs).
+        num_classes: number of classes; inferred from the first batch's logits when ``None``.
+        input_shape: shape of one input (e.g. ``(3, 32, 32)``); taken from the first batch when ``None``.
+        ce_weight: weight of the cross-entropy term ``-log p(y|x)``.
+        px_weight: weight of the unconditional generative term (``log p(x)``); 0 trains a plain classifier.
+        pxy_weight: weight of the class-conditional generative term (``log p(x|y)``), sampled with random labels.
+        energy_l2_weight: weight of the L2 regulariser on data and sample energies (keeps energies near 0).
+        data_noise: std of the Gaussian noise added to training inputs (JEM: 0.03).
+        temperature: temperature ``T`` of the energies (``beta = 1/T``); 1 is the classifier's own softmax.
+        sampler: the sampler; default ``SGLD(n_steps=20, step_size=1.0, noise_std=0.01)``.
+        buffer_size: replay buffer capacity.
+        reinit_prob: probability of restarting a chain from ``init``.
+        init: initial distribution of chains; default ``UniformInit(-1, 1)``.
+        conditional_buffer: keep the buffer per class (needed for class-conditional start points).
+        sampling_mode: how BatchNorm/Dropout behave while sampling: ``"eval"`` (running statistics, default) or
+            ``"train"`` (batch statistics, the reference code's behaviour; running statistics are protected).
+        output_key: how to read logits from a classifier returning a tuple/dict: a key, an index or a callable.
+        lr: learning rate of the default Adam optimiser (ignored when ``optimizer`` is given).
+        optimizer: optimiser factory ``params -> Optimizer`` (LightningCLI: ``class_path`` in YAML).
+        lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler``, stepped every epoch.
+        check_finite: stop with :class:`DivergenceError` as soon as the loss or an energy is non-finite.
+        calibration_bins: number of equal-width bins of the validation/test ECE.
+
+    Example::
+
+        >>> from torchvision.models import resnet18
+        >>> jem = JEM(resnet18(num_classes=10))
+        >>> # lightning.Trainer().fit(jem, datamodule)
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        ce_weight: float = 1.0,
+        px_weight: float = 1.0,
+        pxy_weight: float = 0.0,
+        energy_l2_weight: float = 0.0,
+        data_noise: float = 0.03,
+        temperature: float = 1.0,
+        sampler: Sampler | None = None,
+        buffer_size: int = 10_000,
+        reinit_prob: float = 0.05,
+        init: InitialDistribution | None = None,
+        conditional_buffer: bool = False,
+        sampling_mode: SamplingMode = "eval",
+        output_key: OutputKey = None,
+        lr: float = 1e-4,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        check_finite: bool = True,
+        calibration_bins: int = 15,
+    ) -> None:
+        super().__init__()
+        if not isinstance(classifier, nn.Module):
+            raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
+        for name, value in [
+            ("ce_weight", ce_weight),
+            ("px_weight", px_weight),
+            ("pxy_weight", pxy_weight),
+            ("energy_l2_weight", energy_l2_weight),
+            ("data_noise", data_noise),
+        ]:
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+        if sampling_mode not in ("eval", "train"):
+            raise ValueError(f"sampling_mode must be 'eval' or 'train', got {sampling_mode!r}")
+        self._save_hparams()
+
+        self.classifier = classifier
+        self.num_classes = num_classes
+        self.ce_weight, self.px_weight, self.pxy_weight = ce_weight, px_weight, pxy_weight
+        self.energy_l2_weight = energy_l2_weight
+        self.data_noise = data_noise
+        self.temperature = temperature
+        self.sampler = sampler if sampler is not None else SGLD()
+        self.sampling_mode = sampling_mode
+        self.output_key = output_key
+        self.lr = lr
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.check_finite = check_finite
+        self.calibration_bins = calibration_bins
+        self.buffer = ReplayBuffer(
+            capacity=buffer_size,
+            reinit_prob=reinit_prob,
+            init=init if init is not None else UniformInit(-1.0, 1.0),
+            input_shape=None,
+            num_classes=num_classes,
+            conditional=conditional_buffer or pxy_weight > 0,
+        )
+        self._input_shape = tuple(input_shape) if input_shape is not None else None
+        self._checked_stages: set[str] = set()
+        self.val_metrics: MetricCollection | None = None
+        self.test_metrics: MetricCollection | None = None
+        if num_classes is not None:
+            self._build_metrics(num_classes)
+
+    def _save_hparams(self) -> None:
+        # Under LightningCLI the classifier arrives as a config (class_path/init_args), which is what makes
+        # ``JEM.load_from_checkpoint(path)`` work without arguments; a module object passed from Python is left out
+        # (its weights are in the state dict) and must be passed again when loading.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters(frame=__import__("inspect").currentframe().f_back)
+        if isinstance(self.hparams.get("classifier"), nn.Module):
+            del self.hparams["classifier"]
+
+    def _build_metrics(self, num_classes: int) -> None:
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "ece": MulticlassCalibrationError(num_classes, n_bins=self.calibration_bins, norm="l1"),
+                "nll": MeanMetric(),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/").to(self.device)
+        self.test_metrics = metrics.clone(prefix="test/").to(self.device)
+
+    # ------------------------------------------------------------------ energies
+    def forward(self, x: Tensor) -> Tensor:
+        """The classifier's logits ``[B, C]``."""
+        return select_logits(self.classifier(x), self.output_key)
+
+    def energy(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``E(x)`` (``y=None``) or ``E(x, y)`` at the module's temperature: ``[B]``."""
+        logits = self(x)
+        if y is None:
+            return marginal_energy(logits, self.temperature)
+        return joint_energy(logits, y, self.temperature)
+
+    def _energy_fn(self, y: Tensor | None) -> Callable[[Tensor], Tensor]:
+        return lambda x: self.energy(x, y)
+
+    # ------------------------------------------------------------------ sampling
+    def _refine(self, x0: Tensor, y: Tensor | None = None, n_steps: int | None = None) -> Tensor:
+        with sampling_context(self.classifier, self.sampling_mode):
+            return self.sampler.sample(self._energy_fn(y), x0, n_steps=n_steps)
+
+    def sample(
+        self,
+        n: int,
+        y: Tensor | None = None,
+        n_steps: int | None = None,
+        from_buffer: bool = True,
+    ) -> Tensor:
+        """Draw ``n`` samples ``[n, *input_shape]`` (class-conditional when ``y [n]`` is given).
+
+        Chains start from the replay buffer (``from_buffer=True``, conditional buffers only for ``y``) or from the
+        initial distribution; the buffer is left unchanged. Works inside validation/inference mode as well.
+        """
+        if not self.buffer.is_initialized:
+            raise RuntimeError(
+                "the JEM has not seen data yet: train it, load a checkpoint, or pass input_shape="
+            )
+        with torch.inference_mode(False), torch.enable_grad():
+            if y is not None:
+                y = y.to(self.device).long().clone()
+            if from_buffer and (y is None or self.buffer.conditional):
+                x0, _ = self.buffer.sample(n, y)
+            else:
+                x0 = self.buffer.init.sample(n, self.buffer.input_shape, device=self.device, y=y)
+            return self._refine(x0.clone(), y, n_steps).detach()
+
+    def _draw_samples(self, batch_size: int, y: Tensor | None) -> Tensor:
+        """Continue ``batch_size`` chains from the buffer, write them back, return them."""
+        x0, idx = self.buffer.sample(batch_size, y)
+        x = self._refine(x0, y)
+        self.buffer.update(idx, x)
+        return x
+
+    # ------------------------------------------------------------------ checks
+    def _prepare(self, x: Tensor, y: Tensor, stage: str) -> None:
+        """Validate the first batch of every stage; size the buffer and metrics from it."""
+        shape = tuple(x.shape[1:])
+        expected = self._input_shape or self.buffer.input_shape
+        if expected is not None and shape != tuple(expected):
+            raise ValueError(
+                f"{stage} inputs have shape {shape} per sample, expected {tuple(expected)} "
+                "(the shape given as input_shape= or seen in the first batch / checkpoint buffer)"
+            )
+        if stage in self._checked_stages:
+            return
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"expected labels of shape [{x.shape[0]}], got {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise TypeError(f"expected integer class labels, got dtype {y.dtype}")
+        with torch.no_grad(), sampling_context(self.classifier, "train"):
+            logits = self(x[:2])
+        check_logits(logits)
+        num_classes = int(logits.shape[1])
+        if self.num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(
+                f"the classifier returns {num_classes} logits but num_classes={self.num_classes}"
+            )
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) for a classifier with {num_classes} outputs, "
+                f"got labels in [{low}, {high}]"
+            )
+        if self.num_classes is None:
+            self.num_classes = num_classes
+            self.buffer.num_classes = num_classes
+        if self.val_metrics is None:
+            self._build_metrics(num_classes)
+        if not self.buffer.is_initialized:
+            self.buffer.initialize(shape, device=x.device)
+        self._checked_stages.add(stage)
+
+    def _raise_if_diverged(self, quantities: dict[str, Tensor]) -> None:
+        values = torch.stack([v.detach().float() for v in quantities.values()])
+        finite = torch.isfinite(values)
+        if bool(finite.all()):  # one host sync per step, outside the sampling loop
+            return
+        bad = [name for name, ok in zip(quantities, finite.tolist()) if not ok]
+        raise DivergenceError(
+            f"training diverged at global step {self.global_step}: non-finite {', '.join(bad)} "
+            f"({', '.join(f'{k}={v.item():.4g}' for k, v in quantities.items())}). Lower the learning rate or the "
+            "SGLD step size, add energy_l2_weight, or use the DivergenceGuard callback to roll back."
+        )
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, dict):
+            return batch["x"] if "x" in batch else batch["image"], batch["y"] if "y" in batch else batch[
+                "label"
+            ]
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[0], batch[1]
+        raise TypeError(f"expected batches of (inputs, labels), got {type(batch).__name__}")
+
+    def _can_share_forward(self) -> bool:
+        """One forward over data and samples is exact only if the classifier treats each sample independently."""
+        if self.sampling_mode == "eval":
+            return not is_mode_sensitive(self.classifier)
+        return not has_batchnorm(self.classifier)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = self._unpack(batch)
+        self._prepare(x, y, "train")
+        batch_size = x.shape[0]
+        x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
+
+        # 1. Sample: continue chains from the replay buffer (unconditional, and class-conditional with random labels).
+        x_q = self._draw_samples(batch_size, None) if self.px_weight > 0 else None
+        y_q = x_qy = None
+        if self.pxy_weight > 0:
+            y_q = torch.randint(0, self.num_classes, (batch_size,), device=x.device)
+            x_qy = self._draw_samples(batch_size, y_q)
+
+        # 2. Logits of data and samples: one forward where the classifier allows it.
+        samples = [s for s in (x_q, x_qy) if s is not None]
+        if self._can_share_forward():
+            logits = self(torch.cat([x_data, *samples])).split(batch_size)
+        else:
+            logits = [self(x_data)]
+            with sampling_context(self.classifier, self.sampling_mode):
+                logits += [self(s) for s in samples]
+        logits_data, logits_samples = logits[0], list(logits[1:])
+
+        # 3. Losses.
+        ce = F.cross_entropy(logits_data.float(), y)
+        e_data = marginal_energy(logits_data.float(), self.temperature)
+        loss = self.ce_weight * ce
+        logs = {"train/ce": ce, "train/energy_data": e_data.mean()}
+        if x_q is not None:
+            e_sample = marginal_energy(logits_samples.pop(0).float(), self.temperature)
+            px = contrastive_divergence_loss(e_data, e_sample)
+            loss = loss + self.px_weight * px
+            if self.energy_l2_weight > 0:
+                loss = loss + self.energy_l2_weight * energy_l2_regularization(e_data, e_sample)
+            logs |= {"train/px": px, "train/energy_sample": e_sample.mean(), "train/energy_gap": -px}
+        if x_qy is not None:
+            ej_data = joint_energy(logits_data.float(), y, self.temperature)
+            ej_sample = joint_energy(logits_samples.pop(0).float(), y_q, self.temperature)
+            pxy = contrastive_divergence_loss(ej_data, ej_sample)
+            loss = loss + self.pxy_weight * pxy
+            logs["train/pxy"] = pxy
+        logs["train/loss"] = loss
+        if self.check_finite:
+            self._raise_if_diverged({k.removeprefix("train/"): v for k, v in logs.items()})
+
+        # 4. Log (tensors only: Lightning reduces them without a per-step host sync).
+        logs["train/acc"] = (logits_data.argmax(1) == y).float().mean()
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/acc_epoch", logs["train/acc"], on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def _evaluation_step(self, batch: Any, stage: str) -> None:
+        x, y = self._unpack(batch)
+        self._prepare(x, y, stage)
+        logits = self(x).float()
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics["acc"].update(logits, y)
+        metrics["ece"].update(logits.softmax(1), y)
+        metrics["nll"].update(F.cross_entropy(logits, y, reduction="none"))
+        energies = marginal_energy(logits, self.temperature)
+        self.log(f"{stage}/energy", energies.mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self.log_dict(metrics, on_epoch=True, on_step=False, batch_size=x.shape[0])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Class probabilities ``[B, C]`` at the module's temperature."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(x).float() / self.temperature, dim=1)
+
+    # ------------------------------------------------------------------ optimisation & checkpoints
+    def configure_optimizers(self) -> Any:
+        params = self.classifier.parameters()
+        optimizer = (
+            self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=self.lr)
+        )
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/acc"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from jemkit import __version__
+
+        checkpoint["jemkit"] = {
+            "version": __version__,
+            "num_classes": self.num_classes,
+            "input_shape": self.buffer.input_shape,
+            "classifier": type(self.classifier).__qualname__,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("jemkit")
+        if info is None:
+            raise ValueError("this checkpoint was not written by a jemkit JEM (it has no 'jemkit' section)")
+        saved = info.get("num_classes")
+        if saved is not None and self.num_classes is not None and saved != self.num_classes:
+            raise ValueError(
+                f"the checkpoint has {saved} classes but this JEM was built with {self.num_classes}"
+            )
+        if saved is not None and self.num_classes is None:
+            self.num_classes = saved
+            self.buffer.num_classes = saved
+            self._build_metrics(saved)

@@ -1,0 +1,16 @@
+"""Sampling: Langevin samplers, their initial distributions and the persistent replay buffer."""
+
+from jemkit.sampling.buffer import ReplayBuffer
+from jemkit.sampling.init import GaussianInit, InitialDistribution, UniformInit
+from jemkit.sampling.langevin import MALA, SGLD, EnergyFn, Sampler
+
+__all__ = [
+    "MALA",
+    "SGLD",
+    "EnergyFn",
+    "GaussianInit",
+    "InitialDistribution",
+    "ReplayBuffer",
+    "Sampler",
+    "UniformInit",
+]

@@ -1,0 +1,176 @@
+"""The persistent replay buffer of SGLD chains (Du & Mordatch 2019; JEM).
+
+Short-run SGLD from noise gives poor samples; continuing chains across training steps gives good ones. The buffer
+stores the chains' last states on the module's device, hands out a batch of start points (a fraction re-initialised
+from the initial distribution so that the buffer never collapses) and takes back the refined samples. It is an
+``nn.Module`` whose tensors are registered buffers, so Lightning checkpoints carry it and ``.to(device)`` moves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jemkit.sampling.init import InitialDistribution, UniformInit
+
+__all__ = ["ReplayBuffer"]
+
+
+class ReplayBuffer(nn.Module):
+    """A fixed-size store of sampler states with random re-initialisation.
+
+    In class-conditional mode slot ``i`` belongs to class ``i % num_classes`` (as in JEM), so drawing start points for
+    given labels is pure index arithmetic on the device: no host synchronisation, no per-class lists.
+
+    The shape of the stored samples may be left open (``input_shape=None``): the buffer is then filled on the first
+    call to :meth:`initialize` (the module does this with the first batch), and a checkpoint of any shape loads into it.
+
+    Args:
+        capacity: number of stored samples (JEM default 10,000).
+        reinit_prob: probability that a drawn start point is replaced by a fresh draw from ``init`` (JEM default 0.05).
+        init: initial distribution of fresh chains; default uniform on ``[-1, 1]``.
+        input_shape: shape of one sample without the batch dimension, or ``None`` to set it later.
+        num_classes: number of classes; required for ``conditional=True``.
+        conditional: store samples per class so that :meth:`sample` can be asked for given labels.
+
+    Example::
+
+        >>> buffer = ReplayBuffer(capacity=100, input_shape=(2,))
+        >>> x0, idx = buffer.sample(8)
+        >>> buffer.update(idx, x0 * 0.5)
+    """
+
+    samples: Tensor
+    labels: Tensor
+
+    def __init__(
+        self,
+        capacity: int = 10_000,
+        reinit_prob: float = 0.05,
+        init: InitialDistribution | None = None,
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        conditional: bool = False,
+    ) -> None:
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"ReplayBuffer capacity must be >= 1, got {capacity!r}")
+        if not 0.0 <= reinit_prob <= 1.0:
+            raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob!r}")
+        if conditional and (num_classes is None or num_classes < 1):
+            raise ValueError(f"a conditional ReplayBuffer needs num_classes >= 1, got {num_classes!r}")
+        if conditional and capacity < num_classes:
+            raise ValueError(
+                f"capacity {capacity} is smaller than num_classes {num_classes}: no slot for some classes"
+            )
+        self.capacity = int(capacity)
+        self.reinit_prob = float(reinit_prob)
+        self.init = init if init is not None else UniformInit()
+        self.num_classes = num_classes
+        self.conditional = conditional
+        self.register_buffer("samples", torch.empty(0))
+        self.register_buffer("labels", torch.empty(0, dtype=torch.long))
+        if input_shape is not None:
+            self.initialize(input_shape)
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.samples.numel() > 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return tuple(self.samples.shape[1:]) if self.is_initialized else None
+
+    @torch.no_grad()
+    def initialize(
+        self,
+        input_shape: Sequence[int],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Fill every slot with a fresh draw from the initial distribution."""
+        input_shape = tuple(int(s) for s in input_shape)
+        if any(s < 1 for s in input_shape):
+            raise ValueError(f"input_shape must have positive sizes, got {input_shape}")
+        device = device if device is not None else self.samples.device
+        labels = self._slot_labels(device)
+        self.samples = self.init.sample(self.capacity, input_shape, device=device, dtype=dtype, y=labels)
+        self.labels = labels if labels is not None else torch.empty(0, dtype=torch.long, device=device)
+
+    def _slot_labels(self, device: torch.device | str) -> Tensor | None:
+        if not self.conditional:
+            return None
+        return torch.arange(self.capacity, device=device) % self.num_classes
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Re-initialise every slot (keeps the shape); used after a divergence."""
+        if self.is_initialized:
+            self.initialize(self.samples.shape[1:], self.samples.device, self.samples.dtype)
+
+    def _check_ready(self) -> None:
+        if not self.is_initialized:
+            raise RuntimeError("the ReplayBuffer has no input shape yet: call initialize(input_shape) first")
+
+    @torch.no_grad()
+    def sample(self, batch_size: int, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Draw start points: returns ``(x0 [batch_size, *shape], slot indices [batch_size])``.
+
+        With labels ``y [batch_size]`` (conditional buffers only) every start point comes from a slot of its class.
+        Each start point is independently replaced by a fresh draw with probability ``reinit_prob``.
+        """
+        self._check_ready()
+        device = self.samples.device
+        if y is None:
+            idx = torch.randint(0, self.capacity, (batch_size,), device=device)
+        else:
+            if not self.conditional:
+                raise ValueError(
+                    "labels were given but this ReplayBuffer is not conditional (conditional=False)"
+                )
+            if y.shape != (batch_size,):
+                raise ValueError(f"expected labels of shape [{batch_size}], got {tuple(y.shape)}")
+            slots_per_class = self.capacity // self.num_classes
+            rows = torch.randint(0, slots_per_class, (batch_size,), device=device)
+            idx = y.to(device).long() + rows * self.num_classes
+        x0 = self.samples[idx]
+        if self.reinit_prob > 0:
+            labels = self.labels[idx] if self.conditional else None
+            fresh = self.init.sample(batch_size, x0.shape[1:], device=device, dtype=x0.dtype, y=labels)
+            reinit = torch.rand(batch_size, device=device) < self.reinit_prob
+            x0 = torch.where(reinit.view(-1, *([1] * (x0.dim() - 1))), fresh, x0)
+        return x0, idx
+
+    @torch.no_grad()
+    def update(self, idx: Tensor, x: Tensor) -> None:
+        """Write refined samples ``x [B, *shape]`` back into slots ``idx [B]``."""
+        self._check_ready()
+        if x.shape[1:] != self.samples.shape[1:] or x.shape[0] != idx.shape[0]:
+            raise ValueError(
+                f"cannot write samples of shape {tuple(x.shape)} at {tuple(idx.shape)} indices into a buffer of "
+                f"samples shaped {tuple(self.samples.shape[1:])}"
+            )
+        self.samples[idx] = x.detach().to(self.samples.dtype)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # The stored shape is only known once data has been seen: adopt the checkpoint's shape before loading.
+        for name in ("samples", "labels"):
+            key = prefix + name
+            if key in state_dict:
+                current = getattr(self, name)
+                setattr(self, name, torch.empty_like(state_dict[key], device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.is_initialized and self.samples.shape[0] != self.capacity:
+            self.capacity = int(self.samples.shape[0])
+
+    def extra_repr(self) -> str:
+        shape = self.input_shape
+        return (
+            f"capacity={self.capacity}, reinit_prob={self.reinit_prob}, conditional={self.conditional}, "
+            f"input_shape={shape}, init={self.init!r}"
+        )
