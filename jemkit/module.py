@@ -208,9 +208,7 @@ class JEM(pl.LightningModule):
         initial distribution; the buffer is left unchanged. Works inside validation/inference mode as well.
         """
         if not self.buffer.is_initialized:
-            raise RuntimeError(
-                "the JEM has not seen data yet: train it, load a checkpoint, or pass input_shape="
-            )
+            raise RuntimeError("the JEM has not seen data yet: train it, load a checkpoint, or pass input_shape=")
         with torch.inference_mode(False), torch.enable_grad():
             if y is not None:
                 y = y.to(self.device).long().clone()
@@ -248,9 +246,7 @@ class JEM(pl.LightningModule):
         check_logits(logits)
         num_classes = int(logits.shape[1])
         if self.num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(
-                f"the classifier returns {num_classes} logits but num_classes={self.num_classes}"
-            )
+            raise ValueError(f"the classifier returns {num_classes} logits but num_classes={self.num_classes}")
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_classes:
             raise ValueError(
@@ -271,7 +267,7 @@ class JEM(pl.LightningModule):
         finite = torch.isfinite(values)
         if bool(finite.all()):  # one host sync per step, outside the sampling loop
             return
-        bad = [name for name, ok in zip(quantities, finite.tolist()) if not ok]
+        bad = [name for name, ok in zip(quantities, finite.tolist(), strict=True) if not ok]
         raise DivergenceError(
             f"training diverged at global step {self.global_step}: non-finite {', '.join(bad)} "
             f"({', '.join(f'{k}={v.item():.4g}' for k, v in quantities.items())}). Lower the learning rate or the "
@@ -282,9 +278,7 @@ class JEM(pl.LightningModule):
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
         if isinstance(batch, dict):
-            return batch["x"] if "x" in batch else batch["image"], batch["y"] if "y" in batch else batch[
-                "label"
-            ]
+            return batch["x"] if "x" in batch else batch["image"], batch["y"] if "y" in batch else batch["label"]
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             return batch[0], batch[1]
         raise TypeError(f"expected batches of (inputs, labels), got {type(batch).__name__}")
@@ -372,9 +366,7 @@ class JEM(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation & checkpoints
     def configure_optimizers(self) -> Any:
         params = self.classifier.parameters()
-        optimizer = (
-            self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=self.lr)
-        )
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=self.lr)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -399,9 +391,7 @@ class JEM(pl.LightningModule):
             raise ValueError("this checkpoint was not written by a jemkit JEM (it has no 'jemkit' section)")
         saved = info.get("num_classes")
         if saved is not None and self.num_classes is not None and saved != self.num_classes:
-            raise ValueError(
-                f"the checkpoint has {saved} classes but this JEM was built with {self.num_classes}"
-            )
+            raise ValueError(f"the checkpoint has {saved} classes but this JEM was built with {self.num_classes}")
         if saved is not None and self.num_classes is None:
             self.num_classes = saved
             self.buffer.num_classes = saved

@@ -1,0 +1,42 @@
+"""The ``jemkit`` command: a LightningCLI over :class:`jemkit.JEM` and any LightningDataModule.
+
+    jemkit fit -c recipes/digits.yaml
+    jemkit test -c recipes/digits.yaml --ckpt_path runs/digits/checkpoints/best.ckpt
+    jemkit fit --print_config
+
+The classifier is chosen in YAML with ``class_path`` (any importable ``nn.Module``: jemkit's models, torchvision,
+timm or your own), and so is the datamodule. Because the CLI records those configs in the checkpoint's
+hyper-parameters, ``JEM.load_from_checkpoint(path)`` rebuilds the classifier without arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+from jemkit.module import JEM
+
+__all__ = ["JEMCLI", "main"]
+
+
+class JEMCLI(LightningCLI):
+    """LightningCLI with jemkit's defaults: the model is a :class:`JEM`; the datamodule is any subclass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", JEM)
+        kwargs.setdefault("datamodule_class", pl.LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> JEMCLI:
+    """Entry point of the ``jemkit`` console script (``args`` for tests; default ``sys.argv``)."""
+    return JEMCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

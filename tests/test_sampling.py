@@ -1,0 +1,163 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from jemkit.sampling import MALA, SGLD, GaussianInit, ReplayBuffer, UniformInit
+
+MU = torch.tensor([1.0, -2.0])
+SCALE = torch.tensor([0.5, 1.0])
+
+
+def quadratic_energy(x: torch.Tensor) -> torch.Tensor:
+    """E(x) = 0.5 * sum((x - mu)^2 / s^2): its Gibbs distribution is N(mu, diag(s^2))."""
+    return 0.5 * (((x - MU) / SCALE) ** 2).sum(1)
+
+
+def test_sgld_matches_gaussian_target():
+    step = 0.01
+    sampler = SGLD.from_temperature(n_steps=1500, step_size=step)
+    x = sampler.sample(quadratic_energy, torch.zeros(8000, 2))
+    # the unadjusted chain is biased by O(step): stationary variance s^2 / (1 - step / (2 s^2))
+    expected_var = SCALE**2 / (1 - step / (2 * SCALE**2))
+    torch.testing.assert_close(x.mean(0), MU, atol=0.04, rtol=0)
+    torch.testing.assert_close(x.var(0), expected_var, rtol=0.06, atol=0)
+
+
+def test_sgld_respects_temperature():
+    sampler = SGLD.from_temperature(n_steps=1500, step_size=0.005, temperature=4.0)
+    x = sampler.sample(quadratic_energy, torch.zeros(8000, 2))
+    torch.testing.assert_close(x.var(0), 4.0 * SCALE**2, rtol=0.08, atol=0)
+
+
+def test_mala_is_exact_with_large_steps():
+    sampler = MALA(n_steps=400, step_size=0.1)
+    x = sampler.sample(quadratic_energy, torch.zeros(8000, 2))
+    torch.testing.assert_close(x.mean(0), MU, atol=0.04, rtol=0)
+    # SGLD with this step would be biased by 10% in the first coordinate; MALA is not
+    torch.testing.assert_close(x.var(0), SCALE**2, rtol=0.06, atol=0)
+    assert 0.3 < float(sampler.acceptance_rate) < 1.0
+
+
+def test_sgld_jem_defaults_and_zero_steps():
+    sampler = SGLD()
+    assert (sampler.n_steps, sampler.step_size, sampler.noise_std) == (20, 1.0, 0.01)
+    x0 = torch.randn(4, 2)
+    torch.testing.assert_close(sampler.sample(quadratic_energy, x0, n_steps=0), x0)
+
+
+def test_sgld_single_step_formula():
+    torch.manual_seed(1)
+    x0 = torch.randn(16, 2)
+    sampler = SGLD(n_steps=1, step_size=0.3, noise_std=0.0)
+    grad = (x0 - MU) / SCALE**2
+    torch.testing.assert_close(sampler.sample(quadratic_energy, x0), x0 - 0.3 * grad)
+
+
+def test_sgld_clip():
+    x = SGLD(n_steps=5, step_size=10.0, noise_std=0.1, clip=(-1, 1)).sample(quadratic_energy, torch.zeros(64, 2))
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_sampler_computes_only_input_gradients():
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
+    params_before = [p.detach().clone() for p in model.parameters()]
+    SGLD(n_steps=3).sample(lambda x: -torch.logsumexp(model(x), 1), torch.randn(5, 2))
+    assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+    assert all(torch.equal(a, b) for a, b in zip(params_before, model.parameters(), strict=True))
+
+
+def test_energy_fn_must_return_one_energy_per_sample():
+    with pytest.raises(ValueError, match="one energy per sample"):
+        SGLD(n_steps=1).sample(lambda x: x.sum(), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_steps": -1}, "n_steps"),
+        ({"step_size": 0.0}, "step_size"),
+        ({"noise_std": -0.1}, "noise_std"),
+        ({"clip": (1.0, -1.0)}, "clip"),
+    ],
+)
+def test_sgld_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SGLD(**kwargs)
+
+
+# ----------------------------------------------------------------------------- initial distributions
+def test_uniform_init_range_and_moments():
+    x = UniformInit(-1.0, 3.0).sample(20000, (3,))
+    assert x.min() >= -1.0 and x.max() <= 3.0
+    torch.testing.assert_close(x.mean(), torch.tensor(1.0), atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="low < high"):
+        UniformInit(1.0, 1.0)
+
+
+def test_gaussian_init_fits_class_statistics():
+    y = torch.arange(2).repeat_interleave(5000)
+    x = torch.stack([torch.randn(5000, 2) * 0.1 + 0.5, torch.randn(5000, 2) * 0.2 - 0.5]).reshape(-1, 2)
+    init = GaussianInit().fit(x, y, num_classes=2)
+    samples = init.sample(4000, (2,), y=torch.ones(4000, dtype=torch.long))
+    torch.testing.assert_close(samples.mean(0), torch.tensor([-0.5, -0.5]), atol=0.02, rtol=0)
+    torch.testing.assert_close(samples.std(0), torch.tensor([0.2, 0.2]), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="every class"):
+        GaussianInit().fit(x[:10], y[:10], num_classes=2)
+
+
+# ----------------------------------------------------------------------------- replay buffer
+def test_buffer_reinit_rate_matches_setting():
+    buffer = ReplayBuffer(capacity=500, reinit_prob=0.05, input_shape=(4,))
+    buffer.samples.fill_(5.0)  # outside the init range [-1, 1]: a re-initialised start point is recognisable
+    x0, _ = buffer.sample(40000)
+    fresh = (x0.abs() <= 1).all(1).float().mean().item()
+    assert abs(fresh - 0.05) < 4 * math.sqrt(0.05 * 0.95 / 40000)
+    assert ((x0 == 5.0).all(1) | (x0.abs() <= 1).all(1)).all()
+
+
+def test_buffer_update_round_trip():
+    buffer = ReplayBuffer(capacity=10, reinit_prob=0.0, input_shape=(2,))
+    idx = torch.tensor([3, 7])
+    buffer.update(idx, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    x0, got = buffer.sample(2000)
+    rows = x0[got == 7]
+    assert len(rows) > 0 and torch.equal(rows, torch.tensor([[3.0, 4.0]]).expand_as(rows))
+    with pytest.raises(ValueError, match="cannot write samples"):
+        buffer.update(idx, torch.zeros(2, 3))
+
+
+def test_conditional_buffer_draws_from_slots_of_the_label():
+    buffer = ReplayBuffer(capacity=30, reinit_prob=0.0, input_shape=(1,), num_classes=3, conditional=True)
+    buffer.update(torch.arange(30), (torch.arange(30) % 3).float()[:, None])
+    y = torch.randint(0, 3, (500,))
+    x0, idx = buffer.sample(500, y)
+    assert torch.equal(idx % 3, y)
+    assert torch.equal(x0[:, 0].long(), y)
+    assert torch.equal(buffer.labels[idx], y)
+
+
+def test_buffer_state_dict_loads_into_unsized_buffer():
+    source = ReplayBuffer(capacity=20, input_shape=(1, 4, 4), num_classes=2, conditional=True)
+    target = ReplayBuffer(capacity=20, num_classes=2, conditional=True)
+    assert not target.is_initialized
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.samples, source.samples)
+    assert torch.equal(target.labels, source.labels)
+    assert target.input_shape == (1, 4, 4)
+
+
+def test_buffer_errors():
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(capacity=0)
+    with pytest.raises(ValueError, match="reinit_prob"):
+        ReplayBuffer(reinit_prob=1.5)
+    with pytest.raises(ValueError, match="num_classes"):
+        ReplayBuffer(conditional=True)
+    with pytest.raises(RuntimeError, match="no input shape"):
+        ReplayBuffer().sample(4)
+    with pytest.raises(ValueError, match="not conditional"):
+        ReplayBuffer(input_shape=(2,)).sample(2, torch.zeros(2, dtype=torch.long))
