@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from jemkit.models.small_cnn import (
+from jemkit.models._layers import (
     check_activation,
     check_norm,
     check_positive_int,

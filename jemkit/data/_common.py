@@ -1,0 +1,39 @@
+"""Helpers shared by jemkit's data modules: argument checks and the one DataLoader recipe."""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["check_batch_size", "check_split_fractions", "make_loader"]
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Raise ``ValueError`` unless ``batch_size`` is an integer >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ``ValueError`` unless both fractions lie in (0, 1) and leave some data for training."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            "val_fraction + test_fraction must be < 1 so that some data is left for training, "
+            f"got {val_fraction!r} + {test_fraction!r} = {val_fraction + test_fraction!r}"
+        )
+
+
+def make_loader(dataset: Dataset | None, batch_size: int, num_workers: int, train: bool = False) -> DataLoader:
+    """The one loader recipe of jemkit's data modules: training shuffles and drops the last partial batch."""
+    if dataset is None:
+        raise RuntimeError("the dataset is not built yet: call setup() first")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

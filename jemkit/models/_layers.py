@@ -1,0 +1,68 @@
+"""Layer factories and argument checks shared by jemkit's backbones.
+
+Defaults follow JEM: no normalisation (batch norm's batch-dependent statistics interfere with SGLD sampling; group
+norm is the safe alternative) and leaky ReLU with slope 0.2 (a non-zero gradient everywhere helps Langevin dynamics).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "NORMS",
+    "check_activation",
+    "check_norm",
+    "check_positive_int",
+    "make_activation",
+    "make_norm",
+]
+
+NORMS: tuple[str | None, ...] = (None, "batch", "group")
+"""Accepted ``norm`` values: none (JEM's default), ``"batch"`` (BatchNorm2d) or ``"group"`` (GroupNorm)."""
+
+ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "silu", "relu")
+"""Accepted ``activation`` values; ``"leaky_relu"`` uses slope 0.2 as in JEM."""
+
+
+def check_norm(norm: str | None) -> None:
+    """Raise ``ValueError`` unless ``norm`` is one of ``NORMS``."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of None, 'batch', 'group'")
+
+
+def check_activation(activation: str) -> None:
+    """Raise ``ValueError`` unless ``activation`` is one of ``ACTIVATIONS``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(map(repr, ACTIVATIONS))}")
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ``>= 1``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def make_norm(norm: str | None, channels: int) -> nn.Module:
+    """Normalisation layer over ``channels`` feature maps: identity, BatchNorm2d, or GroupNorm.
+
+    GroupNorm uses ``gcd(32, channels)`` groups, so it works for any width.
+    """
+    check_norm(norm)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.Identity()
+
+
+def make_activation(activation: str) -> nn.Module:
+    """Activation module by name (see ``ACTIVATIONS``)."""
+    check_activation(activation)
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(0.2)
+    if activation == "silu":
+        return nn.SiLU()
+    return nn.ReLU()
