@@ -84,9 +84,7 @@ def sampling_context(module: nn.Module, mode: SamplingMode = "eval") -> Iterator
     else:
         for m in module.modules():
             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
-                stats.append(
-                    (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                )
+                stats.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
     try:
         yield
     finally:

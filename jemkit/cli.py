@@ -33,9 +33,9 @@ class JEMCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
 
-def main(args: list[str] | None = None) -> JEMCLI:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the ``jemkit`` console script (``args`` for tests; default ``sys.argv``)."""
-    return JEMCLI(args=args)
+    JEMCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ def _check_temperature(temperature: float) -> None:
 def check_logits(logits: Tensor) -> None:
     """Raise ``ValueError`` unless ``logits`` has the classifier output shape ``[B, C]``."""
     if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"expected the classifier to return a Tensor of logits [B, C], got {type(logits).__name__}"
-        )
+        raise TypeError(f"expected the classifier to return a Tensor of logits [B, C], got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape [B, C], got shape {tuple(logits.shape)}")
 

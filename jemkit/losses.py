@@ -54,9 +54,7 @@ def _check_energies_and_labels(energies: Tensor, y: Tensor, min_classes: int = 1
     batch, num_classes = energies.shape
     if num_classes < min_classes:
         why = " to compare the correct answer with an incorrect one" if min_classes >= 2 else ""
-        raise ValueError(
-            f"this loss needs at least {min_classes} classes{why}, got energies with C={num_classes}"
-        )
+        raise ValueError(f"this loss needs at least {min_classes} classes{why}, got energies with C={num_classes}")
     if y.shape != (batch,):
         shapes = f"energies {tuple(energies.shape)}, got labels of shape {tuple(y.shape)}"
         raise ValueError(f"expected labels of shape [{batch}] to match {shapes}")
@@ -207,9 +205,7 @@ def get_ebm_loss(name: str, **kwargs: float) -> Callable[[Tensor, Tensor], Tenso
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         accepted = ", ".join(params) if params else "none"
-        raise ValueError(
-            f"loss {key!r} got unexpected argument(s) {', '.join(unknown)}; it accepts: {accepted}"
-        )
+        raise ValueError(f"loss {key!r} got unexpected argument(s) {', '.join(unknown)}; it accepts: {accepted}")
     return functools.partial(fn, **kwargs) if kwargs else fn
 
 

@@ -12,6 +12,7 @@ where the samples come from SGLD chains continued from the buffer (Grathwohl et 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from jemkit._config import from_config, is_plain, to_config
 from jemkit.adapters import (
     OutputKey,
     SamplingMode,
@@ -124,6 +126,10 @@ class JEM(pl.LightningModule):
         if sampling_mode not in ("eval", "train"):
             raise ValueError(f"sampling_mode must be 'eval' or 'train', got {sampling_mode!r}")
         self._save_hparams()
+        if isinstance(sampler, dict):
+            sampler = from_config(sampler, Sampler)
+        if isinstance(init, dict):
+            init = from_config(init, InitialDistribution)
 
         self.classifier = classifier
         self.num_classes = num_classes
@@ -157,12 +163,16 @@ class JEM(pl.LightningModule):
     def _save_hparams(self) -> None:
         # Under LightningCLI the classifier arrives as a config (class_path/init_args), which is what makes
         # ``JEM.load_from_checkpoint(path)`` work without arguments; a module object passed from Python is left out
-        # (its weights are in the state dict) and must be passed again when loading.
+        # (its weights are in the state dict) and must be passed again when loading, as are optimiser factories.
+        # Objects become plain configs (or are left out) so that checkpoints load with weights_only=True.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            self.save_hyperparameters(frame=__import__("inspect").currentframe().f_back)
-        if isinstance(self.hparams.get("classifier"), nn.Module):
-            del self.hparams["classifier"]
+            self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        for key, value in list(self.hparams.items()):
+            if isinstance(value, (Sampler, InitialDistribution)):
+                self.hparams[key] = to_config(value)
+            elif not is_plain(value):
+                del self.hparams[key]
 
     def _build_metrics(self, num_classes: int) -> None:
         metrics = MetricCollection(
@@ -370,20 +380,21 @@ class JEM(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/acc"},
-        }
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/acc"
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from jemkit import __version__
-
-        checkpoint["jemkit"] = {
-            "version": __version__,
-            "num_classes": self.num_classes,
-            "input_shape": self.buffer.input_shape,
-            "classifier": type(self.classifier).__qualname__,
-        }
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> JEM:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, with a clear error for files that are not Lightning checkpoints."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except KeyError as err:
+            raise ValueError(
+                f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file written "
+                "by Trainer.fit / ModelCheckpoint or `jemkit fit`"
+            ) from err
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("jemkit")

@@ -141,9 +141,7 @@ def test_get_ebm_loss_binds_kwargs_and_normalises_names():
     assert get_ebm_loss("nll") is nll_loss
     assert get_ebm_loss("MMI") is nll_loss
     bound = get_ebm_loss("Square-Square", margin=2.0)
-    assert bound(ENERGIES, LABELS).item() == pytest.approx(
-        square_square_loss(ENERGIES, LABELS, margin=2.0).item()
-    )
+    assert bound(ENERGIES, LABELS).item() == pytest.approx(square_square_loss(ENERGIES, LABELS, margin=2.0).item())
     assert set(EBM_LOSSES) >= {"energy", "perceptron", "hinge", "log", "lvq2", "mce", "nll"}
 
 
@@ -171,9 +169,7 @@ def test_input_validation(name):
         loss(ENERGIES, torch.tensor([0.0, 1.0]))
 
 
-@pytest.mark.parametrize(
-    "fn", [hinge_loss, log_loss, lvq2_loss, mce_loss, square_square_loss, square_exponential_loss]
-)
+@pytest.mark.parametrize("fn", [hinge_loss, log_loss, lvq2_loss, mce_loss, square_square_loss, square_exponential_loss])
 def test_losses_needing_an_incorrect_answer_reject_one_class(fn):
     with pytest.raises(ValueError, match=r"at least 2 classes .*C=1"):
         fn(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))

@@ -54,9 +54,7 @@ def test_wrn28_10_has_about_36_5m_parameters():
 
 
 def test_depth_sets_number_of_blocks():
-    blocks = [
-        m for m in WideResNet(depth=16, widen_factor=1).modules() if type(m).__name__ == "WideBasicBlock"
-    ]
+    blocks = [m for m in WideResNet(depth=16, widen_factor=1).modules() if type(m).__name__ == "WideBasicBlock"]
     assert len(blocks) == 3 * 2
 
 
@@ -117,9 +115,7 @@ def test_create_model_by_name():
 
 
 def test_create_model_unknown_name():
-    with pytest.raises(
-        ValueError, match=r"unknown model 'resnet50'; valid names: .*small_cnn.*wide_resnet.*wrn"
-    ):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50'; valid names: .*small_cnn.*wide_resnet.*wrn"):
         create_model("resnet50")
 
 
@@ -133,9 +129,7 @@ def test_bad_depth(depth):
 def test_bad_norm_and_activation(factory):
     with pytest.raises(ValueError, match=r"unknown norm 'layer'; expected one of None, 'batch', 'group'"):
         factory(norm="layer")
-    with pytest.raises(
-        ValueError, match=r"unknown activation 'gelu'; expected one of 'leaky_relu', 'silu', 'relu'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown activation 'gelu'; expected one of 'leaky_relu', 'silu', 'relu'"):
         factory(activation="gelu")
 
 

@@ -155,8 +155,10 @@ def test_buffer_errors():
         ReplayBuffer(capacity=0)
     with pytest.raises(ValueError, match="reinit_prob"):
         ReplayBuffer(reinit_prob=1.5)
-    with pytest.raises(ValueError, match="num_classes"):
-        ReplayBuffer(conditional=True)
+    with pytest.raises(ValueError, match="needs num_classes"):
+        ReplayBuffer(conditional=True, input_shape=(2,))
+    with pytest.raises(ValueError, match="smaller than num_classes"):
+        ReplayBuffer(capacity=2, num_classes=3, conditional=True, input_shape=(2,))
     with pytest.raises(RuntimeError, match="no input shape"):
         ReplayBuffer().sample(4)
     with pytest.raises(ValueError, match="not conditional"):

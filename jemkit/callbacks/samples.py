@@ -25,10 +25,10 @@ def run_dir(trainer: pl.Trainer) -> Path:
 class SampleGrid(Callback):
     """Every ``every_n_epochs`` training epochs, draw samples from the JEM and save them as PNG image grids.
 
-    Two grids per epoch: ``buffer`` (chains continued from the replay buffer, what training sees) and ``class`` (one
-    row per class, class-conditional chains started from the initial distribution and run for ``fresh_steps``
-    steps). Files go to ``<log_dir>/samples/``; TensorBoard loggers also receive them as images. Only rank zero draws
-    and writes, and it waits on no other rank.
+    Two grids per drawing, and a last pair (``*_final.png``) when training ends: ``buffer`` (chains continued from
+    the replay buffer, what training sees) and ``class`` (one row per class, class-conditional chains started from
+    the initial distribution and run for ``fresh_steps`` steps). Files go to ``<log_dir>/samples/``; TensorBoard
+    loggers also receive them as images. Only rank zero draws and writes, and it waits on no other rank.
 
     Args:
         every_n_epochs: draw after every this many training epochs.
@@ -67,10 +67,14 @@ class SampleGrid(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._draw_and_save(trainer, pl_module)
+            self._draw_and_save(trainer, pl_module, f"epoch={trainer.current_epoch:04d}")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._draw_and_save(trainer, pl_module, "final")
 
     @rank_zero_only
-    def _draw_and_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _draw_and_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, suffix: str) -> None:
         if not getattr(pl_module, "buffer", None) or not pl_module.buffer.is_initialized:
             return
         if len(pl_module.buffer.input_shape) != 3:
@@ -85,7 +89,7 @@ class SampleGrid(Callback):
         self.last_paths = []
         for name, images in grids.items():
             nrow = self.per_class if name == "class" else int(len(images) ** 0.5)
-            path = out / f"{name}_epoch={trainer.current_epoch:04d}.png"
+            path = out / f"{name}_{suffix}.png"
             self._save(images, path, nrow, trainer, f"samples/{name}")
             self.last_paths.append(path)
 

@@ -33,7 +33,7 @@ class ReplayBuffer(nn.Module):
         reinit_prob: probability that a drawn start point is replaced by a fresh draw from ``init`` (JEM default 0.05).
         init: initial distribution of fresh chains; default uniform on ``[-1, 1]``.
         input_shape: shape of one sample without the batch dimension, or ``None`` to set it later.
-        num_classes: number of classes; required for ``conditional=True``.
+        num_classes: number of classes; required for ``conditional=True`` by the time the buffer is filled.
         conditional: store samples per class so that :meth:`sample` can be asked for given labels.
 
     Example::
@@ -60,12 +60,8 @@ class ReplayBuffer(nn.Module):
             raise ValueError(f"ReplayBuffer capacity must be >= 1, got {capacity!r}")
         if not 0.0 <= reinit_prob <= 1.0:
             raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob!r}")
-        if conditional and (num_classes is None or num_classes < 1):
-            raise ValueError(f"a conditional ReplayBuffer needs num_classes >= 1, got {num_classes!r}")
-        if conditional and capacity < num_classes:
-            raise ValueError(
-                f"capacity {capacity} is smaller than num_classes {num_classes}: no slot for some classes"
-            )
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
         self.capacity = int(capacity)
         self.reinit_prob = float(reinit_prob)
         self.init = init if init is not None else UniformInit()
@@ -96,6 +92,12 @@ class ReplayBuffer(nn.Module):
         if any(s < 1 for s in input_shape):
             raise ValueError(f"input_shape must have positive sizes, got {input_shape}")
         device = device if device is not None else self.samples.device
+        if self.conditional and self.num_classes is None:
+            raise ValueError("a conditional ReplayBuffer needs num_classes before it can be filled")
+        if self.conditional and self.capacity < self.num_classes:
+            raise ValueError(
+                f"capacity {self.capacity} is smaller than num_classes {self.num_classes}: no slot for some classes"
+            )
         labels = self._slot_labels(device)
         self.samples = self.init.sample(self.capacity, input_shape, device=device, dtype=dtype, y=labels)
         self.labels = labels if labels is not None else torch.empty(0, dtype=torch.long, device=device)
@@ -128,9 +130,7 @@ class ReplayBuffer(nn.Module):
             idx = torch.randint(0, self.capacity, (batch_size,), device=device)
         else:
             if not self.conditional:
-                raise ValueError(
-                    "labels were given but this ReplayBuffer is not conditional (conditional=False)"
-                )
+                raise ValueError("labels were given but this ReplayBuffer is not conditional (conditional=False)")
             if y.shape != (batch_size,):
                 raise ValueError(f"expected labels of shape [{batch_size}], got {tuple(y.shape)}")
             slots_per_class = self.capacity // self.num_classes
@@ -155,9 +155,7 @@ class ReplayBuffer(nn.Module):
             )
         self.samples[idx] = x.detach().to(self.samples.dtype)
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The stored shape is only known once data has been seen: adopt the checkpoint's shape before loading.
         for name in ("samples", "labels"):
             key = prefix + name

@@ -32,9 +32,7 @@ def energy_and_grad(energy_fn: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.detach().requires_grad_(True)
         energy = energy_fn(x)
         if energy.shape != x.shape[:1]:
-            raise ValueError(
-                f"energy_fn must return one energy per sample [{x.shape[0]}], got {tuple(energy.shape)}"
-            )
+            raise ValueError(f"energy_fn must return one energy per sample [{x.shape[0]}], got {tuple(energy.shape)}")
         (grad,) = torch.autograd.grad(energy.sum(), x)
     return energy.detach().float(), grad
 

@@ -1,0 +1,55 @@
+"""Plain-data configs for jemkit's small objects (samplers, initial distributions).
+
+Checkpoints must load with ``torch.load(weights_only=True)`` (Lightning's default when resuming), which refuses
+pickled Python objects. So the hyper-parameters a JEM saves hold ``{"class_path", "init_args"}`` dicts, the same shape
+LightningCLI writes in YAML, and the JEM turns such dicts back into objects when it is rebuilt from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, TypeVar
+
+__all__ = ["from_config", "is_plain", "to_config"]
+
+T = TypeVar("T")
+
+
+def to_config(obj: object) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` from the constructor's parameters, read back from same-named attributes."""
+    cls = type(obj)
+    init_args = {}
+    for name in inspect.signature(cls.__init__).parameters:
+        if name != "self" and hasattr(obj, name):
+            value = getattr(obj, name)
+            init_args[name] = list(value) if isinstance(value, tuple) else value
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def from_config(config: dict[str, Any], base: type[T]) -> T:
+    """Build the object a :func:`to_config` dict describes; only subclasses of ``base`` are accepted."""
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(
+            f"expected a {{'class_path': ..., 'init_args': ...}} dict for a {base.__name__}, got {config!r}"
+        )
+    module_name, _, class_name = config["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import {config['class_path']!r} for a {base.__name__}") from err
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{config['class_path']!r} is not a {base.__name__}")
+    init_args = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("init_args", {}).items()}
+    return cls(**init_args)
+
+
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is plain data (what ``torch.load(weights_only=True)`` accepts in hyper-parameters)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False

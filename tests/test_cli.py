@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from jemkit import JEM
+from jemkit.cli import main
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
+
+
+def test_print_config_shows_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(RECIPE), "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: jemkit.models.SmallCNN" in out and "class_path: jemkit.data.DigitsDataModule" in out
+
+
+@pytest.mark.slow
+def test_fit_then_test_then_load_without_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe writes under ./runs/digits
+    main(
+        [
+            "fit",
+            "-c",
+            str(RECIPE),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--model.buffer_size=100",
+        ]
+    )
+    ckpt = tmp_path / "runs/digits/checkpoints/best.ckpt"
+    assert ckpt.exists() and (tmp_path / "runs/digits/checkpoints/last.ckpt").exists()
+    assert list((tmp_path / "runs/digits/logs").glob("version_*/samples/class_final.png"))
+    main(["test", "-c", str(RECIPE), "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar=false"])
+    jem = JEM.load_from_checkpoint(ckpt)  # the CLI stored the classifier's config: no arguments needed
+    assert type(jem.classifier).__name__ == "SmallCNN"
+    assert jem.buffer.samples.shape == (100, 1, 8, 8)
+    assert jem(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -1,0 +1,292 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from jemkit import JEM, SGLD, DivergenceError, GaussianMixtureDataModule
+from tests.conftest import TinyMLP
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**(defaults | kwargs))
+
+
+def loader(x, y, batch_size=8, shuffle=False) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+def toy_loader(n=64, num_classes=3, batch_size=16):
+    y = torch.arange(num_classes).repeat(n // num_classes + 1)[:n]
+    x = torch.randn(n, 2) * 0.1 + torch.stack([torch.cos(y * 2.0), torch.sin(y * 2.0)], 1) * 0.6
+    return loader(x, y, batch_size)
+
+
+class GaussianClassifier(nn.Module):
+    """logits_c = -|x - mu_c|^2 / (2 s^2): E(x, c) is the energy of N(mu_c, s^2 I)."""
+
+    def __init__(self, means: torch.Tensor, std: float) -> None:
+        super().__init__()
+        self.means = nn.Parameter(means.clone())
+        self.std = std
+
+    def forward(self, x):
+        return -(torch.cdist(x, self.means) ** 2) / (2 * self.std**2)
+
+
+# ----------------------------------------------------------------------------- wrapping
+def test_resnet18_wraps_in_one_line_and_trains_with_plain_trainer(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    classifier = torchvision.models.resnet18(num_classes=10)
+    jem = JEM(classifier)
+    assert (jem.sampler.n_steps, jem.sampler.step_size, jem.sampler.noise_std) == (20, 1.0, 0.01)
+    assert (jem.buffer.capacity, jem.buffer.reinit_prob) == (10_000, 0.05)
+    x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.arange(8)
+    bn = classifier.bn1
+    running_before = bn.running_mean.clone()
+    trainer(tmp_path, max_steps=1).fit(jem, loader(x, y, batch_size=8))
+    assert jem.buffer.input_shape == (3, 32, 32) and jem.num_classes == 10
+    assert not torch.equal(bn.running_mean, running_before)  # the data forward updates running statistics
+    torch.testing.assert_close(jem(x[:2]), classifier(x[:2]))  # forward is the classifier's
+
+
+def test_forward_returns_classifier_logits(tiny_mlp):
+    jem = JEM(tiny_mlp)
+    x = torch.randn(4, 2)
+    assert torch.equal(jem(x), tiny_mlp(x))
+
+
+def test_training_learns_classes_and_lowers_data_energy(tmp_path):
+    dm = GaussianMixtureDataModule(num_classes=4, num_samples=800, batch_size=64)
+    jem = JEM(
+        TinyMLP(num_classes=4, hidden=32),
+        sampler=SGLD(n_steps=10, step_size=0.05, noise_std=0.01),
+        buffer_size=500,
+        lr=1e-2,
+    )
+    trainer(tmp_path, max_epochs=8, limit_val_batches=0).fit(jem, dm)
+    metrics = trainer(tmp_path).test(jem, dm, verbose=False)[0]
+    assert metrics["test/acc"] > 0.95
+    x_data = dm.test_dataset.tensors[0]
+    noise = torch.rand(500, 2) * 2 - 1
+    with torch.no_grad():
+        # p(x) learnt: data is more likely than uniform noise on the square
+        assert jem.energy(x_data).mean() < jem.energy(noise).mean() - 1.0
+
+
+def test_class_conditional_sampling_targets_class_gaussians():
+    means = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
+    jem = JEM(
+        GaussianClassifier(means, std=0.1),
+        input_shape=(2,),
+        buffer_size=100,
+        reinit_prob=0.0,
+        sampler=SGLD.from_temperature(n_steps=400, step_size=2e-4),
+    )
+    jem.buffer.initialize((2,))
+    y = torch.tensor([0, 1]).repeat(2000)
+    x = jem.sample(len(y), y=y, from_buffer=False)
+    for c in (0, 1):
+        torch.testing.assert_close(x[y == c].mean(0), means[c], atol=0.01, rtol=0)
+        torch.testing.assert_close(x[y == c].std(0), torch.tensor([0.1, 0.1]), rtol=0.08, atol=0)
+
+
+def test_sample_leaves_buffer_parameters_and_batchnorm_untouched():
+    model = TinyMLP(batchnorm=True)
+    jem = JEM(model, input_shape=(2,), buffer_size=50)
+    jem.buffer.initialize((2,))
+    buffer_before = jem.buffer.samples.clone()
+    bn = model.net[2]
+    stats = bn.running_mean.clone(), bn.running_var.clone()
+    with torch.inference_mode():  # callbacks may call it from validation
+        x = jem.sample(16)
+    assert x.shape == (16, 2) and not x.requires_grad
+    assert torch.equal(jem.buffer.samples, buffer_before)
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+
+def test_batchnorm_running_stats_see_only_data(tmp_path):
+    torch.manual_seed(0)
+    model = TinyMLP(batchnorm=True)
+    reference = TinyMLP(batchnorm=True)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 2), torch.arange(16) % 3
+    jem = JEM(model, data_noise=0.0, buffer_size=64)
+    trainer(tmp_path, max_steps=1).fit(jem, loader(x, y, batch_size=16))
+    reference.train()
+    reference(x)  # one data forward, as the JEM step should do
+    torch.testing.assert_close(model.net[2].running_mean, reference.net[2].running_mean)
+    torch.testing.assert_close(model.net[2].running_var, reference.net[2].running_var)
+
+
+def test_pxy_term_uses_conditional_buffer_and_logs(tmp_path):
+    logged = {}
+
+    class Grab(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            logged.update(trainer.callback_metrics)
+
+    jem = JEM(TinyMLP(), pxy_weight=1.0, energy_l2_weight=0.1, sampler=SGLD(n_steps=2), buffer_size=30)
+    assert jem.buffer.conditional
+    trainer(tmp_path, max_steps=2, callbacks=[Grab()]).fit(jem, toy_loader())
+    for key in [
+        "train/loss",
+        "train/ce",
+        "train/px",
+        "train/pxy",
+        "train/energy_data",
+        "train/energy_sample",
+        "train/energy_gap",
+        "train/acc",
+    ]:
+        assert key in logged and torch.isfinite(logged[key])
+    torch.testing.assert_close(logged["train/energy_gap"], logged["train/energy_sample"] - logged["train/energy_data"])
+
+
+def test_validation_logs_accuracy_nll_ece(tmp_path):
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=30)
+    tr = trainer(tmp_path, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
+    tr.fit(jem, toy_loader(), toy_loader())
+    metrics = tr.callback_metrics
+    assert {"val/acc", "val/nll", "val/ece", "val/energy"} <= set(metrics)
+    assert 0 <= metrics["val/ece"] <= 1 and metrics["val/nll"] > 0
+
+
+def test_predict_returns_probabilities(tmp_path):
+    jem = JEM(TinyMLP(), temperature=2.0)
+    probs = torch.cat(trainer(tmp_path).predict(jem, DataLoader(torch.randn(10, 2), batch_size=4)))
+    assert probs.shape == (10, 3)
+    torch.testing.assert_close(probs.sum(1), torch.ones(10))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_carries_buffer_and_resume_restores_it_exactly(tmp_path):
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2), buffer_size=40)
+    trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(jem, toy_loader())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert torch.equal(saved["state_dict"]["buffer.samples"], jem.buffer.samples)
+    assert saved["jemkit"]["input_shape"] == (2,) and saved["jemkit"]["num_classes"] == 3
+
+    seen = {}
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["buffer"] = pl_module.buffer.samples.clone()
+            seen["weight"] = pl_module.classifier.net[1].weight.detach().clone()
+            seen["step"] = trainer.global_step
+
+    resumed = JEM(TinyMLP(), sampler=SGLD(n_steps=2), buffer_size=40)
+    trainer(tmp_path, max_steps=5, callbacks=[Snapshot()]).fit(resumed, toy_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert torch.equal(seen["buffer"], saved["state_dict"]["buffer.samples"])
+    assert torch.equal(seen["weight"], saved["state_dict"]["classifier.net.1.weight"])
+    assert seen["step"] == 3
+
+    loaded = JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP())
+    assert torch.equal(loaded.buffer.samples, saved["state_dict"]["buffer.samples"])
+    assert loaded.num_classes == 3 and loaded.hparams.buffer_size == 40
+
+
+def test_checkpoint_of_other_class_count_is_refused(tmp_path):
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(
+        JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=10), toy_loader()
+    )
+    with pytest.raises(ValueError, match=r"3 classes but this JEM was built with 5"):
+        JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP(num_classes=5), num_classes=5)
+
+
+def test_non_jemkit_checkpoint_is_refused(tmp_path):
+    raw = tmp_path / "raw.pt"
+    torch.save({"state_dict": TinyMLP().state_dict()}, raw)
+    with pytest.raises(ValueError, match="not a Lightning checkpoint of a JEM"):
+        JEM.load_from_checkpoint(raw, classifier=TinyMLP())
+
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.classifier = TinyMLP()
+
+    tr = trainer(tmp_path, max_steps=0)
+    tr.strategy.connect(Plain())
+    tr.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not written by a jemkit JEM"):
+        JEM.load_from_checkpoint(tmp_path / "plain.ckpt", classifier=TinyMLP())
+
+
+# ----------------------------------------------------------------------------- bad input
+class WrongShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.lin(x)[:, :, None]
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "y", "error", "match"),
+    [
+        (WrongShape(), torch.randn(8, 2), torch.zeros(8, dtype=torch.long), ValueError, r"logits of shape \[B, C\]"),
+        (TinyMLP(), torch.randn(8, 2), torch.full((8,), 3), ValueError, r"labels must lie in \[0, 3\).*\[3, 3\]"),
+        (TinyMLP(), torch.randn(8, 2), torch.full((8,), -1), ValueError, r"labels in \[-1, -1\]"),
+        (TinyMLP(), torch.randn(8, 2), torch.zeros(8), TypeError, "integer class labels"),
+    ],
+)
+def test_bad_first_batch_gives_clear_error(tmp_path, model, x, y, error, match):
+    with pytest.raises(error, match=match):
+        trainer(tmp_path, max_steps=1).fit(JEM(model, buffer_size=10), loader(x, y))
+
+
+def test_input_shape_mismatch(tmp_path):
+    jem = JEM(TinyMLP(in_features=4), input_shape=(2, 2), buffer_size=10)
+    with pytest.raises(ValueError, match=r"shape \(4,\) per sample, expected \(2, 2\)"):
+        trainer(tmp_path, max_steps=1).fit(jem, loader(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)))
+
+
+def test_num_classes_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="returns 3 logits but num_classes=5"):
+        trainer(tmp_path, max_steps=1).fit(JEM(TinyMLP(), num_classes=5, buffer_size=10), toy_loader())
+
+
+def test_divergence_stops_with_named_quantity_and_no_checkpoint(tmp_path):
+    model = TinyMLP()
+    with torch.no_grad():
+        model.net[-1].weight.fill_(float("inf"))
+    ckpt_dir = tmp_path / "ckpt"
+    tr = trainer(
+        tmp_path,
+        max_steps=3,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)],
+    )
+    with pytest.raises(DivergenceError, match=r"diverged at global step 0: non-finite .*energy_data"):
+        tr.fit(JEM(model, sampler=SGLD(n_steps=1), buffer_size=10), toy_loader())
+    assert not ckpt_dir.exists() or not any(ckpt_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"px_weight": -1.0}, "px_weight"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"sampling_mode": "batch"}, "sampling_mode"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        JEM(TinyMLP(), **kwargs)
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        JEM(lambda x: x)
