@@ -385,6 +385,16 @@ class JEM(pl.LightningModule):
             config["monitor"] = "val/acc"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from jemkit import __version__
+
+        checkpoint["jemkit"] = {
+            "version": __version__,
+            "num_classes": self.num_classes,
+            "input_shape": self.buffer.input_shape,
+            "classifier": type(self.classifier).__qualname__,
+        }
+
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> JEM:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint``, with a clear error for files that are not Lightning checkpoints."""

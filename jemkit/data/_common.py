@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["check_batch_size", "check_split_fractions", "make_loader"]
@@ -37,3 +38,36 @@ def make_loader(dataset: Dataset | None, batch_size: int, num_workers: int, trai
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
+
+
+class SplitDataModule(LightningDataModule):
+    """Base of jemkit's data modules: a train/val/test split built by ``setup`` and served with one loader recipe.
+
+    Subclasses set ``batch_size`` and ``num_workers`` and fill ``train_dataset``, ``val_dataset`` and ``test_dataset``
+    in ``setup``; prediction runs on the test split.
+    """
+
+    batch_size: int
+    num_workers: int
+    train_dataset: Dataset | None = None
+    val_dataset: Dataset | None = None
+    test_dataset: Dataset | None = None
+
+    def _loader(self, stage: str, dataset_name: str) -> DataLoader:
+        self.setup(stage)
+        dataset = getattr(self, dataset_name)
+        return make_loader(
+            dataset, self.batch_size, self.num_workers, train=stage == "fit" and dataset_name == "train_dataset"
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("fit", "train_dataset")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validate", "val_dataset")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", "test_dataset")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", "test_dataset")

@@ -12,17 +12,16 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from jemkit.data._common import check_batch_size, check_split_fractions, make_loader
+from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions
 
 __all__ = ["DigitsDataModule"]
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The scikit-learn digits (1797 real 8x8 grey images, 10 classes) with a seeded, stratified split.
 
     Images are float32 ``[N, 1, 8, 8]`` mapped from the raw ``[0, 16]`` ink levels to ``[-1, 1]``; labels are
@@ -91,19 +90,3 @@ class DigitsDataModule(LightningDataModule):
         self.train_dataset = TensorDataset(x[train], y[train])
         self.val_dataset = TensorDataset(x[val], y[val])
         self.test_dataset = TensorDataset(x[test], y[test])
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.train_dataset, self.batch_size, self.num_workers, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.val_dataset, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.test_dataset, self.batch_size, self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.test_dataset, self.batch_size, self.num_workers)

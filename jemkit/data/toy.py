@@ -12,16 +12,15 @@ import math
 from typing import ClassVar
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from jemkit.data._common import check_batch_size, check_split_fractions, make_loader
+from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions
 
 __all__ = ["GaussianMixtureDataModule"]
 
 
-class GaussianMixtureDataModule(LightningDataModule):
+class GaussianMixtureDataModule(SplitDataModule):
     """``num_classes`` equally likely isotropic Gaussians, means evenly spaced on a circle; class = component.
 
     Component ``k`` has mean ``radius * (cos(2 pi k / K), sin(2 pi k / K))`` and standard deviation ``std`` in
@@ -115,19 +114,3 @@ class GaussianMixtureDataModule(LightningDataModule):
         self.train_dataset = TensorDataset(*train)
         self.val_dataset = TensorDataset(*val)
         self.test_dataset = TensorDataset(*test)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.train_dataset, self.batch_size, self.num_workers, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.val_dataset, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.test_dataset, self.batch_size, self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self.test_dataset, self.batch_size, self.num_workers)

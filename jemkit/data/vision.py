@@ -15,11 +15,10 @@ from typing import Any, ClassVar
 
 import torch
 import torchvision.transforms as T
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets
 
-from jemkit.data._common import check_batch_size, make_loader
+from jemkit.data._common import SplitDataModule, check_batch_size
 
 __all__ = [
     "VisionDataModule",
@@ -47,7 +46,7 @@ class _TransformedSubset(Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
-class VisionDataModule(LightningDataModule):
+class VisionDataModule(SplitDataModule):
     """Shared base of the torchvision data modules; subclasses set the class attributes below.
 
     The training split of the torchvision dataset is loaded once (without a transform) and split by a seeded
@@ -184,22 +183,6 @@ class VisionDataModule(LightningDataModule):
         if stage in (None, "test", "predict") and self.test_dataset is None:
             test = self._load(train=False)
             self.test_dataset = _TransformedSubset(test, torch.arange(len(test)), self.eval_transform())
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        return make_loader(self.train_dataset, self.batch_size, self.num_workers, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return make_loader(self.val_dataset, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup("test")
-        return make_loader(self.test_dataset, self.batch_size, self.num_workers)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup("predict")
-        return make_loader(self.test_dataset, self.batch_size, self.num_workers)
 
 
 class _MNISTStyleDataModule(VisionDataModule):
