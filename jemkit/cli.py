@@ -3,6 +3,7 @@
     jemkit fit -c recipes/digits.yaml
     jemkit test -c recipes/digits.yaml --ckpt_path runs/digits/checkpoints/best.ckpt
     jemkit fit --print_config
+    jemkit evaluate --ckpt runs/digits/checkpoints/best.ckpt --out eval/digits
 
 The classifier is chosen in YAML with ``class_path`` (any importable ``nn.Module``: jemkit's models, torchvision,
 timm or your own), and so is the datamodule. Because the CLI records those configs in the checkpoint's
@@ -11,6 +12,7 @@ hyper-parameters, ``JEM.load_from_checkpoint(path)`` rebuilds the classifier wit
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,8 +36,18 @@ class JEMCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``jemkit`` console script (``args`` for tests; default ``sys.argv``)."""
-    JEMCLI(args=args)
+    """Entry point of the ``jemkit`` console script (``args`` for tests; default ``sys.argv``).
+
+    ``jemkit evaluate ...`` goes to :mod:`jemkit.evaluate.command` (it loads a checkpoint rather than building a
+    model from a config); everything else is LightningCLI.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["evaluate"]:
+        from jemkit.evaluate.command import run
+
+        run(argv[1:])
+        return
+    JEMCLI(args=args, parser_kwargs={"epilog": "Also: `jemkit evaluate --help` evaluates a checkpoint."})
 
 
 if __name__ == "__main__":

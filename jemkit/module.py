@@ -12,6 +12,7 @@ where the samples come from SGLD chains continued from the buffer (Grathwohl et 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -171,8 +172,11 @@ class JEM(pl.LightningModule):
         for key, value in list(self.hparams.items()):
             if isinstance(value, (Sampler, InitialDistribution)):
                 self.hparams[key] = to_config(value)
-            elif not is_plain(value):
+            elif value is None or not is_plain(value):
+                # None is every such argument's default: dropping it loses nothing, and avoids a clash with a
+                # datamodule's hparams (e.g. its num_classes) when Lightning merges them for the logger.
                 del self.hparams[key]
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers and checkpoints record
 
     def _build_metrics(self, num_classes: int) -> None:
         metrics = MetricCollection(
@@ -227,6 +231,11 @@ class JEM(pl.LightningModule):
             else:
                 x0 = self.buffer.init.sample(n, self.buffer.input_shape, device=self.device, y=y)
             return self._refine(x0.clone(), y, n_steps).detach()
+
+    def purify(self, x: Tensor, n_steps: int) -> Tensor:
+        """JEM's defence: ``n_steps`` of the sampler on ``log p(x)`` started at the inputs ``x``, before classifying."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._refine(x.detach().clone(), None, n_steps).detach()
 
     def _draw_samples(self, batch_size: int, y: Tensor | None) -> Tensor:
         """Continue ``batch_size`` chains from the buffer, write them back, return them."""
@@ -350,7 +359,7 @@ class JEM(pl.LightningModule):
         self.log("train/acc_epoch", logs["train/acc"], on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
-    def _evaluation_step(self, batch: Any, stage: str) -> None:
+    def _evaluation_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
         x, y = self._unpack(batch)
         self._prepare(x, y, stage)
         logits = self(x).float()
@@ -361,12 +370,14 @@ class JEM(pl.LightningModule):
         energies = marginal_energy(logits, self.temperature)
         self.log(f"{stage}/energy", energies.mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self.log_dict(metrics, on_epoch=True, on_step=False, batch_size=x.shape[0])
+        return {"logits": logits.detach(), "y": y}
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Logs accuracy, NLL, ECE; returns the logits so that callbacks need no second forward pass."""
+        return self._evaluation_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluation_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Class probabilities ``[B, C]`` at the module's temperature."""
@@ -402,8 +413,8 @@ class JEM(pl.LightningModule):
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except KeyError as err:
             raise ValueError(
-                f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file written "
-                "by Trainer.fit / ModelCheckpoint or `jemkit fit`"
+                f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file "
+                "written by Trainer.fit / ModelCheckpoint or `jemkit fit`"
             ) from err
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -353,3 +353,27 @@ def test_other_dataset_errors_are_not_masked(monkeypatch):
     monkeypatch.setattr(CIFAR10DataModule, "dataset_cls", Broken)
     with pytest.raises(RuntimeError, match="corrupted pickle"):
         CIFAR10DataModule().setup("fit")
+
+
+def test_digits_shift_augmentation_translates_training_images_only():
+    import torch.nn.functional as F
+
+    from jemkit.data.digits import RandomShiftDataset
+
+    dm = DigitsDataModule(shift=1)
+    dm.setup("fit")
+    assert isinstance(dm.train_dataset, RandomShiftDataset)
+    assert not isinstance(dm.val_dataset, RandomShiftDataset)
+    image, label = dm.train_dataset.tensors[0][5], dm.train_dataset.tensors[1][5]
+    padded = F.pad(image, (1, 1, 1, 1), value=-1.0)
+    candidates = [padded[:, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)]
+    seen = set()
+    for _ in range(60):
+        shifted, got_label = dm.train_dataset[5]
+        assert got_label == label and shifted.shape == (1, 8, 8)
+        matches = [i for i, c in enumerate(candidates) if torch.equal(c, shifted)]
+        assert matches, "output is not a 1-pixel translation of the input"
+        seen.add(matches[0])
+    assert len(seen) > 3  # the translation is random
+    with pytest.raises(ValueError, match="shift must be"):
+        DigitsDataModule(shift=5)

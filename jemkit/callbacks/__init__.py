@@ -1,5 +1,7 @@
-"""Lightning callbacks that read a JEM as a generative model: sample grids (more in later modules)."""
+"""Lightning callbacks that read a JEM as a generative model and a calibrated classifier."""
 
+from jemkit.callbacks.calibration import CalibrationMonitor
+from jemkit.callbacks.ood import OODMonitor
 from jemkit.callbacks.samples import SampleGrid
 
-__all__ = ["SampleGrid"]
+__all__ = ["CalibrationMonitor", "OODMonitor", "SampleGrid"]

@@ -1,0 +1,157 @@
+"""Out-of-distribution detection during validation: how well the JEM's scores tell data from other inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
+
+from jemkit.callbacks.samples import run_dir
+from jemkit.data.ood import check_ood_dataset, make_ood_dataset
+from jemkit.evaluate.plots import save_figure, score_histogram
+from jemkit.metrics.ood import OODMetrics
+from jemkit.scores import SCORES, ood_scores
+
+__all__ = ["OODMonitor"]
+
+
+class OODMonitor(Callback):
+    """Score in-distribution validation inputs against OOD sets; log AUROC, AUPR and FPR95 per score and set.
+
+    In-distribution inputs are the datamodule's ``val_dataset`` (the positive class); OOD sets are jemkit's built-in
+    offline sets (uniform, gaussian, constant, shuffled, interp; see :mod:`jemkit.data.ood`) and any datasets you add.
+    Logs ``val/ood/<set>/<score>/{auroc,aupr_in,aupr_out,fpr95}`` and writes a score histogram per score
+    (``<log_dir>/ood/<score>_epoch=NNNN.png``, rank zero). Under DDP each rank scores its own share of every set and
+    the metrics gather all ranks' scores (torchmetrics ``cat`` states), so every rank logs the same values.
+
+    Args:
+        ood_sets: names of built-in OOD sets.
+        extra_sets: more OOD sets ``{name: Dataset}`` returning ``(input, label)`` pairs of the model's input shape.
+        scores: which scores to compute (see :data:`jemkit.scores.SCORES`).
+        every_n_epochs: validation epochs between measurements.
+        max_samples: inputs per set (in-distribution and each OOD set).
+        batch_size: scoring batch size.
+        save_histograms: write score histograms.
+
+    Raises:
+        ValueError: an OOD set is empty or its inputs' shape differs from the validation data's.
+
+    Example::
+
+        >>> trainer = pl.Trainer(callbacks=[OODMonitor(ood_sets=["uniform", "interp"], every_n_epochs=5)])
+    """
+
+    def __init__(
+        self,
+        ood_sets: Sequence[str] = ("uniform", "constant", "shuffled", "interp"),
+        extra_sets: dict[str, Dataset] | None = None,
+        scores: Sequence[str] = SCORES,
+        every_n_epochs: int = 1,
+        max_samples: int = 512,
+        batch_size: int = 128,
+        save_histograms: bool = True,
+    ) -> None:
+        if every_n_epochs < 1 or max_samples < 1 or batch_size < 1:
+            raise ValueError(
+                f"every_n_epochs, max_samples and batch_size must be >= 1, got {every_n_epochs}, {max_samples}, "
+                f"{batch_size}"
+            )
+        if not ood_sets and not extra_sets:
+            raise ValueError("OODMonitor needs at least one OOD set (ood_sets or extra_sets)")
+        unknown = [s for s in scores if s not in SCORES]
+        if unknown:
+            raise ValueError(f"unknown OOD score(s) {unknown}; expected some of {list(SCORES)}")
+        self.ood_sets = tuple(ood_sets)
+        self.extra_sets = dict(extra_sets or {})
+        self.scores = tuple(scores)
+        self.every_n_epochs = every_n_epochs
+        self.max_samples = max_samples
+        self.batch_size = batch_size
+        self.save_histograms = save_histograms
+        self.last: dict[str, dict[str, dict[str, float]]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(ood_sets=self.ood_sets, scores=self.scores)
+
+    def _reference(self, trainer: pl.Trainer) -> Dataset:
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "val_dataset", None) if datamodule is not None else None
+        if dataset is None:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise ValueError("OODMonitor needs validation data: a datamodule with val_dataset or a val dataloader")
+        return dataset
+
+    def _shard(self, dataset: Dataset, trainer: pl.Trainer) -> DataLoader:
+        """This rank's share of the first ``max_samples`` inputs."""
+        n = min(len(dataset), self.max_samples)
+        indices = range(trainer.global_rank, n, trainer.world_size)
+        return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, shuffle=False)
+
+    def _score(self, pl_module: pl.LightningModule, loader: DataLoader) -> dict[str, Tensor]:
+        parts: dict[str, list[Tensor]] = {s: [] for s in self.scores}
+        temperature = getattr(pl_module, "temperature", 1.0)
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for name, value in ood_scores(pl_module, x.to(pl_module.device), self.scores, temperature).items():
+                parts[name].append(value.detach().float())
+        empty = torch.empty(0, device=pl_module.device)
+        return {s: torch.cat(v) if v else empty for s, v in parts.items()}
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs != 0:
+            return
+        reference = self._reference(trainer)
+        input_shape = tuple(reference[0][0].shape)
+        sets = {
+            name: make_ood_dataset(name, reference, min(len(reference), self.max_samples)) for name in self.ood_sets
+        }
+        sets |= self.extra_sets
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            in_scores = self._score(pl_module, self._shard(reference, trainer))
+            results: dict[str, dict[str, dict[str, float]]] = {}
+            histograms: dict[str, dict[str, Tensor]] = {s: {"in-distribution": in_scores[s]} for s in self.scores}
+            for name, dataset in sets.items():
+                check_ood_dataset(dataset, input_shape, name)
+                out_scores = self._score(pl_module, self._shard(dataset, trainer))
+                results[name] = {}
+                for score in self.scores:
+                    metric = OODMetrics().to(pl_module.device)
+                    for values, is_in in ((in_scores[score], True), (out_scores[score], False)):
+                        if len(values):  # a rank may hold no share of a tiny set
+                            metric.update(values, is_in)
+                    values = metric.compute()  # gathers every rank's scores
+                    results[name][score] = {k: float(v) for k, v in values.items()}
+                    for key, value in values.items():
+                        pl_module.log(f"val/ood/{name}/{score}/{key}", value.float(), on_epoch=True)
+                    histograms[score][name] = out_scores[score]
+        finally:
+            pl_module.train(was_training)
+        self.last = results
+        if self.save_histograms:
+            self._save(trainer, histograms)
+
+    @rank_zero_only
+    def _save(self, trainer: pl.Trainer, histograms: dict[str, dict[str, Tensor]]) -> None:
+        for score, groups in histograms.items():
+            extra = {name: f"AUROC {self.last[name][score]['auroc']:.3f}" for name in self.last}
+            figure = score_histogram(
+                {k: v.cpu() for k, v in groups.items()}, title=f"OOD score {score}", xlabel=score, legend_extra=extra
+            )
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure(f"ood/{score}", figure, trainer.global_step, close=False)
+            save_figure(figure, run_dir(trainer) / "ood" / f"{score}_epoch={trainer.current_epoch:04d}.png")

@@ -1,0 +1,313 @@
+"""Out-of-distribution sets that need no download, for scoring how well ``-E(x)`` separates data from non-data.
+
+The JEM papers rank inputs by ``log p(x)`` and report how well that separates the test set from other data sets
+(SVHN, CIFAR-100, CelebA) and from synthetic inputs (noise, constant images, interpolations). The synthetic ones
+are built here, from a seed and the in-distribution test set only, so OOD evaluation works offline, in tests and
+in CI. They are ordinary ``torch.utils.data.Dataset`` objects yielding ``(image, -1)`` pairs (label ``-1`` means
+"no class"), so the same loaders, collate functions and evaluation loops serve in- and out-of-distribution data.
+
+Every set is a pure function of ``(seed, index)``: item ``i`` is the same whatever order items are read in, in
+whichever worker process, and two sets built with the same arguments are identical. All images lie in ``[-1, 1]``
+like every jemkit input.
+
+- :class:`UniformNoise`, :class:`GaussianNoise`: pixel-wise noise (Gaussian noise clamped to the data range).
+- :class:`ConstantImages`: one random value per channel, the "constant" set of the OOD literature.
+- :class:`PixelShuffled`: each in-distribution image with its pixels permuted: the same pixel values (so the same
+  marginal statistics), no structure.
+- :class:`Interpolated`: JEM's "interp", the mean of two random in-distribution images.
+"""
+
+from __future__ import annotations
+
+import operator
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "OOD_SETS",
+    "ConstantImages",
+    "GaussianNoise",
+    "Interpolated",
+    "PixelShuffled",
+    "UniformNoise",
+    "check_ood_dataset",
+    "make_ood_dataset",
+]
+
+OOD_SETS: tuple[str, ...] = ("uniform", "gaussian", "constant", "shuffled", "interp")
+"""Names accepted by :func:`make_ood_dataset`."""
+
+OOD_LABEL = -1
+"""The label every OOD item carries: "no class"."""
+
+
+def _check_num_samples(num_samples: int) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    return num_samples
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return seed
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(f"input_shape must be a non-empty sequence of positive integers, got {input_shape!r}")
+    return shape
+
+
+def _image_of(item: object) -> Tensor:
+    """The image of a dataset item: ``item[0]`` of an ``(image, label)`` pair, or the item itself."""
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(image, Tensor):
+        raise TypeError(
+            f"expected dataset items to be (image Tensor, label) pairs or image Tensors, got an image of type "
+            f"{type(image).__name__} (add a ToTensor-style transform)"
+        )
+    return image
+
+
+class _SeededDataset(Dataset):
+    """Base of the OOD sets: ``num_samples`` items, item ``i`` drawn from its own generator seeded by ``(seed, i)``."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = _check_num_samples(num_samples)
+        self.seed = _check_seed(seed)
+        # a per-class salt, so that two different sets with the same seed do not share random streams
+        self._salt = zlib.crc32(type(self).__name__.encode())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _index(self, index: int) -> int:
+        i = operator.index(index)
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {index} is out of range for {type(self).__name__} of length {self.num_samples}")
+        return i
+
+    def _generator(self, stream: int, index: int) -> torch.Generator:
+        """A fresh CPU generator for ``(seed, set, stream, index)``; stream 0 makes items, 1 is for set-level draws."""
+        state = np.random.SeedSequence([self.seed, self._salt, stream, index]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        i = self._index(index)
+        return self._make(i, self._generator(0, i)), OOD_LABEL
+
+    def _make(self, index: int, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+
+class UniformNoise(_SeededDataset):
+    """Images of i.i.d. uniform pixels in ``[low, high)``: float32 ``input_shape`` each, label ``-1``.
+
+    Args:
+        num_samples: number of images.
+        input_shape: shape of one image without the batch dimension, e.g. ``(1, 8, 8)`` or ``(3, 32, 32)``.
+        low: lower bound of the pixel values (default: bottom of the data range).
+        high: upper bound of the pixel values (default: top of the data range).
+        seed: seed; item ``i`` depends only on ``(seed, i)``.
+    """
+
+    def __init__(
+        self, num_samples: int, input_shape: Sequence[int], low: float = -1.0, high: float = 1.0, seed: int = 0
+    ) -> None:
+        super().__init__(num_samples, seed)
+        self.input_shape = _check_shape(input_shape)
+        if not low < high:
+            raise ValueError(f"UniformNoise needs low < high, got low={low!r}, high={high!r}")
+        self.low, self.high = float(low), float(high)
+
+    def _make(self, index: int, generator: torch.Generator) -> Tensor:
+        return torch.rand(self.input_shape, generator=generator) * (self.high - self.low) + self.low
+
+
+class GaussianNoise(_SeededDataset):
+    """Images of i.i.d. Gaussian pixels ``N(mean, std^2)`` clamped to ``[-1, 1]``: float32 ``input_shape``, label -1.
+
+    Args:
+        num_samples: number of images.
+        input_shape: shape of one image without the batch dimension.
+        mean: mean of the pixel values before clamping.
+        std: standard deviation of the pixel values before clamping, > 0.
+        seed: seed; item ``i`` depends only on ``(seed, i)``.
+    """
+
+    def __init__(
+        self, num_samples: int, input_shape: Sequence[int], mean: float = 0.0, std: float = 0.5, seed: int = 0
+    ) -> None:
+        super().__init__(num_samples, seed)
+        self.input_shape = _check_shape(input_shape)
+        if not std > 0:
+            raise ValueError(f"GaussianNoise needs std > 0, got {std!r}")
+        self.mean, self.std = float(mean), float(std)
+
+    def _make(self, index: int, generator: torch.Generator) -> Tensor:
+        return (torch.randn(self.input_shape, generator=generator) * self.std + self.mean).clamp(-1.0, 1.0)
+
+
+class ConstantImages(_SeededDataset):
+    """Images whose every pixel of a channel has one value, uniform in ``[-1, 1)`` per channel and image.
+
+    The "constant" OOD set of the literature: no texture and no edges, yet often assigned a high likelihood by
+    generative models. Channels are the first dimension of ``input_shape``; a 1-D shape gets one value per entry.
+
+    Args:
+        num_samples: number of images.
+        input_shape: shape of one image without the batch dimension, ``(C, ...)``.
+        seed: seed; item ``i`` depends only on ``(seed, i)``.
+    """
+
+    def __init__(self, num_samples: int, input_shape: Sequence[int], seed: int = 0) -> None:
+        super().__init__(num_samples, seed)
+        self.input_shape = _check_shape(input_shape)
+
+    def _make(self, index: int, generator: torch.Generator) -> Tensor:
+        channels = self.input_shape[0]
+        values = torch.rand(channels, generator=generator) * 2.0 - 1.0
+        return values.view(channels, *([1] * (len(self.input_shape) - 1))).expand(self.input_shape).clone()
+
+
+class PixelShuffled(_SeededDataset):
+    """Each reference image with its pixel positions randomly permuted (one seeded permutation per item).
+
+    For images ``[C, H, W]`` the ``H * W`` positions are permuted and the channels of a pixel move together; a
+    1-D input ``[D]`` has its entries permuted. Every image keeps exactly its own pixel values, hence the marginal
+    pixel statistics of the data, while all spatial structure is destroyed.
+
+    Args:
+        dataset: the in-distribution dataset whose items are ``(image, label)`` pairs or images.
+        seed: seed; item ``i`` depends only on ``(seed, i)`` and the reference.
+        num_samples: number of items. ``None`` (default): one per reference image, item ``i`` shuffling reference
+            image ``i``. Otherwise the reference images are taken in a seeded random order (cycling if
+            ``num_samples > len(dataset)``), so a prefix of a class-sorted dataset is not used.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, num_samples: int | None = None) -> None:
+        n_ref = len(dataset)  # type: ignore[arg-type]
+        if n_ref < 1:
+            raise ValueError("PixelShuffled needs a non-empty reference dataset")
+        super().__init__(n_ref if num_samples is None else num_samples, seed)
+        self.dataset = dataset
+        self._order: Tensor | None = None
+        if num_samples is not None:
+            self._order = torch.randperm(n_ref, generator=self._generator(1, 0))
+
+    def source_index(self, index: int) -> int:
+        """Index of the reference image that item ``index`` shuffles."""
+        i = self._index(index)
+        return i if self._order is None else int(self._order[i % len(self._order)])
+
+    def _make(self, index: int, generator: torch.Generator) -> Tensor:
+        image = _image_of(self.dataset[self.source_index(index)])
+        if image.dim() == 1:
+            return image[torch.randperm(image.numel(), generator=generator)]
+        flat = image.reshape(image.shape[0], -1)
+        perm = torch.randperm(flat.shape[1], generator=generator).to(image.device)
+        return flat[:, perm].reshape(image.shape)
+
+
+class Interpolated(_SeededDataset):
+    """JEM's "interp" set: item ``i`` is ``(x_a + x_b) / 2`` for two distinct, randomly drawn reference images.
+
+    Such blends look image-like at a glance but are not digits/objects; a good density model should rank them
+    below the data.
+
+    Args:
+        dataset: the in-distribution dataset (at least two items), ``(image, label)`` pairs or images.
+        seed: seed; the pair of item ``i`` depends only on ``(seed, i)`` (see :meth:`source_indices`).
+        num_samples: number of items (default: ``len(dataset)``).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, num_samples: int | None = None) -> None:
+        n_ref = len(dataset)  # type: ignore[arg-type]
+        if n_ref < 2:
+            raise ValueError(f"Interpolated needs a reference dataset of at least 2 items, got {n_ref}")
+        super().__init__(n_ref if num_samples is None else num_samples, seed)
+        self.dataset = dataset
+        self._n_ref = n_ref
+
+    def source_indices(self, index: int) -> tuple[int, int]:
+        """The two distinct reference indices ``(a, b)`` whose images item ``index`` averages."""
+        i = self._index(index)
+        generator = self._generator(0, i)
+        a = int(torch.randint(self._n_ref, (1,), generator=generator))
+        b = int(torch.randint(self._n_ref - 1, (1,), generator=generator))
+        return a, b + (b >= a)
+
+    def _make(self, index: int, generator: torch.Generator) -> Tensor:
+        a, b = self.source_indices(index)
+        return (_image_of(self.dataset[a]) + _image_of(self.dataset[b])) / 2.0
+
+
+def make_ood_dataset(name: str, reference: Dataset, num_samples: int | None = None, seed: int = 0) -> Dataset:
+    """Build the OOD set called ``name`` (one of :data:`OOD_SETS`) to match the in-distribution ``reference``.
+
+    The input shape is read from ``reference[0]``'s image; the noise and constant sets use their default
+    parameters (uniform in ``[-1, 1]``, Gaussian ``std = 0.5`` clamped).
+
+    Args:
+        name: ``"uniform"``, ``"gaussian"``, ``"constant"``, ``"shuffled"`` or ``"interp"``.
+        reference: the in-distribution (test) dataset, items ``(image, label)``.
+        num_samples: number of OOD items (default: ``len(reference)``).
+        seed: seed of the OOD set.
+
+    Returns:
+        A ``Dataset`` of ``(image, -1)`` pairs with images shaped like the reference's.
+
+    Example::
+
+        dm = DigitsDataModule()
+        dm.setup("test")
+        ood = make_ood_dataset("interp", dm.test_dataset)  # 270 blends of two test digits, [1, 8, 8] each
+    """
+    if name not in OOD_SETS:
+        raise ValueError(f"unknown OOD set {name!r}; valid names are: {', '.join(OOD_SETS)}")
+    n_ref = len(reference)  # type: ignore[arg-type]
+    if n_ref < 1:
+        raise ValueError(f"cannot build OOD set {name!r}: the reference dataset is empty")
+    n = n_ref if num_samples is None else num_samples
+    if name == "shuffled":
+        return PixelShuffled(reference, seed=seed, num_samples=num_samples)
+    if name == "interp":
+        return Interpolated(reference, seed=seed, num_samples=num_samples)
+    shape = tuple(_image_of(reference[0]).shape)
+    if name == "uniform":
+        return UniformNoise(n, shape, seed=seed)
+    if name == "gaussian":
+        return GaussianNoise(n, shape, seed=seed)
+    return ConstantImages(n, shape, seed=seed)
+
+
+def check_ood_dataset(dataset: Dataset, input_shape: Sequence[int], name: str) -> int:
+    """Check that an OOD set can be fed to a model with inputs of ``input_shape``; return its length.
+
+    Only the first item is inspected (reading every item of a large set would cost a full pass).
+
+    Args:
+        dataset: the OOD dataset; items ``(image, label)`` pairs or images.
+        input_shape: the model's input shape without the batch dimension, e.g. ``(1, 8, 8)``.
+        name: the set's name, used in the error messages.
+
+    Raises:
+        ValueError: if the set is empty or its images are not shaped ``input_shape``.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError(f"OOD set {name!r} is empty")
+    shape = tuple(_image_of(dataset[0]).shape)
+    expected = tuple(input_shape)
+    if shape != expected:
+        raise ValueError(f"OOD set {name!r} has inputs of shape {shape} but the model expects {expected}")
+    return n

@@ -1,0 +1,20 @@
+"""Evaluation of a trained JEM: calibration, OOD detection, robustness and samples, as a report with figures.
+
+Importing this package loads matplotlib's object API only (never ``pyplot``), with the Agg canvas: no window opens.
+"""
+
+from jemkit.evaluate.plots import reliability_diagram, save_figure, score_histogram
+from jemkit.evaluate.report import DEFAULT_ATTACKS, evaluate, format_report
+from jemkit.evaluate.robustness import gaussian_noise_corruption, pgd_attack, robust_accuracy
+
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "evaluate",
+    "format_report",
+    "gaussian_noise_corruption",
+    "pgd_attack",
+    "reliability_diagram",
+    "robust_accuracy",
+    "save_figure",
+    "score_histogram",
+]

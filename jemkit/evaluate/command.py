@@ -1,0 +1,116 @@
+"""``jemkit evaluate``: load a JEM checkpoint, evaluate it, write ``report.json`` and figures, print a table.
+
+    jemkit evaluate --ckpt checkpoints/jem-digits.ckpt --out eval/digits
+    jemkit evaluate --ckpt runs/cifar/best.ckpt --data jemkit.data.CIFAR10DataModule --data.root data --defense_steps 10
+    jemkit evaluate --config eval.yaml        # the same options in YAML; --print_config shows them
+
+The model comes from the checkpoint. The data defaults to the datamodule recorded in the checkpoint by
+``jemkit fit`` and can be replaced with ``--data`` (``class_path``/``init_args``, as in the fit config).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import instantiate_module
+
+from jemkit.data.ood import OOD_SETS
+from jemkit.evaluate.report import DEFAULT_ATTACKS, evaluate, format_report
+from jemkit.module import JEM
+from jemkit.scores import SCORES
+
+__all__ = ["build_parser", "load_datamodule", "load_jem", "run"]
+
+Attack = dict[str, str | float | int]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="jemkit evaluate", description=__doc__.split("\n\n")[0], exit_on_error=True)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML file with these options")
+    parser.add_argument("--ckpt", type=str, required=True, help="checkpoint written by `jemkit fit` or Trainer.fit")
+    parser.add_subclass_arguments(
+        LightningDataModule,
+        "data",
+        required=False,
+        fail_untyped=False,
+        help="data to evaluate on (default: the datamodule stored in the checkpoint)",
+    )
+    parser.add_argument("--out", type=str, default="eval", help="output folder for report.json and figures")
+    parser.add_argument("--ood", type=list[str], default=list(OOD_SETS), help="built-in OOD sets")
+    parser.add_argument("--scores", type=list[str], default=list(SCORES), help="OOD scores")
+    parser.add_argument(
+        "--attacks",
+        type=list[Attack],
+        default=[dict(a) for a in DEFAULT_ATTACKS],
+        help="robustness settings: {kind: clean|pgd|noise, norm, eps, steps, restarts, std}",
+    )
+    parser.add_argument("--defense_steps", type=int, default=0, help="SGLD refinement steps of the JEM defence")
+    parser.add_argument("--temperature_scaling", type=bool, default=True)
+    parser.add_argument("--n_bins", type=int, default=15)
+    parser.add_argument("--max_samples", type=int | None, default=1000, help="cap per set for OOD/robustness")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--samples_per_class", type=int, default=8, help="sample grid rows' length (0: none)")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", type=bool, default=True)
+    return parser
+
+
+def load_jem(path: str, device: str = "cpu") -> JEM:
+    """Load a JEM checkpoint with errors that say what is wrong with the file."""
+    try:
+        return JEM.load_from_checkpoint(path, map_location=device)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from err
+    except TypeError as err:
+        if "classifier" not in str(err):
+            raise
+        raise ValueError(
+            f"{path} holds no classifier config (the JEM was built in Python, not by `jemkit fit`): load it with "
+            "JEM.load_from_checkpoint(path, classifier=...) and call jemkit.evaluate.evaluate(jem, datamodule, out)"
+        ) from err
+
+
+def load_datamodule(path: str, data: Any = None) -> LightningDataModule:
+    """The datamodule given on the command line, else the one recorded in the checkpoint by LightningCLI."""
+    if data is not None:
+        return data
+    hparams = dict(torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    if "_class_path" not in hparams:
+        raise ValueError(
+            f"{path} records no datamodule: pass one with --data (e.g. --data jemkit.data.DigitsDataModule)"
+        )
+    return instantiate_module(LightningDataModule, hparams)
+
+
+def run(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``args`` (default ``sys.argv[2:]``), evaluate, print the table; returns the report."""
+    parser = build_parser()
+    cfg = parser.parse_args(args)
+    init = parser.instantiate_classes(cfg)
+    torch.manual_seed(cfg.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    jem = load_jem(cfg.ckpt, device)
+    datamodule = load_datamodule(cfg.ckpt, init.get("data"))
+    report = evaluate(
+        jem,
+        datamodule,
+        cfg.out,
+        ood=cfg.ood,
+        scores=cfg.scores,
+        attacks=cfg.attacks,
+        defense_steps=cfg.defense_steps,
+        temperature_scaling=cfg.temperature_scaling,
+        n_bins=cfg.n_bins,
+        max_samples=cfg.max_samples,
+        batch_size=cfg.batch_size,
+        num_sample_images=cfg.samples_per_class,
+        progress=cfg.progress,
+    )
+    print(format_report(report))
+    print(f"\nreport: {cfg.out}/report.json")
+    return report

@@ -1,0 +1,55 @@
+"""Per-sample out-of-distribution scores read off a classifier seen as a JEM.
+
+Convention: every score is **higher for inputs that look in-distribution** (the in-distribution set is the positive
+class of AUROC/FPR95). The scores of the JEM paper (Grathwohl et al. 2020, Table 3):
+
+- ``logpx``: unnormalised ``log p(x) = -E(x)`` (the JEM score),
+- ``msp``: maximum softmax probability ``max_y p(y|x)`` (Hendrycks & Gimpel 2017),
+- ``max_logit``: ``max_y f(x)[y]``,
+- ``grad_norm``: ``-|| d log p(x) / dx ||_2`` (JEM's "approximate mass": data sits where the density is flat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from jemkit.energy import log_px, log_py_given_x
+
+__all__ = ["SCORES", "ood_scores"]
+
+SCORES: tuple[str, ...] = ("logpx", "msp", "max_logit", "grad_norm")
+
+
+def ood_scores(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    scores: Sequence[str] = SCORES,
+    temperature: float = 1.0,
+) -> dict[str, Tensor]:
+    """Scores ``{name: [B]}`` of inputs ``x [B, ...]`` for a classifier ``model: x -> logits [B, C]``.
+
+    Only ``grad_norm`` needs a backward pass (input gradients only); it works inside validation/inference mode.
+    """
+    unknown = [s for s in scores if s not in SCORES]
+    if unknown:
+        raise ValueError(f"unknown OOD score(s) {unknown}; expected some of {list(SCORES)}")
+    out: dict[str, Tensor] = {}
+    if "grad_norm" in scores:
+        with torch.inference_mode(False), torch.enable_grad():
+            x_in = x.detach().clone().requires_grad_(True)
+            logits = model(x_in).float()
+            (grad,) = torch.autograd.grad(log_px(logits, temperature).sum(), x_in)
+        out["grad_norm"] = -grad.flatten(1).norm(dim=1)
+        logits = logits.detach()
+    else:
+        logits = model(x).float()
+    if "logpx" in scores:
+        out["logpx"] = log_px(logits, temperature)
+    if "msp" in scores:
+        out["msp"] = log_py_given_x(logits, temperature).max(1).values.exp()
+    if "max_logit" in scores:
+        out["max_logit"] = logits.max(1).values
+    return {name: out[name] for name in scores}

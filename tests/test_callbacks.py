@@ -1,0 +1,86 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import TensorDataset
+
+from jemkit import JEM, SGLD, DigitsDataModule, GaussianMixtureDataModule
+from jemkit.callbacks import CalibrationMonitor, OODMonitor, SampleGrid
+from jemkit.models import SmallCNN
+from tests.conftest import TinyMLP
+
+
+def fit(tmp_path, jem, datamodule, callbacks, **kwargs):
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", logger=CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=callbacks, **({"max_epochs": 1, "limit_train_batches": 2} | kwargs),
+    )
+    trainer.fit(jem, datamodule)
+    return trainer
+
+
+def small_digits_jem():
+    return JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2), buffer_size=64)
+
+
+def test_callbacks_write_files_and_log_metrics_during_fit(tmp_path):
+    calibration = CalibrationMonitor(temperature_scaling=True)
+    ood = OODMonitor(ood_sets=["uniform", "interp"], max_samples=64)
+    samples = SampleGrid(per_class=2, num_samples=16, fresh_steps=3)
+    trainer = fit(tmp_path, small_digits_jem(), DigitsDataModule(batch_size=32), [calibration, ood, samples])
+    log_dir = tmp_path / "logs" / "version_0"
+    assert (log_dir / "calibration" / "reliability_validate_epoch=0000.png").stat().st_size > 0
+    for score in ("logpx", "msp", "max_logit", "grad_norm"):
+        assert (log_dir / "ood" / f"{score}_epoch=0000.png").stat().st_size > 0
+    assert (log_dir / "samples" / "buffer_epoch=0000.png").exists()
+    assert (log_dir / "samples" / "class_final.png").exists()
+    metrics = trainer.callback_metrics
+    for key in ("val/cal/ece", "val/cal/mce", "val/cal/brier", "val/cal/nll", "val/cal/acc", "val/cal/temperature",
+                "val/cal/ece_scaled", "val/ood/uniform/logpx/auroc", "val/ood/interp/grad_norm/fpr95"):
+        assert key in metrics, key
+    # the callback's accuracy and the module's own metric agree
+    torch.testing.assert_close(metrics["val/cal/acc"], metrics["val/acc"])
+    assert calibration.last["temperature"] > 0
+    assert set(ood.last) == {"uniform", "interp"} and 0 <= ood.last["uniform"]["logpx"]["auroc"] <= 1
+
+
+def test_calibration_runs_on_test_and_for_plain_lightning_modules(tmp_path):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyMLP(num_classes=8)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def test_step(self, batch, batch_idx):  # returns nothing: the callback computes logits itself
+            pass
+
+    monitor = CalibrationMonitor(n_bins=10, save_diagram=False)
+    dm = GaussianMixtureDataModule()
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[monitor], default_root_dir=tmp_path)
+    trainer.test(Plain(), dm, verbose=False)
+    assert {"test/cal/ece", "test/cal/acc"} <= set(trainer.callback_metrics)
+    assert 0 <= monitor.last["ece"] <= 1
+
+
+def test_sample_grid_draws_energy_landscape_for_2d_data(tmp_path):
+    jem = JEM(TinyMLP(num_classes=8), sampler=SGLD(n_steps=2, step_size=0.01), buffer_size=64)
+    samples = SampleGrid(num_samples=32)
+    fit(tmp_path, jem, GaussianMixtureDataModule(), [samples], limit_val_batches=0)
+    assert samples.last_paths["landscape"].name == "landscape_final.png"
+    assert samples.last_paths["landscape"].stat().st_size > 0
+
+
+def test_ood_monitor_rejects_bad_sets(tmp_path):
+    wrong_shape = TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"has inputs of shape \(3, 8, 8\) but the model expects \(1, 8, 8\)"):
+        fit(tmp_path, small_digits_jem(), DigitsDataModule(), [OODMonitor(ood_sets=[], extra_sets={"rgb": wrong_shape})])
+    empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0))
+    with pytest.raises(ValueError, match="empty"):
+        fit(tmp_path, small_digits_jem(), DigitsDataModule(), [OODMonitor(ood_sets=[], extra_sets={"none": empty})])
+    with pytest.raises(ValueError, match="at least one OOD set"):
+        OODMonitor(ood_sets=[])
+    with pytest.raises(ValueError, match="unknown OOD score"):
+        OODMonitor(scores=["entropy"])
