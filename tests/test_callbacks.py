@@ -12,9 +12,15 @@ from tests.conftest import TinyMLP
 
 def fit(tmp_path, jem, datamodule, callbacks, **kwargs):
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", logger=CSVLogger(tmp_path, name="logs"),
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=callbacks, **({"max_epochs": 1, "limit_train_batches": 2} | kwargs),
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **({"max_epochs": 1, "limit_train_batches": 2} | kwargs),
     )
     trainer.fit(jem, datamodule)
     return trainer
@@ -36,8 +42,17 @@ def test_callbacks_write_files_and_log_metrics_during_fit(tmp_path):
     assert (log_dir / "samples" / "buffer_epoch=0000.png").exists()
     assert (log_dir / "samples" / "class_final.png").exists()
     metrics = trainer.callback_metrics
-    for key in ("val/cal/ece", "val/cal/mce", "val/cal/brier", "val/cal/nll", "val/cal/acc", "val/cal/temperature",
-                "val/cal/ece_scaled", "val/ood/uniform/logpx/auroc", "val/ood/interp/grad_norm/fpr95"):
+    for key in (
+        "val/cal/ece",
+        "val/cal/mce",
+        "val/cal/brier",
+        "val/cal/nll",
+        "val/cal/acc",
+        "val/cal/temperature",
+        "val/cal/ece_scaled",
+        "val/ood/uniform/logpx/auroc",
+        "val/ood/interp/grad_norm/fpr95",
+    ):
         assert key in metrics, key
     # the callback's accuracy and the module's own metric agree
     torch.testing.assert_close(metrics["val/cal/acc"], metrics["val/acc"])
@@ -76,7 +91,9 @@ def test_sample_grid_draws_energy_landscape_for_2d_data(tmp_path):
 def test_ood_monitor_rejects_bad_sets(tmp_path):
     wrong_shape = TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4))
     with pytest.raises(ValueError, match=r"has inputs of shape \(3, 8, 8\) but the model expects \(1, 8, 8\)"):
-        fit(tmp_path, small_digits_jem(), DigitsDataModule(), [OODMonitor(ood_sets=[], extra_sets={"rgb": wrong_shape})])
+        fit(
+            tmp_path, small_digits_jem(), DigitsDataModule(), [OODMonitor(ood_sets=[], extra_sets={"rgb": wrong_shape})]
+        )
     empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0))
     with pytest.raises(ValueError, match="empty"):
         fit(tmp_path, small_digits_jem(), DigitsDataModule(), [OODMonitor(ood_sets=[], extra_sets={"none": empty})])

@@ -10,6 +10,7 @@ from torchmetrics.functional.classification import (
     binary_specificity_at_sensitivity,
     multiclass_calibration_error,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 from jemkit.metrics import (
     CalibrationMetrics,
@@ -128,6 +129,33 @@ def test_ood_metric_merge_state_like_ddp():
     rank0.merge_state(rank1)
     for key, value in ood_metrics(scores_in, scores_out).items():
         torch.testing.assert_close(rank0.compute()[key], value)
+
+
+def test_ood_metric_sync_from_a_rank_without_data():
+    # torchmetrics sends an empty tensor of the metric's dtype for a rank with no data; all_gather needs one dtype
+    scores_in, scores_out = torch.randn(20) + 1, torch.randn(10)
+    full = OODMetrics()
+    full.update(scores_in, True)
+    full.update(scores_out, False)
+    sent = iter([dim_zero_cat(full.scores), dim_zero_cat(full.is_in)])
+
+    def fake_all_gather(tensor: torch.Tensor, group: object = None) -> list[torch.Tensor]:
+        other = next(sent)
+        assert tensor.dtype == other.dtype
+        return [other, tensor]
+
+    empty = OODMetrics(dist_sync_fn=fake_all_gather, distributed_available_fn=lambda: True)
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        result = empty.compute()
+    for key, value in ood_metrics(scores_in, scores_out).items():
+        torch.testing.assert_close(result[key], value)
+
+
+def test_ood_metric_float64_states_keep_close_scores_apart():
+    metric = OODMetrics().set_dtype(torch.float64)
+    metric.update(torch.tensor([1e8 + 1, 1e8 + 2], dtype=torch.float64), True)
+    metric.update(torch.tensor([1e8], dtype=torch.float64), False)
+    assert float(metric.compute()["auroc"]) == 1.0
 
 
 def test_ood_errors():

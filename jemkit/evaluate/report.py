@@ -236,7 +236,13 @@ def format_report(report: dict[str, Any]) -> str:
     if "robustness" in report:
         rob = report["robustness"]
         rows = [
-            [r["attack"], r.get("eps", r.get("std")), r["accuracy"], r.get("defended_accuracy")] for r in rob["rows"]
+            [
+                r["attack"],
+                r["eps"] if r.get("eps") is not None else r.get("std"),
+                r["accuracy"],
+                r.get("defended_accuracy"),
+            ]
+            for r in rob["rows"]
         ]
         defended = f"defended ({rob['defense_steps']} SGLD steps)" if rob["defense_steps"] else "defended"
         parts += ["Robustness", _table(["attack", "eps/std", "accuracy", defended], rows), ""]

@@ -141,7 +141,8 @@ class OODMetrics(Metric):
 
     Scores and their labels are kept in list states reduced with ``"cat"``, so in DDP each rank's :meth:`compute`
     sees every rank's scores (the metrics are not averages over batches and cannot be). Memory grows with the number
-    of scores: one float and one bool per input.
+    of scores: two floats per input, stored in the metric's dtype (float32 by default;
+    ``set_dtype(torch.float64)`` keeps float64 scores exact). A rank that sees no data contributes nothing.
 
     :meth:`compute` returns a dict of 0-dim tensors (see :func:`ood_metrics`), ready for ``LightningModule.log_dict``.
 
@@ -185,15 +186,17 @@ class OODMetrics(Metric):
             if is_in.dtype != torch.bool and bool(((is_in != 0) & (is_in != 1)).any()):
                 raise ValueError("expected is_in to hold only 0/1 (or False/True)")
             labels = is_in.to(device=scores.device, dtype=torch.bool)
-        self.scores.append(scores.detach())
-        self.is_in.append(labels)
+        # Both states in the metric's float dtype: under DDP a rank that saw no data contributes an empty tensor of
+        # that dtype, and all_gather needs one dtype on every rank.
+        self.scores.append(scores.detach().to(self.dtype))
+        self.is_in.append(labels.to(self.dtype))
 
     def compute(self) -> dict[str, Tensor]:
         """``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` over every score seen since the last reset."""
         if isinstance(self.scores, list) and not self.scores:
             raise ValueError("OODMetrics.compute() called before any update(): no scores")
         scores = dim_zero_cat(self.scores)
-        is_in = dim_zero_cat(self.is_in).bool()
+        is_in = dim_zero_cat(self.is_in) > 0.5
         n_in = int(is_in.sum())
         if n_in == 0 or n_in == is_in.numel():
             which = "out-of-distribution" if n_in else "in-distribution"

@@ -1,0 +1,102 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jemkit.cli import main
+from jemkit.evaluate import evaluate, format_report
+from jemkit.evaluate.command import load_datamodule, load_jem
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"
+FAST = [
+    "--max_samples",
+    "48",
+    "--ood",
+    "[uniform, interp]",
+    "--scores",
+    "[logpx, msp]",
+    "--progress",
+    "false",
+    "--samples_per_class",
+    "2",
+    "--temperature_scaling",
+    "true",
+    "--defense_steps",
+    "2",
+    "--attacks",
+    '[{"kind": "clean"}, {"kind": "pgd", "norm": "linf", "eps": 0.1, "steps": 3}, {"kind": "noise", "std": 0.2}]',
+]
+
+
+def test_evaluate_command_on_shipped_checkpoint_writes_valid_report(tmp_path, capsys):
+    out = tmp_path / "eval"
+    main(["evaluate", "--ckpt", str(CKPT), "--out", str(out), *FAST])
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == "DigitsDataModule" and report["num_test"] == 270
+    assert report["calibration"]["accuracy"] >= 0.97
+    assert 0 <= report["calibration"]["ece"] <= 1 and report["temperature_scaling"]["temperature"] > 0
+    assert set(report["ood"]) == {"uniform", "interp"}
+    assert set(report["ood"]["uniform"]) == {"logpx", "msp"}
+    assert report["ood"]["uniform"]["logpx"]["auroc"] > 0.9  # a trained JEM tells digits from noise
+    rows = {r["attack"]: r for r in report["robustness"]["rows"]}
+    assert rows["pgd-linf"]["accuracy"] < rows["clean"]["accuracy"]
+    assert rows["clean"]["defended_accuracy"] is not None
+    for path in report["figures"].values():
+        assert Path(path).stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "OOD detection" in printed and "Robustness" in printed and "report.json" in printed
+    assert format_report(report).startswith("Test set: DigitsDataModule")
+
+
+def test_evaluate_python_api_with_explicit_datamodule(tmp_path):
+    from jemkit import GaussianMixtureDataModule
+
+    jem = load_jem(str(CKPT))
+    with pytest.raises(ValueError, match="has no test data"):
+        evaluate(jem, _Empty(), tmp_path)
+    assert load_datamodule(str(CKPT)).__class__.__name__ == "DigitsDataModule"
+    with pytest.raises(ValueError, match=r"has inputs of shape \(2,\) but the model expects \(1, 8, 8\)"):
+        evaluate(
+            jem,
+            _DigitsWithExtra(),
+            tmp_path,
+            ood=[],
+            ood_datasets={"toy": _toy_test(GaussianMixtureDataModule)},
+            attacks=[],
+            progress=False,
+            num_sample_images=0,
+        )
+
+
+class _Empty:
+    test_dataset = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0))
+
+    def setup(self, stage):
+        pass
+
+
+class _DigitsWithExtra:
+    def __init__(self):
+        from jemkit import DigitsDataModule
+
+        self.dm = DigitsDataModule()
+
+    def setup(self, stage):
+        self.dm.setup(stage)
+        self.test_dataset, self.val_dataset = self.dm.test_dataset, self.dm.val_dataset
+
+
+def _toy_test(cls):
+    dm = cls()
+    dm.setup("test")
+    return dm.test_dataset
+
+
+def test_evaluate_command_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(["evaluate", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)])
+    not_a_ckpt = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, not_a_ckpt)
+    with pytest.raises(ValueError, match="not a Lightning checkpoint of a JEM"):
+        main(["evaluate", "--ckpt", str(not_a_ckpt), "--out", str(tmp_path)])
