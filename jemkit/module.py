@@ -278,7 +278,9 @@ class JEM(pl.LightningModule):
         if self.val_metrics is None:
             self._build_metrics(num_classes)
         if not self.buffer.is_initialized:
-            self.buffer.initialize(shape, device=x.device)
+            world_size = self.trainer.world_size if self._trainer is not None else 1
+            lo, hi = self.buffer.shard_bounds(self.hparams.get("buffer_size", self.buffer.capacity), 0, world_size)
+            self.buffer.initialize(shape, device=x.device, capacity=hi - lo)  # this rank's shard
         self._checked_stages.add(stage)
 
     def _raise_if_diverged(self, quantities: dict[str, Tensor]) -> None:
@@ -398,6 +400,16 @@ class JEM(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from jemkit import __version__
+
+        # Every rank runs this hook; the file is written by rank zero, so it gets all ranks' buffer shards.
+        if self._trainer is not None and self.trainer.world_size > 1 and self.buffer.is_initialized:
+            for name in ("samples", "labels"):
+                local = getattr(self.buffer, name)
+                if local.numel() > 0:
+                    checkpoint["state_dict"][f"buffer.{name}"] = self.all_gather(local).flatten(0, 1)
+        bad = [name for name, p in self.classifier.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise DivergenceError(f"refusing to write a checkpoint with non-finite parameters: {bad[:5]}")
 
         checkpoint["jemkit"] = {
             "version": __version__,

@@ -19,6 +19,12 @@ from jemkit.sampling.init import InitialDistribution, UniformInit
 __all__ = ["ReplayBuffer"]
 
 
+def _rank_and_world_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class ReplayBuffer(nn.Module):
     """A fixed-size store of sampler states with random re-initialisation.
 
@@ -86,8 +92,14 @@ class ReplayBuffer(nn.Module):
         input_shape: Sequence[int],
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        capacity: int | None = None,
     ) -> None:
-        """Fill every slot with a fresh draw from the initial distribution."""
+        """Fill every slot with a fresh draw from the initial distribution (``capacity`` resizes the buffer: a DDP
+        rank keeps ``buffer_size / world_size`` slots)."""
+        if capacity is not None:
+            if capacity < 1:
+                raise ValueError(f"ReplayBuffer capacity must be >= 1, got {capacity!r}")
+            self.capacity = int(capacity)
         input_shape = tuple(int(s) for s in input_shape)
         if any(s < 1 for s in input_shape):
             raise ValueError(f"input_shape must have positive sizes, got {input_shape}")
@@ -155,15 +167,36 @@ class ReplayBuffer(nn.Module):
             )
         self.samples[idx] = x.detach().to(self.samples.dtype)
 
+    def shard_bounds(self, total: int, rank: int, world_size: int) -> tuple[int, int]:
+        """Slots ``[lo, hi)`` of a ``total``-slot buffer that rank ``rank`` of ``world_size`` keeps.
+
+        Shards are equal, contiguous and (for conditional buffers) a multiple of ``num_classes`` long, so every shard
+        keeps the ``slot % num_classes`` layout; up to ``world_size * num_classes - 1`` trailing slots are dropped.
+        """
+        block = self.num_classes if self.conditional and self.num_classes else 1
+        per_rank = (total // world_size // block) * block
+        if per_rank == 0:
+            raise ValueError(
+                f"a replay buffer of {total} samples cannot be split over {world_size} ranks"
+                + (f" in blocks of {block} classes" if block > 1 else "")
+            )
+        return rank * per_rank, (rank + 1) * per_rank
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # The stored shape is only known once data has been seen: adopt the checkpoint's shape before loading.
-        for name in ("samples", "labels"):
-            key = prefix + name
+        # A checkpoint holds every rank's shard (gathered when saving); each rank takes its own share, also when the
+        # number of ranks changed. The stored shape is adopted, since it is only known once data has been seen.
+        rank, world_size = _rank_and_world_size()
+        samples_key, labels_key = prefix + "samples", prefix + "labels"
+        if world_size > 1 and state_dict.get(samples_key, torch.empty(0)).numel() > 0:
+            lo, hi = self.shard_bounds(state_dict[samples_key].shape[0], rank, world_size)
+            state_dict[samples_key] = state_dict[samples_key][lo:hi]
+            if state_dict.get(labels_key, torch.empty(0)).numel() > 0:
+                state_dict[labels_key] = state_dict[labels_key][lo:hi]
+        for key, name in ((samples_key, "samples"), (labels_key, "labels")):
             if key in state_dict:
-                current = getattr(self, name)
-                setattr(self, name, torch.empty_like(state_dict[key], device=current.device))
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.is_initialized and self.samples.shape[0] != self.capacity:
+        if self.is_initialized:
             self.capacity = int(self.samples.shape[0])
 
     def extra_repr(self) -> str:
