@@ -32,6 +32,8 @@ class JEMCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        # Checkpoints are written atomically unless the config names other plugins.
+        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "jemkit.checkpoint.AtomicCheckpointIO"}]})
         super().__init__(*args, **kwargs)
 
 

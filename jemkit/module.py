@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
@@ -156,6 +158,11 @@ class JEM(pl.LightningModule):
         )
         self._input_shape = tuple(input_shape) if input_shape is not None else None
         self._checked_stages: set[str] = set()
+        # Divergence handling, configured by the DivergenceGuard callback: limits on logged quantities (by name,
+        # e.g. "energy_gap") and what to do: "raise" a DivergenceError, or "skip" the step and record the reason.
+        self.divergence_limits: dict[str, float] = {}
+        self.on_divergence: str = "raise"
+        self.divergence_reason: str | None = None
         self.val_metrics: MetricCollection | None = None
         self.test_metrics: MetricCollection | None = None
         if num_classes is not None:
@@ -277,23 +284,62 @@ class JEM(pl.LightningModule):
             self.buffer.num_classes = num_classes
         if self.val_metrics is None:
             self._build_metrics(num_classes)
+        if stage == "train":
+            self._warn_if_outside_init_range(x)
         if not self.buffer.is_initialized:
             world_size = self.trainer.world_size if self._trainer is not None else 1
             lo, hi = self.buffer.shard_bounds(self.hparams.get("buffer_size", self.buffer.capacity), 0, world_size)
             self.buffer.initialize(shape, device=x.device, capacity=hi - lo)  # this rank's shard
         self._checked_stages.add(stage)
 
-    def _raise_if_diverged(self, quantities: dict[str, Tensor]) -> None:
-        values = torch.stack([v.detach().float() for v in quantities.values()])
-        finite = torch.isfinite(values)
-        if bool(finite.all()):  # one host sync per step, outside the sampling loop
+    def _warn_if_outside_init_range(self, x: Tensor) -> None:
+        """Chains start in the initial distribution's range; data far outside it (e.g. 0..255 pixels) is a mistake."""
+        low, high = getattr(self.buffer.init, "low", None), getattr(self.buffer.init, "high", None)
+        if low is None or high is None:
             return
-        bad = [name for name, ok in zip(quantities, finite.tolist(), strict=True) if not ok]
-        raise DivergenceError(
-            f"training diverged at global step {self.global_step}: non-finite {', '.join(bad)} "
-            f"({', '.join(f'{k}={v.item():.4g}' for k, v in quantities.items())}). Lower the learning rate or the "
-            "SGLD step size, add energy_l2_weight, or use the DivergenceGuard callback to roll back."
-        )
+        x_min, x_max = float(x.min()), float(x.max())
+        margin = 0.1 * (high - low)
+        if x_min < low - margin or x_max > high + margin:
+            rank_zero_warn(
+                f"training inputs lie in [{x_min:.3g}, {x_max:.3g}] but SGLD chains start in [{low:g}, {high:g}]: "
+                "scale the data to the sampler's range (jemkit's datamodules give [-1, 1]) or pass "
+                f"init=UniformInit({x_min:.3g}, {x_max:.3g})"
+            )
+
+    def _divergence(self, quantities: dict[str, Tensor]) -> str | None:
+        """Why training diverged (a non-finite value, or one past ``divergence_limits``), or ``None``.
+
+        One host sync per step, outside the sampling loop; under DDP the ranks agree on the verdict so that they all
+        skip (or all take) the optimiser step together.
+        """
+        names = list(quantities)
+        values = torch.stack([quantities[n].detach().float() for n in names])
+        limits = torch.tensor([self.divergence_limits.get(n, math.inf) for n in names], device=values.device)
+        bad = ~torch.isfinite(values) | (values.abs() > limits)
+        local = bool(bad.any())
+        diverged = local
+        if self._trainer is not None and self.trainer.world_size > 1:
+            diverged = self.trainer.strategy.reduce_boolean_decision(local, all=False)
+        if not diverged:
+            return None
+        if not local:
+            return f"training diverged at global step {self.global_step} on another rank"
+        reasons = [
+            f"{n}={v:.4g}"
+            + ("" if math.isfinite(v) else " (non-finite)")
+            + (f" (limit {self.divergence_limits[n]:.4g})" if math.isfinite(v) and n in self.divergence_limits else "")
+            for n, v, b in zip(names, values.tolist(), bad.tolist(), strict=True)
+            if b
+        ]
+        return f"training diverged at global step {self.global_step}: {', '.join(reasons)}"
+
+    def _handle_divergence(self, reason: str) -> None:
+        if self.on_divergence == "raise":
+            raise DivergenceError(
+                f"{reason}. Lower the learning rate or the SGLD step size, clip samples (SGLD(clip=(-1, 1))), add "
+                "energy_l2_weight, or add the DivergenceGuard(action='rollback') callback."
+            )
+        self.divergence_reason = reason  # a DivergenceGuard rolls back after this (skipped) step
 
     # ------------------------------------------------------------------ steps
     @staticmethod
@@ -310,7 +356,7 @@ class JEM(pl.LightningModule):
             return not is_mode_sensitive(self.classifier)
         return not has_batchnorm(self.classifier)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y = self._unpack(batch)
         self._prepare(x, y, "train")
         batch_size = x.shape[0]
@@ -352,8 +398,13 @@ class JEM(pl.LightningModule):
             loss = loss + self.pxy_weight * pxy
             logs["train/pxy"] = pxy
         logs["train/loss"] = loss
+        if x_q is not None:
+            logs["train/sample_norm"] = x_q.flatten(1).norm(dim=1).mean()
         if self.check_finite:
-            self._raise_if_diverged({k.removeprefix("train/"): v for k, v in logs.items()})
+            reason = self._divergence({k.removeprefix("train/"): v for k, v in logs.items()})
+            if reason is not None:
+                self._handle_divergence(reason)
+                return None  # skip the optimiser step (every rank agreed)
 
         # 4. Log (tensors only: Lightning reduces them without a per-step host sync).
         logs["train/acc"] = (logits_data.argmax(1) == y).float().mean()
@@ -418,6 +469,15 @@ class JEM(pl.LightningModule):
             "classifier": type(self.classifier).__qualname__,
         }
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            raise ValueError(
+                "the checkpoint's weights do not fit this JEM's classifier (a different architecture or number of "
+                f"classes?): {str(err).splitlines()[0]} ... see the cause below for every mismatch"
+            ) from err
+
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> JEM:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint``, with a clear error for files that are not Lightning checkpoints."""
@@ -433,6 +493,12 @@ class JEM(pl.LightningModule):
         info = checkpoint.get("jemkit")
         if info is None:
             raise ValueError("this checkpoint was not written by a jemkit JEM (it has no 'jemkit' section)")
+        saved_classifier = info.get("classifier")
+        if saved_classifier is not None and saved_classifier != type(self.classifier).__qualname__:
+            raise ValueError(
+                f"the checkpoint holds a {saved_classifier} classifier but this JEM wraps a "
+                f"{type(self.classifier).__qualname__}: build the JEM with the same architecture"
+            )
         saved = info.get("num_classes")
         if saved is not None and self.num_classes is not None and saved != self.num_classes:
             raise ValueError(f"the checkpoint has {saved} classes but this JEM was built with {self.num_classes}")

@@ -277,7 +277,7 @@ def test_divergence_stops_with_named_quantity_and_no_checkpoint(tmp_path):
         enable_checkpointing=True,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)],
     )
-    with pytest.raises(DivergenceError, match=r"diverged at global step 0: non-finite .*energy_data"):
+    with pytest.raises(DivergenceError, match=r"diverged at global step 0: .*energy_data=(nan|-?inf) \(non-finite\)"):
         tr.fit(JEM(model, sampler=SGLD(n_steps=1), buffer_size=10), toy_loader())
     assert not ckpt_dir.exists() or not any(ckpt_dir.iterdir())
 
@@ -296,3 +296,40 @@ def test_bad_constructor_arguments(kwargs, match):
         JEM(TinyMLP(), **kwargs)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         JEM(lambda x: x)
+
+
+# ----------------------------------------------------------------------------- adapters at the module level
+class DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = TinyMLP()
+
+    def forward(self, x):
+        return {"logits": self.body(x), "features": x}
+
+
+def test_classifier_returning_a_dict_needs_output_key(tmp_path):
+    with pytest.raises(TypeError, match=r"dict with keys \['logits', 'features'\]: pass output_key"):
+        trainer(tmp_path, max_steps=1).fit(JEM(DictOutput(), buffer_size=10), toy_loader())
+    jem = JEM(DictOutput(), output_key="logits", sampler=SGLD(n_steps=1), buffer_size=10)
+    trainer(tmp_path, max_steps=1).fit(jem, toy_loader())
+    assert jem(torch.zeros(2, 2)).shape == (2, 3)
+
+
+def test_data_outside_the_sampler_range_warns_once_with_observed_range(tmp_path):
+    x = torch.rand(16, 2) * 255
+    with pytest.warns(UserWarning, match=r"training inputs lie in \[.*, .*\] but SGLD chains start in \[-1, 1\]"):
+        trainer(tmp_path, max_steps=2).fit(
+            JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=10), loader(x, torch.arange(16) % 3)
+        )
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(
+        JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=10), toy_loader()
+    )
+    with pytest.raises(ValueError, match="holds a TinyMLP classifier but this JEM wraps a DictOutput"):
+        JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=DictOutput(), output_key="logits")
+    with pytest.raises(ValueError, match="weights do not fit this JEM's classifier"):
+        JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP(hidden=7))

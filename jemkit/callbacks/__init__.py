@@ -1,7 +1,8 @@
 """Lightning callbacks that read a JEM as a generative model and a calibrated classifier."""
 
 from jemkit.callbacks.calibration import CalibrationMonitor
+from jemkit.callbacks.divergence import DivergenceGuard
 from jemkit.callbacks.ood import OODMonitor
 from jemkit.callbacks.samples import SampleGrid
 
-__all__ = ["CalibrationMonitor", "OODMonitor", "SampleGrid"]
+__all__ = ["CalibrationMonitor", "DivergenceGuard", "OODMonitor", "SampleGrid"]

@@ -1,0 +1,416 @@
+"""Time one JEM training iteration: jemkit's Lightning step against a port of the reference loop and a classifier.
+
+Why: jemkit keeps the replay buffer on the device, takes input-only gradients while sampling and shares one forward
+over data and samples; the reference loop (``reference_jem.py``) keeps the buffer on the host and runs three separate
+forwards. This script measures what that is worth per optimizer step, with the plain classifier's cross-entropy step as
+the 1x baseline (JEM's SGLD makes every step some 20-60x more expensive than that).
+
+Contenders, all starting from the same weights (deep copies of one model) on the same fixed batch:
+
+- ``classifier``: ``zero_grad``, cross-entropy forward, backward, Adam step (bare PyTorch);
+- ``reference``: ``ReferenceJEM.step`` (host buffer, SGLD, three forwards, Adam);
+- ``jemkit``: ``jemkit.JEM`` fitted by a real ``lightning.Trainer``; a callback times each optimizer step from
+  ``on_train_batch_start`` to ``on_train_batch_end`` (training step, backward, Adam and Lightning's bookkeeping; the
+  batch already sits on the device, so no host-to-device copy is timed for anyone).
+
+The same callback runs the two plain contenders next to every Trainer step, before jemkit's step on even iterations
+and after it on odd ones, so that a noisy machine slows all of them alike. Medians and interquartile ranges are over
+the timed iterations; ``--warmup`` iterations of each come first and are not timed.
+
+Memory, per contender: ``state`` is the bytes of its tensors on the device (weights, gradients, Adam state, and the
+replay buffer where it lives there: jemkit's on the device, the reference's on the host); ``step peak`` is how far one
+step rises above what was allocated before it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: growth of the process's
+peak RSS from ``resource.getrusage``, reset before each step through ``/proc/self/clear_refs`` where Linux allows it;
+approximate, as the allocator reuses memory freed by earlier steps); ``peak = state + step peak``.
+
+FLOPs: one extra, untimed iteration of each contender at the end runs under ``torch.utils.flop_counter.FlopCounterMode``
+(jemkit's from ``on_train_batch_start`` to ``on_train_batch_end`` of the Trainer's last step). The counter's per-module
+tracking is switched off because it breaks ``torch.autograd.grad(..., inputs=[x])``, which both samplers use.
+``TFLOP/s = counted FLOPs / median step time``; meaningful on a GPU, shown everywhere.
+
+Precision: ``32`` is PyTorch's default float32 (cuDNN may use TF32 for convolutions); with ``bf16-mixed`` jemkit runs
+under ``Trainer(precision="bf16-mixed")``, the reference and the classifier under
+``torch.autocast(device_type, dtype=torch.bfloat16)`` around every forward (SGLD's included); chains, buffers and
+losses stay float32 in all three.
+
+Usage::
+
+    python benchmarks/bench_step.py --model small_cnn --batch 64 --steps 20 --iters 10 --warmup 3
+    python benchmarks/bench_step.py --model wrn-28-10 --precision bf16-mixed --json results.json   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
+
+from jemkit import JEM, SGLD
+from jemkit.models import SmallCNN, WideResNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: import the sibling file
+from reference_jem import ReferenceJEM
+
+CONTENDERS = ("classifier", "reference", "jemkit")
+
+# name -> (constructor, input shape, default batch size)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "small_cnn": (lambda: SmallCNN(num_classes=10, in_channels=1), (1, 8, 8), 64),  # digits-sized
+    "wrn-16-2": (lambda: WideResNet(depth=16, widen_factor=2, num_classes=10), (3, 32, 32), 16),
+    "wrn-28-10": (lambda: WideResNet(depth=28, widen_factor=10, num_classes=10), (3, 32, 32), 64),  # JEM's
+}
+
+
+# ---------------------------------------------------------------------------------------------- contenders
+class ClassifierStep:
+    """The 1x baseline: one cross-entropy step of the bare classifier (forward, backward, Adam)."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-4, amp_dtype: torch.dtype | None = None) -> None:
+        self.model = model.train()
+        self.device_type = next(model.parameters()).device.type
+        self.amp_dtype = amp_dtype
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        self.optimizer.zero_grad()
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class RepeatedBatch(Dataset):
+    """``length`` times the same ``(x, y)`` batch: use with ``DataLoader(..., batch_size=None)``."""
+
+    def __init__(self, x: Tensor, y: Tensor, length: int) -> None:
+        self.x, self.y, self.length = x, y, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.x, self.y
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class _GlobalOnly(ModuleTracker):
+    """A module tracker that tracks nothing: FLOPs are counted globally (see the module docstring)."""
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        pass
+
+
+def flop_counter() -> FlopCounterMode:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux ``clear_refs``); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class Meter:
+    """Times steps and records their memory; counts FLOPs in the iteration after the timed ones.
+
+    Iterations ``[0, warmup)`` are warm-up, ``[warmup, warmup + iters)`` are timed, ``warmup + iters`` is counted.
+    One step is measured at a time: ``start(name, i)`` ... ``stop(name, i)``.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, iters: int) -> None:
+        self.device, self.warmup, self.iters = device, warmup, iters
+        self.ms: dict[str, list[float]] = defaultdict(list)
+        self.step_peak_mb: dict[str, list[float]] = defaultdict(list)
+        self.flops: dict[str, int] = {}
+        self.state_mb: dict[str, float] = {}
+        self.rss_reset = device.type == "cpu" and _reset_peak_rss()
+        self._counter: FlopCounterMode | None = None
+        self._t0 = self._base = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self, name: str, i: int) -> None:
+        if i >= self.warmup + self.iters:
+            self._counter = flop_counter()
+            self._counter.__enter__()
+            return
+        self._sync()
+        if self.device.type == "cuda":
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            if self.rss_reset:
+                _reset_peak_rss()
+            self._base = _peak_rss_bytes()
+        self._t0 = time.perf_counter()
+
+    def stop(self, name: str, i: int) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops[name] = self._counter.get_total_flops()
+            self._counter = None
+            return
+        self._sync()
+        elapsed_ms = (time.perf_counter() - self._t0) * 1e3
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss_bytes()
+        if i >= self.warmup:
+            self.ms[name].append(elapsed_ms)
+            self.step_peak_mb[name].append((peak - self._base) / 2**20)
+
+    def run(self, name: str, i: int, fn: Callable[[], object]) -> None:
+        self.start(name, i)
+        fn()
+        self.stop(name, i)
+
+
+class Interleave(Callback):
+    """Measures jemkit's Trainer steps and runs the plain contenders next to each of them.
+
+    The plain contenders run before jemkit's step on even iterations and after it on odd ones.
+    """
+
+    def __init__(self, meter: Meter, others: dict[str, Callable[[], object]]) -> None:
+        self.meter, self.others = meter, others
+
+    def _run_others(self, i: int) -> None:
+        for name, fn in self.others.items():
+            self.meter.run(name, i, fn)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if i % 2 == 0:
+            self._run_others(i)
+        self.meter.start("jemkit", i)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        self.meter.stop("jemkit", i)
+        if i % 2 == 1:
+            self._run_others(i)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Now, before the Trainer's teardown moves the module and the optimizer state back to the CPU.
+        self.meter.state_mb["jemkit"] = state_mb(self.meter.device, [pl_module], trainer.optimizers[0])
+
+
+def state_mb(device: torch.device, modules: Sequence[nn.Module], optimizer: Optimizer, *extra: Any) -> float:
+    """MiB of distinct tensor storage on ``device``: weights, gradients, buffers, optimizer state, ``extra``."""
+    tensors: list[Any] = list(extra)
+    for module in modules:
+        tensors += [*module.parameters(), *module.buffers(), *(p.grad for p in module.parameters())]
+    tensors += [v for state in optimizer.state.values() for v in state.values()]
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in tensors
+        if isinstance(t, Tensor) and t.device.type == device.type
+    }
+    return sum(storages.values()) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), help="default: wrn-28-10 on a GPU, small_cnn on the CPU")
+    parser.add_argument("--batch", type=int, help="default: 64 (small_cnn, wrn-28-10), 16 (wrn-16-2)")
+    parser.add_argument("--steps", type=int, default=20, help="SGLD steps per iteration (JEM: 20)")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per contender")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per contender first")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
+    parser.add_argument("--compile", action="store_true", help="JEM(..., compile=True) if JEM accepts it")
+    parser.add_argument("--buffer-size", type=int, default=10_000, help="replay buffer capacity (JEM: 10,000)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the result to this file")
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.model = args.model or ("wrn-28-10" if args.device == "cuda" else "small_cnn")
+    args.batch = args.batch or MODELS[args.model][2]
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"need --iters >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    return args
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    q1, median, q3 = np.percentile(ms, [25, 50, 75])
+    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3), "iqr_ms": float(q3 - q1)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True  # as the reference script; shared by all contenders
+    build, input_shape, _ = MODELS[args.model]
+    torch.manual_seed(args.seed)
+    model = build()
+    x = (torch.rand(args.batch, *input_shape) * 2 - 1).to(device)
+    y = torch.randint(0, 10, (args.batch,)).to(device)
+    amp_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else None
+
+    classifier = ClassifierStep(copy.deepcopy(model).to(device), amp_dtype=amp_dtype)
+    reference = ReferenceJEM(
+        copy.deepcopy(model).to(device), buffer_size=args.buffer_size, n_steps=args.steps, amp_dtype=amp_dtype
+    )
+    jem_kwargs: dict[str, Any] = {}
+    compile_status = "off"
+    if args.compile:
+        if "compile" in inspect.signature(JEM).parameters:
+            jem_kwargs["compile"], compile_status = True, "on"
+        else:
+            compile_status = "unavailable"
+            print("--compile: unavailable, this jemkit's JEM takes no `compile` argument; jemkit runs eagerly")
+    jem = JEM(copy.deepcopy(model), sampler=SGLD(n_steps=args.steps), buffer_size=args.buffer_size, **jem_kwargs)
+
+    meter = Meter(device, args.warmup, args.iters)
+    others = {"reference": lambda: reference.step(x, y), "classifier": lambda: classifier.step(x, y)}
+    total = args.warmup + args.iters + 1  # the last iteration counts FLOPs
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer = pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision="bf16-mixed" if amp_dtype is not None else "32-true",
+            max_steps=total,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+            callbacks=[Interleave(meter, others)],
+        )
+        trainer.fit(jem, DataLoader(RepeatedBatch(x, y, total), batch_size=None))
+
+    states = meter.state_mb | {
+        "classifier": state_mb(device, [classifier.model], classifier.optimizer),
+        "reference": state_mb(device, [reference.model], reference.optimizer, reference.buffer),
+    }
+    contenders = {}
+    for name in CONTENDERS:
+        stats = _summary(meter.ms[name])
+        step_peak = max(meter.step_peak_mb[name])
+        flops = meter.flops.get(name)
+        contenders[name] = stats | {
+            "state_mb": states[name],
+            "step_peak_mb": step_peak,
+            "peak_mb": states[name] + step_peak,
+            "gflop": flops / 1e9 if flops is not None else None,
+            "tflops": flops / (stats["median_ms"] / 1e3) / 1e12 if flops is not None else None,
+        }
+    med = {name: contenders[name]["median_ms"] for name in CONTENDERS}
+    if device.type == "cuda":
+        memory = "cuda: state = tensor bytes on the GPU; step peak = max_memory_allocated - memory_allocated before"
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        reset = "reset per step via /proc/self/clear_refs" if meter.rss_reset else "high-water mark, NOT reset"
+        memory = f"cpu: state = tensor bytes in host memory; step peak = peak RSS growth (getrusage, {reset}; approx)"
+        hardware = f"cpu, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+    return {
+        "benchmark": "jemkit_step",
+        "model": args.model,
+        "input_shape": list(input_shape),
+        "batch": args.batch,
+        "sgld_steps": args.steps,
+        "buffer_size": args.buffer_size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "precision": args.precision,
+        "compile": compile_status,
+        "device": device.type,
+        "hardware": hardware,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "memory": memory,
+        "contenders": contenders,
+        "ratios": {
+            "jemkit/reference": med["jemkit"] / med["reference"],
+            "reference/classifier": med["reference"] / med["classifier"],
+            "jemkit/classifier": med["jemkit"] / med["classifier"],
+        },
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    r = result
+    lines = [
+        f"JEM step: {r['model']} {tuple(r['input_shape'])}, batch {r['batch']}, {r['sgld_steps']} SGLD steps, "
+        f"precision {r['precision']}, compile {r['compile']}; {r['hardware']}; torch {r['torch']}, "
+        f"lightning {r['lightning']}; {r['iters']} timed iterations after {r['warmup']} warm-up",
+        f"{'contender':<11} {'median ms':>10} {'IQR ms':>9} {'x classif.':>10} {'state MB':>9} {'step peak MB':>12} "
+        f"{'GFLOP/it':>9} {'TFLOP/s':>8}",
+    ]
+    base = r["contenders"]["classifier"]["median_ms"]
+    for name in CONTENDERS:
+        c = r["contenders"][name]
+        gflop = f"{c['gflop']:9.2f}" if c["gflop"] is not None else f"{'n/a':>9}"
+        tflops = f"{c['tflops']:8.3f}" if c["tflops"] is not None else f"{'n/a':>8}"
+        lines.append(
+            f"{name:<11} {c['median_ms']:10.1f} {c['iqr_ms']:9.1f} {c['median_ms'] / base:10.1f} "
+            f"{c['state_mb']:9.1f} {c['step_peak_mb']:12.1f} {gflop} {tflops}"
+        )
+    ratios = r["ratios"]
+    lines += [
+        f"jemkit / reference = {ratios['jemkit/reference']:.2f} (< 1: jemkit faster)   "
+        f"reference / classifier = {ratios['reference/classifier']:.1f}   "
+        f"jemkit / classifier = {ratios['jemkit/classifier']:.1f}",
+        f"memory: {r['memory']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table, then the result as one JSON line (also to ``--json``)."""
+    args = parse_args(argv)
+    result = run(args)
+    print(format_table(result))
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json is not None:
+        args.json.write_text(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

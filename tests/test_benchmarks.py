@@ -1,0 +1,113 @@
+"""The benchmark's reference port computes JEM's objective as jemkit does, and ``bench_step.py`` runs end to end.
+
+A speed comparison is only fair if both contenders do the same work: these tests pin the port's loss and SGLD chain
+to jemkit's on the same inputs and seed. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from jemkit import JEM, SGLD
+from jemkit.energy import marginal_energy
+from jemkit.models import SmallCNN
+from jemkit.sampling import InitialDistribution
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds scripts
+import bench_step
+from reference_jem import ReferenceJEM
+
+
+class FixedInit(InitialDistribution):
+    """Always returns the same chains: fixes jemkit's samples (with ``reinit_prob=1`` and no SGLD steps)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def sample(self, n, shape, device=None, dtype=torch.float32, y=None):
+        return self.x[:n].to(device, dtype)
+
+
+def digits_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(n, 1, 8, 8) * 2 - 1, torch.arange(n) % 10
+
+
+def test_reference_loss_equals_jemkit_objective_on_fixed_samples():
+    model = SmallCNN(width=4)
+    x, y = digits_batch()
+    x_sample = torch.rand_like(x) * 2 - 1
+    jem = JEM(
+        model,
+        sampler=SGLD(n_steps=0),
+        buffer_size=x.shape[0],
+        reinit_prob=1.0,
+        init=FixedInit(x_sample),
+        data_noise=0.0,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step called without a Trainer
+        jem_loss = jem.training_step((x, y), 0)
+    ref_loss = ReferenceJEM(model).loss(x, x_sample, x, y)
+    torch.testing.assert_close(ref_loss, jem_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_sgld_follows_the_same_chain_as_jemkit():
+    model = SmallCNN(width=4)
+    x0, _ = digits_batch()
+    ref = ReferenceJEM(model, n_steps=5, step_size=0.5, noise=0.01)
+    torch.manual_seed(1)
+    x_ref = ref.sgld(x0)
+    torch.manual_seed(1)
+    x_jem = SGLD(n_steps=5, step_size=0.5, noise_std=0.01).sample(lambda x: marginal_energy(model(x)), x0)
+    assert not torch.equal(x_ref, x0)
+    torch.testing.assert_close(x_ref, x_jem, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_step_trains_and_keeps_the_buffer_on_the_host():
+    model = SmallCNN(width=4)
+    x, y = digits_batch()
+    ref = ReferenceJEM(model, buffer_size=16, n_steps=2, input_shape=(1, 8, 8))
+    weights = [p.detach().clone() for p in model.parameters()]
+    buffer = ref.buffer.clone()
+    loss = ref.step(x, y)
+    assert isinstance(loss, float) and math.isfinite(loss)
+    assert any(not torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
+    assert ref.buffer.device.type == "cpu" and ref.buffer.shape == (16, 1, 8, 8)
+    assert not torch.equal(ref.buffer, buffer)  # the refined samples were written back
+    assert model.training
+
+
+def test_bench_step_runs_and_prints_one_json_line(capsys, tmp_path):
+    # Small batch and chains keep this under a few seconds on 2 CPU cores; the defaults are what the README reports.
+    argv = ["--model", "small_cnn", "--iters", "2", "--warmup", "1", "--device", "cpu"]
+    result = bench_step.main(
+        [*argv, "--batch", "8", "--steps", "2", "--buffer-size", "64", "--json", str(tmp_path / "r.json")]
+    )
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    parsed = json.loads(line)
+    assert parsed == json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result))
+    assert {"model", "device", "precision", "batch", "sgld_steps", "compile", "memory", "contenders", "ratios"} <= set(
+        parsed
+    )
+    assert set(parsed["contenders"]) == {"classifier", "reference", "jemkit"}
+    for stats in parsed["contenders"].values():
+        assert {
+            "median_ms",
+            "q1_ms",
+            "q3_ms",
+            "iqr_ms",
+            "state_mb",
+            "step_peak_mb",
+            "peak_mb",
+            "gflop",
+            "tflops",
+        } <= set(stats)
+        assert stats["median_ms"] > 0 and stats["gflop"] > 0
+    assert set(parsed["ratios"]) == {"jemkit/reference", "reference/classifier", "jemkit/classifier"}
+    assert parsed["compile"] == "off"

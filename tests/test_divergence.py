@@ -1,0 +1,98 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from jemkit import JEM, SGLD, DivergenceError
+from jemkit.callbacks import DivergenceGuard
+from tests.conftest import TinyMLP
+from tests.test_module import toy_loader, trainer
+
+
+class CorruptWeights(Callback):
+    """Sets a weight to inf before the given steps: the next step's energies are non-finite."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                pl_module.classifier.net[-1].weight[0, 0] = float("inf")
+
+
+def small_jem(**kwargs):
+    return JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.1), buffer_size=32, lr=1e-2, **kwargs)
+
+
+def all_finite(state_dict):
+    return all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point())
+
+
+def test_raise_names_quantity_and_step_and_writes_no_broken_checkpoint(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    tr = trainer(
+        tmp_path,
+        max_steps=10,
+        enable_checkpointing=True,
+        callbacks=[CorruptWeights([3]), DivergenceGuard(action="raise"), ckpt],
+    )
+    with pytest.raises(DivergenceError, match=r"global step 3: .*=(nan|-?inf) \(non-finite\)"):
+        tr.fit(small_jem(), toy_loader())
+    written = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(written) == 3  # steps 1..3 were healthy
+    for path in written:
+        assert all_finite(torch.load(path, weights_only=False)["state_dict"])
+
+
+def test_exploding_energy_is_caught_by_limits():
+    guard = DivergenceGuard(max_abs_energy=1e-6)
+    with pytest.raises(DivergenceError, match=r"energy_data=.* \(limit 1e-06\)"):
+        trainer(None, max_steps=2, callbacks=[guard]).fit(small_jem(), toy_loader())
+
+
+def test_rollback_restores_snapshot_resets_buffer_lowers_lr_and_goes_on(tmp_path):
+    seen = {}
+
+    guard = DivergenceGuard(action="rollback", snapshot_every_n_steps=4, lr_factor=0.5)
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            weights = pl_module.classifier.net[1].weight.detach().clone()
+            if trainer.global_step == 4:
+                seen.setdefault("at_4", weights)
+            if guard.rollbacks == 1:
+                seen.setdefault("after_rollback", (weights, pl_module.buffer.samples.clone()))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    jem = small_jem()
+    tr = trainer(
+        tmp_path, max_steps=12, enable_checkpointing=True, callbacks=[Watch(), CorruptWeights([6]), guard, ckpt]
+    )
+    tr.fit(jem, toy_loader())
+    assert guard.rollbacks == 1
+    event = guard.events[0]
+    assert event["restored_step"] == 4 and "non-finite" in event["reason"]
+    assert event["lr"] == [pytest.approx(5e-3)]
+    assert tr.global_step == 12 and all_finite(jem.state_dict())
+    weights, buffer = seen["after_rollback"]
+    assert torch.equal(weights, seen["at_4"])
+    assert buffer.abs().max() <= 1.0 and torch.isfinite(buffer).all()  # re-initialised from uniform [-1, 1]
+    assert tr.callback_metrics["train/rollbacks"] == 1
+    for path in (tmp_path / "ckpt").glob("*.ckpt"):
+        assert all_finite(torch.load(path, weights_only=False)["state_dict"])
+
+
+def test_rollback_gives_up_after_max_rollbacks():
+    guard = DivergenceGuard(action="rollback", max_rollbacks=2, snapshot_every_n_steps=1)
+    with pytest.raises(DivergenceError, match=r"gave up after 2 rollback\(s\)"):
+        trainer(None, max_steps=20, callbacks=[CorruptWeights(range(2, 20)), guard]).fit(small_jem(), toy_loader())
+
+
+def test_guard_arguments():
+    with pytest.raises(ValueError, match="action must be"):
+        DivergenceGuard(action="ignore")
+    with pytest.raises(ValueError, match="lr_factor"):
+        DivergenceGuard(lr_factor=2.0)
+    with pytest.raises(TypeError, match="works with a jemkit JEM"):
+        DivergenceGuard()._configure(pl.LightningModule())
