@@ -251,6 +251,12 @@ class JEM(pl.LightningModule):
         self.buffer.update(idx, x)
         return x
 
+    def on_fit_start(self) -> None:
+        # Under DDP every rank starts from the same seed; the chains of different ranks must differ, or each rank's
+        # buffer shard would repeat the others'. Give each rank its own random stream for sampling and data noise.
+        if self.trainer.world_size > 1:
+            torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+
     # ------------------------------------------------------------------ checks
     def _prepare(self, x: Tensor, y: Tensor, stage: str) -> None:
         """Validate the first batch of every stage; size the buffer and metrics from it."""

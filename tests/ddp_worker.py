@@ -29,7 +29,7 @@ class Record(Callback):
         self.out, self.mode = out, mode
 
     def on_train_start(self, trainer, pl_module):
-        if self.mode == "resume":
+        if self.mode.startswith("resume"):
             self._dump(trainer, pl_module, "start")
 
     def on_train_end(self, trainer, pl_module):

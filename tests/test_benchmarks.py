@@ -31,7 +31,7 @@ class FixedInit(InitialDistribution):
         self.x = x
 
     def sample(self, n, shape, device=None, dtype=torch.float32, y=None):
-        return self.x[:n].to(device, dtype)
+        return self.x[:n].to(device, dtype, copy=True)  # the buffer writes into what it is given
 
 
 def digits_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +84,8 @@ def test_reference_step_trains_and_keeps_the_buffer_on_the_host():
 
 
 def test_bench_step_runs_and_prints_one_json_line(capsys, tmp_path):
-    # Small batch and chains keep this under a few seconds on 2 CPU cores; the defaults are what the README reports.
-    argv = ["--model", "small_cnn", "--iters", "2", "--warmup", "1", "--device", "cpu"]
+    # Small batch and chains, one thread: a few seconds on 2 shared CPU cores (two threads there can be 100x slower).
+    argv = ["--model", "small_cnn", "--iters", "2", "--warmup", "1", "--device", "cpu", "--threads", "1"]
     result = bench_step.main(
         [*argv, "--batch", "8", "--steps", "2", "--buffer-size", "64", "--json", str(tmp_path / "r.json")]
     )

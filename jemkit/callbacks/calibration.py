@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -114,10 +115,10 @@ class CalibrationMonitor(Callback):
         for name, value in self.last.items():
             pl_module.log(f"{prefix}/{name}", value, on_epoch=True)
         if self.save_diagram:
-            self._save(trainer, stage, bins)
+            self._save(trainer, stage, bins, run_dir(trainer))
 
     @rank_zero_only
-    def _save(self, trainer: pl.Trainer, stage: str, bins: dict[str, Tensor]) -> None:
+    def _save(self, trainer: pl.Trainer, stage: str, bins: dict[str, Tensor], log_dir: Path) -> None:
         figure = reliability_diagram(
             bins["bin_confidence"].cpu(),
             bins["bin_accuracy"].cpu(),
@@ -129,7 +130,7 @@ class CalibrationMonitor(Callback):
                 logger.experiment.add_figure(
                     f"calibration/reliability_{stage}", figure, trainer.global_step, close=False
                 )
-        path = run_dir(trainer) / self.dirname / f"reliability_{stage}_epoch={trainer.current_epoch:04d}.png"
+        path = log_dir / self.dirname / f"reliability_{stage}_epoch={trainer.current_epoch:04d}.png"
         self.last_figure_path = save_figure(figure, path)
 
     # ------------------------------------------------------------------ hooks

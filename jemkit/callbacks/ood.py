@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -142,10 +143,10 @@ class OODMonitor(Callback):
             pl_module.train(was_training)
         self.last = results
         if self.save_histograms:
-            self._save(trainer, histograms)
+            self._save(trainer, histograms, run_dir(trainer))
 
     @rank_zero_only
-    def _save(self, trainer: pl.Trainer, histograms: dict[str, dict[str, Tensor]]) -> None:
+    def _save(self, trainer: pl.Trainer, histograms: dict[str, dict[str, Tensor]], log_dir: Path) -> None:
         for score, groups in histograms.items():
             extra = {name: f"AUROC {self.last[name][score]['auroc']:.3f}" for name in self.last}
             figure = score_histogram(
@@ -154,4 +155,4 @@ class OODMonitor(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_figure(f"ood/{score}", figure, trainer.global_step, close=False)
-            save_figure(figure, run_dir(trainer) / "ood" / f"{score}_epoch={trainer.current_epoch:04d}.png")
+            save_figure(figure, log_dir / "ood" / f"{score}_epoch={trainer.current_epoch:04d}.png")

@@ -17,7 +17,10 @@ __all__ = ["SampleGrid", "run_dir"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """The run's log directory (the logger's version folder when there is one, else ``default_root_dir``)."""
+    """The run's log directory (the logger's version folder when there is one, else ``default_root_dir``).
+
+    ``trainer.log_dir`` broadcasts from rank zero: call this on every rank, never inside rank-zero-only code.
+    """
     return Path(trainer.log_dir if trainer.log_dir is not None else trainer.default_root_dir)
 
 
@@ -67,20 +70,20 @@ class SampleGrid(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._draw_and_save(trainer, pl_module, f"epoch={trainer.current_epoch:04d}")
+            self._draw_and_save(trainer, pl_module, run_dir(trainer), f"epoch={trainer.current_epoch:04d}")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw_and_save(trainer, pl_module, "final")
+        self._draw_and_save(trainer, pl_module, run_dir(trainer), "final")
 
     @rank_zero_only
-    def _draw_and_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, suffix: str) -> None:
+    def _draw_and_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: Path, suffix: str) -> None:
         buffer = getattr(pl_module, "buffer", None)
         if buffer is None or not buffer.is_initialized:
             return
         self.last_paths = save_sample_grids(
             pl_module,
-            run_dir(trainer) / self.dirname,
+            log_dir / self.dirname,
             self.num_samples,
             self.per_class,
             self.fresh_steps,

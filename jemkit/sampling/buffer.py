@@ -73,8 +73,11 @@ class ReplayBuffer(nn.Module):
         self.init = init if init is not None else UniformInit()
         self.num_classes = num_classes
         self.conditional = conditional
-        self.register_buffer("samples", torch.empty(0))
-        self.register_buffer("labels", torch.empty(0, dtype=torch.long))
+        # Plain tensors, not registered buffers: DDP broadcasts registered buffers from rank zero (at wrap time and on
+        # every forward), which would overwrite each rank's own shard. _apply / _save_to_state_dict /
+        # _load_from_state_dict below give them the behaviour of buffers otherwise (.to(device), checkpoints).
+        self.samples = torch.empty(0)
+        self.labels = torch.empty(0, dtype=torch.long)
         if input_shape is not None:
             self.initialize(input_shape)
 
@@ -182,20 +185,46 @@ class ReplayBuffer(nn.Module):
             )
         return rank * per_rank, (rank + 1) * per_rank
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    _STATE = ("samples", "labels")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ReplayBuffer:
+        super()._apply(fn, recurse)
+        self.samples, self.labels = fn(self.samples), fn(self.labels)
+        return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._STATE:
+            value = getattr(self, name)
+            destination[prefix + name] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         # A checkpoint holds every rank's shard (gathered when saving); each rank takes its own share, also when the
         # number of ranks changed. The stored shape is adopted, since it is only known once data has been seen.
+        stored = {name: state_dict.pop(prefix + name, None) for name in self._STATE}
         rank, world_size = _rank_and_world_size()
-        samples_key, labels_key = prefix + "samples", prefix + "labels"
-        if world_size > 1 and state_dict.get(samples_key, torch.empty(0)).numel() > 0:
-            lo, hi = self.shard_bounds(state_dict[samples_key].shape[0], rank, world_size)
-            state_dict[samples_key] = state_dict[samples_key][lo:hi]
-            if state_dict.get(labels_key, torch.empty(0)).numel() > 0:
-                state_dict[labels_key] = state_dict[labels_key][lo:hi]
-        for key, name in ((samples_key, "samples"), (labels_key, "labels")):
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if world_size > 1 and stored["samples"] is not None and stored["samples"].numel() > 0:
+            lo, hi = self.shard_bounds(stored["samples"].shape[0], rank, world_size)
+            stored = {k: v[lo:hi] if v is not None and v.numel() > 0 else v for k, v in stored.items()}
+        for name, value in stored.items():
+            if value is None:
+                if strict:
+                    missing_keys.append(prefix + name)
+                continue
+            current = getattr(self, name)
+            setattr(self, name, value.detach().to(device=current.device, dtype=current.dtype, copy=True))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if self.is_initialized:
             self.capacity = int(self.samples.shape[0])
 
