@@ -24,7 +24,7 @@ from jemkit.scores import SCORES
 
 __all__ = ["build_parser", "load_datamodule", "load_jem", "run"]
 
-Attack = dict[str, str | float | int]
+Attack = dict[str, int | float | str]
 
 
 def build_parser() -> ArgumentParser:
