@@ -45,6 +45,12 @@ def test_raise_names_quantity_and_step_and_writes_no_broken_checkpoint(tmp_path)
         assert all_finite(torch.load(path, weights_only=False)["state_dict"])
 
 
+def test_a_huge_learning_rate_is_stopped_with_the_exploding_quantity():
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.1), buffer_size=32, lr=1e4)
+    with pytest.raises(DivergenceError, match=r"training diverged at global step \d+: .*energy"):
+        trainer(None, max_steps=30, callbacks=[DivergenceGuard()]).fit(jem, toy_loader())
+
+
 def test_exploding_energy_is_caught_by_limits():
     guard = DivergenceGuard(max_abs_energy=1e-6)
     with pytest.raises(DivergenceError, match=r"energy_data=.* \(limit 1e-06\)"):

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from jemkit import DigitsDataModule
 from jemkit.cli import main
 from jemkit.evaluate import evaluate, format_report
 from jemkit.evaluate.command import load_datamodule, load_jem
@@ -91,6 +92,43 @@ def _toy_test(cls):
     dm = cls()
     dm.setup("test")
     return dm.test_dataset
+
+
+def test_evaluate_command_scores_user_ood_datamodules(tmp_path):
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--ckpt",
+        str(CKPT),
+        "--out",
+        str(out),
+        "--ood",
+        "[]",
+        "--attacks",
+        "[]",
+        "--progress",
+        "false",
+        "--ood_data",
+        '[{"class_path": "tests.test_evaluate.ShiftedDigits"}]',
+        "--samples_per_class",
+        "0",
+        "--scores",
+        "[logpx]",
+        "--max_samples",
+        "64",
+    ]
+    main(args)
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["ood"]) == ["ShiftedDigits"] and 0 <= report["ood"]["ShiftedDigits"]["logpx"]["auroc"] <= 1
+
+
+class ShiftedDigits(DigitsDataModule):
+    """Digits moved by 3 pixels: a user-defined OOD set."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        x, y = self.test_dataset.tensors
+        self.test_dataset = torch.utils.data.TensorDataset(torch.roll(x, 3, dims=-1), y)
 
 
 def test_evaluate_command_errors(tmp_path):

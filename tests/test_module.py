@@ -192,12 +192,14 @@ def test_checkpoint_carries_buffer_and_resume_restores_it_exactly(tmp_path):
             seen["buffer"] = pl_module.buffer.samples.clone()
             seen["weight"] = pl_module.classifier.net[1].weight.detach().clone()
             seen["step"] = trainer.global_step
+            seen["adam"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
 
     resumed = JEM(TinyMLP(), sampler=SGLD(n_steps=2), buffer_size=40)
     trainer(tmp_path, max_steps=5, callbacks=[Snapshot()]).fit(resumed, toy_loader(), ckpt_path=tmp_path / "last.ckpt")
     assert torch.equal(seen["buffer"], saved["state_dict"]["buffer.samples"])
     assert torch.equal(seen["weight"], saved["state_dict"]["classifier.net.1.weight"])
     assert seen["step"] == 3
+    assert torch.equal(seen["adam"], saved["optimizer_states"][0]["state"][0]["exp_avg"])
 
     loaded = JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP())
     assert torch.equal(loaded.buffer.samples, saved["state_dict"]["buffer.samples"])

@@ -40,6 +40,12 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--out", type=str, default="eval", help="output folder for report.json and figures")
     parser.add_argument("--ood", type=list[str], default=list(OOD_SETS), help="built-in OOD sets")
+    parser.add_argument(
+        "--ood_data",
+        type=list[LightningDataModule] | None,
+        default=None,
+        help="more OOD sets: datamodules whose test split is scored (class_path/init_args)",
+    )
     parser.add_argument("--scores", type=list[str], default=list(SCORES), help="OOD scores")
     parser.add_argument(
         "--attacks",
@@ -96,11 +102,16 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     jem = load_jem(cfg.ckpt, device)
     datamodule = load_datamodule(cfg.ckpt, init.get("data"))
+    ood_datasets = {}
+    for ood_module in init.get("ood_data") or []:
+        ood_module.setup("test")
+        ood_datasets[type(ood_module).__name__] = ood_module.test_dataset
     report = evaluate(
         jem,
         datamodule,
         cfg.out,
         ood=cfg.ood,
+        ood_datasets=ood_datasets,
         scores=cfg.scores,
         attacks=cfg.attacks,
         defense_steps=cfg.defense_steps,

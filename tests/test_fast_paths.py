@@ -1,0 +1,106 @@
+"""The optimised paths (torch.compile, bf16 autocast, channels-last) give the same energies and sampler statistics."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from jemkit import JEM, SGLD
+from jemkit.models import SmallCNN
+from tests.test_module import toy_loader
+
+
+class QuadraticFeatures(nn.Module):
+    """Linear logits on [x, x^2]: logits_c = -|x - mu_c|^2 / (2 s^2) + const, computed by nn.Linear (autocast-able)."""
+
+    def __init__(self, means: torch.Tensor, std: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        with torch.no_grad():
+            w = torch.cat([means / std**2, -0.5 * torch.ones_like(means) / std**2], 1)
+            self.linear.weight.copy_(w)
+            self.linear.bias.copy_(-0.5 * (means**2).sum(1) / std**2)
+
+    def forward(self, x):
+        return self.linear(torch.cat([x, x**2], 1))
+
+
+def conditional_samples(jem):
+    jem.buffer.initialize((2,))
+    y = torch.tensor([0, 1]).repeat(2000)
+    return jem.sample(len(y), y=y, from_buffer=False), y
+
+
+def test_bf16_autocast_keeps_sampler_statistics():
+    means = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
+    jem = JEM(
+        QuadraticFeatures(means, 0.1),
+        input_shape=(2,),
+        buffer_size=100,
+        sampler=SGLD.from_temperature(n_steps=300, step_size=2e-4),
+    )
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert jem(torch.zeros(2, 2)).dtype == torch.bfloat16  # autocast really is on inside the model
+        x, y = conditional_samples(jem)
+    for c in (0, 1):
+        torch.testing.assert_close(x[y == c].mean(0), means[c], atol=0.02, rtol=0)
+        torch.testing.assert_close(x[y == c].std(0), torch.tensor([0.1, 0.1]), rtol=0.12, atol=0)
+
+
+def test_bf16_mixed_trainer_trains_and_matches_fp32_energies(tmp_path):
+    jem = JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2), buffer_size=32)
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    fp32 = jem.energy(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = jem.energy(x).detach().float()
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.02)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(16) % 10), batch_size=8)
+    trainer = pl.Trainer(
+        precision="bf16-mixed",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(jem, loader)
+    assert jem.buffer.samples.dtype == torch.float32 and torch.isfinite(jem.buffer.samples).all()
+
+
+def test_channels_last_gives_the_same_energies_and_trains(tmp_path):
+    torch.manual_seed(0)
+    plain = JEM(SmallCNN(width=8))
+    fast = JEM(SmallCNN(width=8), channels_last=True)
+    fast.classifier.load_state_dict(plain.classifier.state_dict())
+    fast.setup("fit")
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(fast.energy(x), plain.energy(x), atol=1e-5, rtol=1e-5)
+    assert fast.classifier.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow
+def test_compiled_energy_matches_eager_energy_and_samples(tmp_path):
+    from tests.conftest import TinyMLP
+
+    eager = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, sampler=SGLD(n_steps=5, step_size=0.1, noise_std=0.01))
+    compiled = JEM(
+        TinyMLP(),
+        input_shape=(2,),
+        buffer_size=64,
+        compile=True,
+        sampler=SGLD(n_steps=5, step_size=0.1, noise_std=0.01),
+    )
+    compiled.classifier.load_state_dict(eager.classifier.state_dict())
+    x0 = torch.rand(32, 2) * 2 - 1
+    torch.testing.assert_close(compiled._energy_fn(None)(x0), eager.energy(x0), atol=1e-5, rtol=1e-5)
+    for jem in (eager, compiled):
+        jem.buffer.initialize((2,))
+    torch.manual_seed(1)
+    a = eager._refine(x0.clone())
+    torch.manual_seed(1)
+    b = compiled._refine(x0.clone())
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+    ).fit(compiled, toy_loader())
