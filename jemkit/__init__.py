@@ -6,6 +6,8 @@ Public API: everything in ``__all__``; other names may change between releases.
 __version__ = "0.1.0"
 
 from jemkit.adapters import select_logits
+from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
+from jemkit.checkpoint import AtomicCheckpointIO
 from jemkit.data import DigitsDataModule, GaussianMixtureDataModule
 from jemkit.energy import energy_matrix, joint_energy, log_px, log_py_given_x, marginal_energy
 from jemkit.module import JEM, DivergenceError
@@ -13,6 +15,11 @@ from jemkit.sampling import MALA, SGLD, GaussianInit, ReplayBuffer, UniformInit
 
 __all__ = [
     "JEM",
+    "AtomicCheckpointIO",
+    "CalibrationMonitor",
+    "DivergenceGuard",
+    "OODMonitor",
+    "SampleGrid",
     "MALA",
     "SGLD",
     "DigitsDataModule",
