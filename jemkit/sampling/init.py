@@ -8,6 +8,7 @@ data ("informative" initialisation), which shortens the chains needed. Both are 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,7 +17,16 @@ __all__ = ["GaussianInit", "InitialDistribution", "UniformInit"]
 
 
 class InitialDistribution:
-    """Interface: draw ``n`` samples of ``shape`` (optionally conditioned on labels ``y [n]``)."""
+    """Interface: draw ``n`` samples of ``shape`` inside ``[low, high]`` (optionally conditioned on labels ``y [n]``).
+
+    Subclasses implement ``_sample(n, shape, device, dtype, y)``.
+    """
+
+    def __init__(self, low: float = -1.0, high: float = 1.0) -> None:
+        if not high > low:
+            raise ValueError(f"{type(self).__name__} needs low < high, got low={low!r}, high={high!r}")
+        self.low = float(low)
+        self.high = float(high)
 
     def sample(
         self,
@@ -26,7 +36,14 @@ class InitialDistribution:
         dtype: torch.dtype = torch.float32,
         y: Tensor | None = None,
     ) -> Tensor:
+        """``[n, *shape]`` samples on ``device``."""
+        return self._sample(n, tuple(int(s) for s in shape), device, dtype, y)
+
+    def _sample(self, n: int, shape: tuple[int, ...], device: Any, dtype: torch.dtype, y: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(low={self.low}, high={self.high})"
 
 
 class UniformInit(InitialDistribution):
@@ -42,25 +59,9 @@ class UniformInit(InitialDistribution):
         torch.Size([4, 1, 8, 8])
     """
 
-    def __init__(self, low: float = -1.0, high: float = 1.0) -> None:
-        if not high > low:
-            raise ValueError(f"UniformInit needs low < high, got low={low!r}, high={high!r}")
-        self.low = float(low)
-        self.high = float(high)
-
-    def sample(
-        self,
-        n: int,
-        shape: Sequence[int],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        y: Tensor | None = None,
-    ) -> Tensor:
+    def _sample(self, n: int, shape: tuple[int, ...], device: Any, dtype: torch.dtype, y: Tensor | None) -> Tensor:
         u = torch.rand((n, *shape), device=device, dtype=dtype)
         return u * (self.high - self.low) + self.low
-
-    def __repr__(self) -> str:
-        return f"UniformInit(low={self.low}, high={self.high})"
 
 
 class GaussianInit(InitialDistribution):
@@ -75,10 +76,7 @@ class GaussianInit(InitialDistribution):
     """
 
     def __init__(self, low: float = -1.0, high: float = 1.0) -> None:
-        if not high > low:
-            raise ValueError(f"GaussianInit needs low < high, got low={low!r}, high={high!r}")
-        self.low = float(low)
-        self.high = float(high)
+        super().__init__(low, high)
         self.means: Tensor | None = None  # [C, *shape]
         self.stds: Tensor | None = None  # [C, *shape]
         self.class_probs: Tensor | None = None  # [C]
@@ -103,14 +101,7 @@ class GaussianInit(InitialDistribution):
         self.class_probs = counts / counts.sum()
         return self
 
-    def sample(
-        self,
-        n: int,
-        shape: Sequence[int],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        y: Tensor | None = None,
-    ) -> Tensor:
+    def _sample(self, n: int, shape: tuple[int, ...], device: Any, dtype: torch.dtype, y: Tensor | None) -> Tensor:
         noise = torch.randn((n, *shape), device=device, dtype=dtype)
         if self.means is None:
             return noise.clamp(self.low, self.high)
