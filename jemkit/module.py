@@ -292,7 +292,7 @@ class JEM(pl.LightningModule):
             raise ValueError(f"expected labels of shape [{x.shape[0]}], got {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise TypeError(f"expected integer class labels, got dtype {y.dtype}")
-        with torch.no_grad(), sampling_context(self.classifier, "train"):
+        with torch.no_grad(), sampling_context(self.classifier, "eval"):  # a probe: touches no statistics
             logits = self(x[:2])
         check_logits(logits)
         num_classes = int(logits.shape[1])

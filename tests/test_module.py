@@ -335,3 +335,9 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=DictOutput(), output_key="logits")
     with pytest.raises(ValueError, match="weights do not fit this JEM's classifier"):
         JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP(hidden=7))
+
+
+def test_batch_of_one_with_batchnorm_passes_the_first_batch_checks(tmp_path):
+    jem = JEM(TinyMLP(batchnorm=True), sampler=SGLD(n_steps=1), buffer_size=10, px_weight=0.0)
+    jem._prepare(torch.randn(1, 2), torch.zeros(1, dtype=torch.long), "val")
+    assert jem.num_classes == 3 and jem.buffer.input_shape == (2,)
