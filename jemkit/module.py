@@ -156,6 +156,7 @@ class JEM(pl.LightningModule):
         self.compile = compile
         self.channels_last = channels_last
         self._compiled_energy: Callable[..., Tensor] | None = None
+        self._share_forward: bool | None = None
         self.calibration_bins = calibration_bins
         self.buffer = ReplayBuffer(
             capacity=buffer_size,
@@ -377,9 +378,12 @@ class JEM(pl.LightningModule):
 
     def _can_share_forward(self) -> bool:
         """One forward over data and samples is exact only if the classifier treats each sample independently."""
-        if self.sampling_mode == "eval":
-            return not is_mode_sensitive(self.classifier)
-        return not has_batchnorm(self.classifier)
+        if self._share_forward is None:  # the classifier's layers do not change: decide once
+            if self.sampling_mode == "eval":
+                self._share_forward = not is_mode_sensitive(self.classifier)
+            else:
+                self._share_forward = not has_batchnorm(self.classifier)
+        return self._share_forward
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y = self._unpack(batch)
