@@ -367,6 +367,24 @@ class JEM(pl.LightningModule):
             )
         self.divergence_reason = reason  # a DivergenceGuard rolls back after this (skipped) step
 
+    def _skipped_step_loss(self) -> Tensor | None:
+        """The step's return value once every rank agreed to skip it.
+
+        One process: ``None`` (Lightning skips backward and the optimiser). Under DDP Lightning does not allow
+        ``None``; a zero-gradient loss touching every parameter keeps DDP's reducer in step, and
+        :meth:`on_before_optimizer_step` drops the gradients so that the optimiser does not move.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        params = [p for p in self.classifier.parameters() if p.requires_grad]
+        return torch.stack([(p * 0.0).sum() for p in params]).sum()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.divergence_reason is not None:  # a skipped step: no update, and Adam's moments stay as they were
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
     # ------------------------------------------------------------------ steps
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
@@ -433,7 +451,7 @@ class JEM(pl.LightningModule):
             reason = self._divergence({k.removeprefix("train/"): v for k, v in logs.items()})
             if reason is not None:
                 self._handle_divergence(reason)
-                return None  # skip the optimiser step (every rank agreed)
+                return self._skipped_step_loss()
 
         # 4. Log (tensors only: Lightning reduces them without a per-step host sync).
         logs["train/acc"] = (logits_data.argmax(1) == y).float().mean()

@@ -2,6 +2,7 @@
 
     python tests/ddp_worker.py fit    OUT_DIR DEVICES MAX_STEPS
     python tests/ddp_worker.py resume OUT_DIR DEVICES MAX_STEPS
+    python tests/ddp_worker.py diverge OUT_DIR DEVICES MAX_STEPS   (rank 1 alone blows up at step 3)
 
 Lightning relaunches this script once per extra rank. Each rank writes what the test checks to
 ``OUT_DIR/<mode>_rank<r>.pt``.
@@ -24,6 +25,19 @@ from jemkit.checkpoint import AtomicCheckpointIO
 from tests.conftest import TinyMLP
 
 
+class CorruptOnRankOne(Callback):
+    """Makes rank 1 alone diverge at one step: the ranks must agree to skip it and roll back together."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == self.step and not getattr(self, "done", False):
+            self.done = True
+            with torch.no_grad():
+                pl_module.classifier.net[-1].weight[0, 0] = float("inf")
+
+
 class Record(Callback):
     def __init__(self, out: Path, mode: str) -> None:
         self.out, self.mode = out, mode
@@ -36,8 +50,10 @@ class Record(Callback):
         self._dump(trainer, pl_module, "end")
 
     def _dump(self, trainer, pl_module, when):
+        guard = next(c for c in trainer.callbacks if isinstance(c, DivergenceGuard))
         torch.save(
             {
+                "rollbacks": guard.rollbacks,
                 "buffer": pl_module.buffer.samples.cpu(),
                 "step": trainer.global_step,
                 "world_size": trainer.world_size,
@@ -75,6 +91,7 @@ def main(mode: str, out: str, devices: int, max_steps: int) -> None:
             SampleGrid(num_samples=16),
             DivergenceGuard(action="rollback", snapshot_every_n_steps=2),
             Record(out_dir, f"{mode}{devices}"),
+            *([CorruptOnRankOne(step=3)] if mode == "diverge" else []),
         ],
     )
     ckpt_path = out_dir / "ckpt" / "last.ckpt" if mode == "resume" else None

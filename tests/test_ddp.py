@@ -55,3 +55,11 @@ def test_ddp_training_checkpoint_and_resume_on_one_and_two_ranks(tmp_path):
     for r in (0, 1):
         start = torch.load(tmp_path / f"resume2_start_rank{r}.pt")
         assert start["step"] == 6 and torch.equal(start["buffer"], full[20 * r : 20 * (r + 1)])
+
+
+def test_ddp_ranks_agree_to_roll_back_when_one_rank_diverges(tmp_path):
+    run("diverge", tmp_path, 2, 6)
+    ranks = [torch.load(tmp_path / f"diverge2_end_rank{r}.pt") for r in (0, 1)]
+    assert [r["rollbacks"] for r in ranks] == [1, 1]
+    assert all(r["step"] == 6 and r["buffer"].shape == (20, 2) for r in ranks)
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"]) and torch.isfinite(ranks[0]["weight"]).all()

@@ -44,7 +44,8 @@ class DivergenceGuard(Callback):
     Actions:
         - ``"raise"``: stop with :class:`~jemkit.DivergenceError` naming the quantity and the step.
         - ``"rollback"``: restore the weights, optimiser and scheduler state of the last snapshot (taken every
-          ``snapshot_every_n_steps`` healthy steps, kept in host memory), re-initialise the replay buffer, multiply
+          ``snapshot_every_n_steps`` healthy steps, kept in host memory), re-initialise the replay buffer (its shard,
+          under DDP), multiply
           every learning rate by ``lr_factor``, log ``train/rollbacks``, and go on; after ``max_rollbacks``
           rollbacks, raise.
 
@@ -120,7 +121,8 @@ class DivergenceGuard(Callback):
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._snapshot = {
-            "model": _to_cpu(pl_module.state_dict()),
+            # the replay buffer is re-initialised on rollback, so it is not copied (under DDP it is this rank's shard)
+            "model": _to_cpu({k: v for k, v in pl_module.state_dict().items() if not k.startswith("buffer.")}),
             "optimizers": [_to_cpu(opt.state_dict()) for opt in trainer.optimizers],
             "schedulers": [_to_cpu(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
             "step": trainer.global_step,
@@ -131,7 +133,7 @@ class DivergenceGuard(Callback):
         if self.rollbacks > self.max_rollbacks or self._snapshot is None:
             raise DivergenceError(f"{reason}; gave up after {self.rollbacks - 1} rollback(s)")
         snapshot = self._snapshot
-        pl_module.load_state_dict(snapshot["model"])
+        pl_module.load_state_dict(snapshot["model"], strict=False)
         for opt, state in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
             opt.load_state_dict(state)
         for cfg, state in zip(trainer.lr_scheduler_configs, snapshot["schedulers"], strict=True):
