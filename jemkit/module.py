@@ -82,6 +82,8 @@ class JEM(pl.LightningModule):
             its input-gradient backward: the bulk of a JEM step). Opt-in: compiling takes a while the first time.
         channels_last: run 4-D inputs and the classifier in channels-last memory format (faster convolutions on
             recent GPUs with mixed precision).
+        init_fit_batches: training batches used to fit an initial distribution that learns from data
+            (``init=GaussianInit()``, the informative initialisation of JEM++) when training starts.
 
     Example::
 
@@ -115,6 +117,7 @@ class JEM(pl.LightningModule):
         calibration_bins: int = 15,
         compile: bool = False,
         channels_last: bool = False,
+        init_fit_batches: int = 50,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
@@ -155,6 +158,7 @@ class JEM(pl.LightningModule):
         self.check_finite = check_finite
         self.compile = compile
         self.channels_last = channels_last
+        self.init_fit_batches = init_fit_batches
         self._compiled_energy: Callable[..., Tensor] | None = None
         self._share_forward: bool | None = None
         self.calibration_bins = calibration_bins
@@ -270,6 +274,23 @@ class JEM(pl.LightningModule):
         x = self._refine(x0, y)
         self.buffer.update(idx, x)
         return x
+
+    def on_train_start(self) -> None:
+        # An initial distribution fitted to data (GaussianInit, JEM++'s informative init) is fitted once, before the
+        # first chains start, on up to `init_fit_batches` training batches; a resumed run keeps its fitted state.
+        init = self.buffer.init
+        if hasattr(init, "fit") and not getattr(init, "is_fitted", True):
+            xs, ys = [], []
+            for i, batch in enumerate(self.trainer.train_dataloader):
+                if i >= self.init_fit_batches:
+                    break
+                x, y = self._unpack(batch)
+                xs.append(x.to(self.device))
+                ys.append(y.to(self.device))
+            if xs:
+                y_all = torch.cat(ys)
+                num_classes = self.num_classes or int(y_all.max()) + 1
+                init.fit(torch.cat(xs), y_all, num_classes)
 
     def on_fit_start(self) -> None:
         # Under DDP every rank starts from the same seed; the chains of different ranks must differ, or each rank's

@@ -197,6 +197,8 @@ class ReplayBuffer(nn.Module):
         for name in self._STATE:
             value = getattr(self, name)
             destination[prefix + name] = value if keep_vars else value.detach()
+        for key, value in getattr(self.init, "state_dict", dict)().items():  # e.g. a fitted GaussianInit
+            destination[f"{prefix}init.{key}"] = value.detach()
 
     def _load_from_state_dict(
         self,
@@ -211,6 +213,11 @@ class ReplayBuffer(nn.Module):
         # A checkpoint holds every rank's shard (gathered when saving); each rank takes its own share, also when the
         # number of ranks changed. The stored shape is adopted, since it is only known once data has been seen.
         stored = {name: state_dict.pop(prefix + name, None) for name in self._STATE}
+        init_state = {
+            k[len(prefix) + 5 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + "init.")
+        }
+        if init_state and hasattr(self.init, "load_state_dict"):
+            self.init.load_state_dict(init_state)
         rank, world_size = _rank_and_world_size()
         if world_size > 1 and stored["samples"] is not None and stored["samples"].numel() > 0:
             lo, hi = self.shard_bounds(stored["samples"].shape[0], rank, world_size)

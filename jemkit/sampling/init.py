@@ -101,6 +101,20 @@ class GaussianInit(InitialDistribution):
         self.class_probs = counts / counts.sum()
         return self
 
+    @property
+    def is_fitted(self) -> bool:
+        return self.means is not None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The fitted statistics (empty before :meth:`fit`), so that checkpoints carry them."""
+        if self.means is None:
+            return {}
+        return {"means": self.means, "stds": self.stds, "class_probs": self.class_probs}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            self.means, self.stds, self.class_probs = state["means"], state["stds"], state["class_probs"]
+
     def _sample(self, n: int, shape: tuple[int, ...], device: Any, dtype: torch.dtype, y: Tensor | None) -> Tensor:
         noise = torch.randn((n, *shape), device=device, dtype=dtype)
         if self.means is None:
