@@ -21,6 +21,7 @@ __all__ = [
     "is_mode_sensitive",
     "sampling_context",
     "select_logits",
+    "unpack_batch",
 ]
 
 SamplingMode = Literal["eval", "train"]
@@ -54,6 +55,16 @@ def select_logits(output: Any, output_key: OutputKey = None) -> Tensor:
             f"expected the classifier to return a Tensor of logits [B, C], got {type(logits).__name__}{hint}"
         )
     return logits
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(inputs, labels)`` of a labelled batch: a ``(x, y, ...)`` tuple/list or a dict with ``x``/``image`` and
+    ``y``/``label`` keys."""
+    if isinstance(batch, dict):
+        return batch["x"] if "x" in batch else batch["image"], batch["y"] if "y" in batch else batch["label"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"expected batches of (inputs, labels), got {type(batch).__name__}")
 
 
 def has_batchnorm(module: nn.Module) -> bool:

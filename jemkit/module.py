@@ -36,6 +36,7 @@ from jemkit.adapters import (
     is_mode_sensitive,
     sampling_context,
     select_logits,
+    unpack_batch,
 )
 from jemkit.energy import check_logits, joint_energy, marginal_energy
 from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
@@ -159,6 +160,7 @@ class JEM(pl.LightningModule):
         self.compile = compile
         self.channels_last = channels_last
         self.init_fit_batches = init_fit_batches
+        self.buffer_size = buffer_size  # across all ranks; each DDP rank keeps a shard
         self._compiled_energy: Callable[..., Tensor] | None = None
         self._share_forward: bool | None = None
         self.calibration_bins = calibration_bins
@@ -237,8 +239,11 @@ class JEM(pl.LightningModule):
 
     # ------------------------------------------------------------------ sampling
     def _refine(self, x0: Tensor, y: Tensor | None = None, n_steps: int | None = None) -> Tensor:
-        with sampling_context(self.classifier, self.sampling_mode):
-            return self.sampler.sample(self._energy_fn(y), x0, n_steps=n_steps)
+        """Run the sampler from ``x0``; works in training and inside validation/inference mode alike."""
+        with torch.inference_mode(False), torch.enable_grad(), sampling_context(self.classifier, self.sampling_mode):
+            if y is not None:
+                y = y.clone()  # an inference-mode tensor cannot be saved for backward
+            return self.sampler.sample(self._energy_fn(y), x0, n_steps=n_steps).detach()
 
     def sample(
         self,
@@ -254,19 +259,17 @@ class JEM(pl.LightningModule):
         """
         if not self.buffer.is_initialized:
             raise RuntimeError("the JEM has not seen data yet: train it, load a checkpoint, or pass input_shape=")
-        with torch.inference_mode(False), torch.enable_grad():
-            if y is not None:
-                y = y.to(self.device).long().clone()
-            if from_buffer and (y is None or self.buffer.conditional):
-                x0, _ = self.buffer.sample(n, y)
-            else:
-                x0 = self.buffer.init.sample(n, self.buffer.input_shape, device=self.device, y=y)
-            return self._refine(x0.clone(), y, n_steps).detach()
+        if y is not None:
+            y = y.to(self.device).long()
+        if from_buffer and (y is None or self.buffer.conditional):
+            x0, _ = self.buffer.sample(n, y)
+        else:
+            x0 = self.buffer.init.sample(n, self.buffer.input_shape, device=self.device, y=y)
+        return self._refine(x0, y, n_steps)
 
     def purify(self, x: Tensor, n_steps: int) -> Tensor:
         """JEM's defence: ``n_steps`` of the sampler on ``log p(x)`` started at the inputs ``x``, before classifying."""
-        with torch.inference_mode(False), torch.enable_grad():
-            return self._refine(x.detach().clone(), None, n_steps).detach()
+        return self._refine(x, None, n_steps)
 
     def _draw_samples(self, batch_size: int, y: Tensor | None) -> Tensor:
         """Continue ``batch_size`` chains from the buffer, write them back, return them."""
@@ -284,7 +287,7 @@ class JEM(pl.LightningModule):
             for i, batch in enumerate(self.trainer.train_dataloader):
                 if i >= self.init_fit_batches:
                     break
-                x, y = self._unpack(batch)
+                x, y = unpack_batch(batch)
                 xs.append(x.to(self.device))
                 ys.append(y.to(self.device))
             if xs:
@@ -335,7 +338,7 @@ class JEM(pl.LightningModule):
             self._warn_if_outside_init_range(x)
         if not self.buffer.is_initialized:
             world_size = self.trainer.world_size if self._trainer is not None else 1
-            lo, hi = self.buffer.shard_bounds(self.hparams.get("buffer_size", self.buffer.capacity), 0, world_size)
+            lo, hi = self.buffer.shard_bounds(self.buffer_size, 0, world_size)
             self.buffer.initialize(shape, device=x.device, capacity=hi - lo)  # this rank's shard
         self._checked_stages.add(stage)
 
@@ -407,14 +410,6 @@ class JEM(pl.LightningModule):
                     p.grad = None
 
     # ------------------------------------------------------------------ steps
-    @staticmethod
-    def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
-        if isinstance(batch, dict):
-            return batch["x"] if "x" in batch else batch["image"], batch["y"] if "y" in batch else batch["label"]
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return batch[0], batch[1]
-        raise TypeError(f"expected batches of (inputs, labels), got {type(batch).__name__}")
-
     def _can_share_forward(self) -> bool:
         """One forward over data and samples is exact only if the classifier treats each sample independently."""
         if self._share_forward is None:  # the classifier's layers do not change: decide once
@@ -425,7 +420,7 @@ class JEM(pl.LightningModule):
         return self._share_forward
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        x, y = self._unpack(batch)
+        x, y = unpack_batch(batch)
         self._prepare(x, y, "train")
         batch_size = x.shape[0]
         x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
@@ -445,23 +440,23 @@ class JEM(pl.LightningModule):
             logits = [self(x_data)]
             with sampling_context(self.classifier, self.sampling_mode):
                 logits += [self(s) for s in samples]
-        logits_data, logits_samples = logits[0], list(logits[1:])
+        logits_data, logits_samples = logits[0].float(), [s.float() for s in logits[1:]]
 
-        # 3. Losses.
-        ce = F.cross_entropy(logits_data.float(), y)
-        e_data = marginal_energy(logits_data.float(), self.temperature)
+        # 3. Losses (in float32 whatever the autocast precision).
+        ce = F.cross_entropy(logits_data, y)
+        e_data = marginal_energy(logits_data, self.temperature)
         loss = self.ce_weight * ce
         logs = {"train/ce": ce, "train/energy_data": e_data.mean()}
         if x_q is not None:
-            e_sample = marginal_energy(logits_samples.pop(0).float(), self.temperature)
+            e_sample = marginal_energy(logits_samples.pop(0), self.temperature)
             px = contrastive_divergence_loss(e_data, e_sample)
             loss = loss + self.px_weight * px
             if self.energy_l2_weight > 0:
                 loss = loss + self.energy_l2_weight * energy_l2_regularization(e_data, e_sample)
             logs |= {"train/px": px, "train/energy_sample": e_sample.mean(), "train/energy_gap": -px}
         if x_qy is not None:
-            ej_data = joint_energy(logits_data.float(), y, self.temperature)
-            ej_sample = joint_energy(logits_samples.pop(0).float(), y_q, self.temperature)
+            ej_data = joint_energy(logits_data, y, self.temperature)
+            ej_sample = joint_energy(logits_samples.pop(0), y_q, self.temperature)
             pxy = contrastive_divergence_loss(ej_data, ej_sample)
             loss = loss + self.pxy_weight * pxy
             logs["train/pxy"] = pxy
@@ -481,7 +476,7 @@ class JEM(pl.LightningModule):
         return loss
 
     def _evaluation_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
-        x, y = self._unpack(batch)
+        x, y = unpack_batch(batch)
         self._prepare(x, y, stage)
         logits = self(x).float()
         metrics = self.val_metrics if stage == "val" else self.test_metrics

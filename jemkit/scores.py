@@ -11,14 +11,14 @@ class of AUROC/FPR95). The scores of the JEM paper (Grathwohl et al. 2020, Table
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from jemkit.energy import log_px, log_py_given_x
 
-__all__ = ["SCORES", "ood_scores"]
+__all__ = ["SCORES", "ood_scores", "score_batches"]
 
 SCORES: tuple[str, ...] = ("logpx", "msp", "max_logit", "grad_norm")
 
@@ -53,3 +53,20 @@ def ood_scores(
     if "max_logit" in scores:
         out["max_logit"] = logits.max(1).values
     return {name: out[name] for name in scores}
+
+
+def score_batches(
+    model: Callable[[Tensor], Tensor],
+    batches: Iterable,
+    scores: Sequence[str] = SCORES,
+    temperature: float = 1.0,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """:func:`ood_scores` of every input in ``batches`` (``(x, ...)`` tuples or bare ``x``), concatenated:
+    ``{name: [N]}`` float32 on ``device`` (empty tensors when there are no batches)."""
+    parts: dict[str, list[Tensor]] = {name: [] for name in scores}
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        for name, value in ood_scores(model, x.to(device), scores, temperature).items():
+            parts[name].append(value.detach().float())
+    return {name: torch.cat(v) if v else torch.empty(0, device=device) for name, v in parts.items()}

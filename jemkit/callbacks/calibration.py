@@ -14,6 +14,7 @@ from torch import Tensor
 from torchmetrics import CatMetric
 from typing_extensions import override
 
+from jemkit.adapters import unpack_batch
 from jemkit.callbacks.samples import run_dir
 from jemkit.evaluate.plots import reliability_diagram, save_figure
 from jemkit.metrics.calibration import CalibrationMetrics, ReliabilityDiagram
@@ -27,7 +28,7 @@ _PREFIX = {"validate": "val", "test": "test"}
 def batch_logits(pl_module: pl.LightningModule, outputs: Any, batch: Any) -> tuple[Tensor, Tensor]:
     """Logits and labels of an evaluation batch: from the step's outputs when it returned them (a JEM does), else
     by calling the module on the batch's inputs."""
-    x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else (batch[0], batch[1])
+    x, y = unpack_batch(batch)
     if isinstance(outputs, dict) and "logits" in outputs:
         return outputs["logits"].float(), y
     return pl_module(x).float(), y

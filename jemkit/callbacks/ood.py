@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -14,11 +13,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
+from jemkit.adapters import sampling_context
 from jemkit.callbacks.samples import run_dir
 from jemkit.data.ood import check_ood_dataset, make_ood_dataset
 from jemkit.evaluate.plots import save_figure, score_histogram
 from jemkit.metrics.ood import OODMetrics
-from jemkit.scores import SCORES, ood_scores
+from jemkit.scores import SCORES, score_batches
 
 __all__ = ["OODMonitor"]
 
@@ -100,14 +100,8 @@ class OODMonitor(Callback):
         return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, shuffle=False)
 
     def _score(self, pl_module: pl.LightningModule, loader: DataLoader) -> dict[str, Tensor]:
-        parts: dict[str, list[Tensor]] = {s: [] for s in self.scores}
         temperature = getattr(pl_module, "temperature", 1.0)
-        for batch in loader:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            for name, value in ood_scores(pl_module, x.to(pl_module.device), self.scores, temperature).items():
-                parts[name].append(value.detach().float())
-        empty = torch.empty(0, device=pl_module.device)
-        return {s: torch.cat(v) if v else empty for s, v in parts.items()}
+        return score_batches(pl_module, loader, self.scores, temperature, pl_module.device)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -119,9 +113,7 @@ class OODMonitor(Callback):
             name: make_ood_dataset(name, reference, min(len(reference), self.max_samples)) for name in self.ood_sets
         }
         sets |= self.extra_sets
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with sampling_context(pl_module, "eval"):  # every submodule's own train/eval flag comes back after
             in_scores = self._score(pl_module, self._shard(reference, trainer))
             results: dict[str, dict[str, dict[str, float]]] = {}
             histograms: dict[str, dict[str, Tensor]] = {s: {"in-distribution": in_scores[s]} for s in self.scores}
@@ -131,16 +123,14 @@ class OODMonitor(Callback):
                 results[name] = {}
                 for score in self.scores:
                     metric = OODMetrics().to(pl_module.device)
-                    for values, is_in in ((in_scores[score], True), (out_scores[score], False)):
-                        if len(values):  # a rank may hold no share of a tiny set
-                            metric.update(values, is_in)
+                    for share, is_in in ((in_scores[score], True), (out_scores[score], False)):
+                        if len(share):  # a rank may hold no share of a tiny set
+                            metric.update(share, is_in)
                     values = metric.compute()  # gathers every rank's scores
                     results[name][score] = {k: float(v) for k, v in values.items()}
                     for key, value in values.items():
                         pl_module.log(f"val/ood/{name}/{score}/{key}", value.float(), on_epoch=True)
                     histograms[score][name] = out_scores[score]
-        finally:
-            pl_module.train(was_training)
         self.last = results
         if self.save_histograms:
             self._save(trainer, histograms, run_dir(trainer))

@@ -21,16 +21,10 @@ from jemkit.data.ood import OOD_SETS, check_ood_dataset, make_ood_dataset
 from jemkit.evaluate.plots import reliability_diagram, save_figure, score_histogram
 from jemkit.evaluate.robustness import robust_accuracy
 from jemkit.evaluate.samples import save_sample_grids
-from jemkit.metrics.calibration import (
-    brier_score,
-    expected_calibration_error,
-    max_calibration_error,
-    negative_log_likelihood,
-    reliability_bins,
-)
+from jemkit.metrics.calibration import ReliabilityDiagram, brier_score, negative_log_likelihood
 from jemkit.metrics.ood import ood_metrics
 from jemkit.metrics.temperature import fit_temperature
-from jemkit.scores import SCORES, ood_scores
+from jemkit.scores import SCORES, score_batches
 
 __all__ = ["DEFAULT_ATTACKS", "evaluate", "format_report"]
 
@@ -61,25 +55,26 @@ def _logits_and_labels(jem: Any, loader: DataLoader, desc: str, progress: bool) 
 
 
 def _calibration(logits: Tensor, y: Tensor, n_bins: int) -> dict[str, Any]:
-    probs = logits.softmax(1)
-    conf, acc, counts = reliability_bins(probs, y, n_bins)
+    diagram = ReliabilityDiagram(n_bins, from_logits=True)
+    diagram.update(logits, y)
+    bins = diagram.compute()  # one binning gives ECE, MCE and the diagram
     return {
         "accuracy": (logits.argmax(1) == y).float().mean().item(),
         "nll": float(negative_log_likelihood(logits, y)),
-        "brier": float(brier_score(probs, y)),
-        "ece": float(expected_calibration_error(probs, y, n_bins)),
-        "mce": float(max_calibration_error(probs, y, n_bins)),
-        "bins": {"confidence": conf.tolist(), "accuracy": acc.tolist(), "count": counts.tolist()},
+        "brier": float(brier_score(logits.softmax(1), y)),
+        "ece": float(bins["ece"]),
+        "mce": float(bins["mce"]),
+        "bins": {
+            "confidence": bins["bin_confidence"].tolist(),
+            "accuracy": bins["bin_accuracy"].tolist(),
+            "count": bins["bin_counts"].tolist(),
+        },
     }
 
 
-def _scores(jem: Any, loader: DataLoader, names: Sequence[str], desc: str, progress: bool) -> dict[str, Tensor]:
-    parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        for name, value in ood_scores(jem, x.to(jem.device), names, jem.temperature).items():
-            parts[name].append(value.detach().float().cpu())
-    return {n: torch.cat(v) for n, v in parts.items()}
+def _reliability_figure(calibration: dict[str, Any], title: str) -> Any:
+    bins = calibration["bins"]
+    return reliability_diagram(bins["confidence"], bins["accuracy"], bins["count"], title=title)
 
 
 def evaluate(
@@ -129,10 +124,7 @@ def evaluate(
     # Calibration on the whole test split.
     logits, y = _logits_and_labels(jem, DataLoader(test_set, batch_size=batch_size), "test logits", progress)
     report["calibration"] = _calibration(logits, y, n_bins)
-    figure = reliability_diagram(
-        *(torch.tensor(report["calibration"]["bins"][k]) for k in ("confidence", "accuracy", "count")),
-        title="Reliability (test)",
-    )
+    figure = _reliability_figure(report["calibration"], "Reliability (test)")
     report["figures"]["reliability"] = str(save_figure(figure, out / "reliability.png"))
     if temperature_scaling:
         datamodule.setup("validate")
@@ -147,22 +139,23 @@ def evaluate(
                 "temperature": temperature,
                 **{k: scaled[k] for k in ("nll", "brier", "ece", "mce")},
             }
-            figure = reliability_diagram(
-                *(torch.tensor(scaled["bins"][k]) for k in ("confidence", "accuracy", "count")),
-                title=f"Reliability (test, T={temperature:.2f})",
-            )
+            figure = _reliability_figure(scaled, f"Reliability (test, T={temperature:.2f})")
             report["figures"]["reliability_scaled"] = str(save_figure(figure, out / "reliability_scaled.png"))
 
     # OOD detection: in-distribution test inputs are the positives.
+    def score_set(dataset: Dataset, desc: str) -> dict[str, Tensor]:
+        batches = tqdm(_batches(dataset, batch_size, max_samples), desc=desc, disable=not progress, leave=False)
+        return score_batches(jem, batches, scores, jem.temperature, jem.device)
+
     ood_sets = {name: make_ood_dataset(name, test_set, max_samples and min(max_samples, len(test_set))) for name in ood}
     ood_sets |= ood_datasets or {}
     if ood_sets and scores:
-        in_scores = _scores(jem, _batches(test_set, batch_size, max_samples), scores, "OOD in-dist", progress)
+        in_scores = score_set(test_set, "OOD in-dist")
         report["ood"] = {}
         by_score: dict[str, dict[str, Tensor]] = {s: {"in-distribution": in_scores[s]} for s in scores}
         for name, dataset in ood_sets.items():
             check_ood_dataset(dataset, input_shape, name)
-            out_scores = _scores(jem, _batches(dataset, batch_size, max_samples), scores, f"OOD {name}", progress)
+            out_scores = score_set(dataset, f"OOD {name}")
             report["ood"][name] = {
                 s: {k: float(v) for k, v in ood_metrics(in_scores[s], out_scores[s]).items()} for s in scores
             }

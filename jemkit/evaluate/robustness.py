@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from jemkit.adapters import sampling_context, unpack_batch
 
 __all__ = ["ATTACK_KINDS", "NORMS", "gaussian_noise_corruption", "pgd_attack", "robust_accuracy"]
 
@@ -48,19 +50,9 @@ _ATTACK_KEYS: dict[str, dict[str, Any]] = {
 }
 
 
-@contextlib.contextmanager
-def _eval_mode(model: Model) -> Iterator[None]:
-    """Put every submodule of an ``nn.Module`` in eval mode and restore each one's own flag afterwards."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
+def _eval_mode(model: Model) -> contextlib.AbstractContextManager:
+    """Eval mode for an ``nn.Module`` (each submodule's own flag restored afterwards); nothing for a plain callable."""
+    return sampling_context(model, "eval") if isinstance(model, nn.Module) else contextlib.nullcontext()
 
 
 def _check_nonnegative(name: str, value: float) -> float:
@@ -346,7 +338,7 @@ def robust_accuracy(
         for b, batch in enumerate(bar):
             if max_batches is not None and b >= max_batches:
                 break
-            x, y = batch[0], batch[1]
+            x, y = unpack_batch(batch)
             if device is not None:
                 x, y = x.to(device), y.to(device)
             for i, attack in enumerate(parsed):
