@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import resource
@@ -53,6 +52,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,26 @@ from torch.utils.module_tracker import ModuleTracker
 
 from jemkit import JEM, SGLD
 from jemkit.models import SmallCNN, WideResNet
+from jemkit.sampling.compiled import COMPILE_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: import the sibling file
 from reference_jem import ReferenceJEM
 
-CONTENDERS = ("classifier", "reference", "jemkit")
+CONTENDERS = ("classifier", "reference", "reference_amp", "jemkit")  # reference_amp: only with --precision bf16-mixed
+
+# Dense bf16 tensor-core peak in TFLOP/s by device-name fragment (vendor data sheets, without sparsity); the first
+# fragment found in torch.cuda.get_device_name() wins. --peak-tflops overrides it.
+BF16_PEAK_TFLOPS: dict[str, float] = {
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.2,
+}
 
 # name -> (constructor, input shape, default batch size)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
@@ -170,8 +185,11 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def counts_flops(self, i: int) -> bool:
+        return i >= self.warmup + self.iters
+
     def start(self, name: str, i: int) -> None:
-        if i >= self.warmup + self.iters:
+        if self.counts_flops(i):
             self._counter = flop_counter()
             self._counter.__enter__()
             return
@@ -220,6 +238,10 @@ class Interleave(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
         if i % 2 == 0:
             self._run_others(i)
+        if self.meter.counts_flops(i):
+            # The FLOP counter sees dispatched ops, not the kernels inside a compiled graph: count the same step
+            # eagerly (it is untimed), so that TFLOP/s is the work done per timed, compiled step.
+            pl_module.compile = False
         self.meter.start("jemkit", i)
 
     def on_train_batch_end(
@@ -257,7 +279,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per contender")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per contender first")
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
-    parser.add_argument("--compile", action="store_true", help="JEM(..., compile=True) if JEM accepts it")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="true",
+        choices=["true", "energy", "step"],
+        help="JEM(..., compile=...): bare --compile means True (the widest scope that works)",
+    )
+    parser.add_argument(
+        "--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead: CUDA graphs)"
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: looked up by GPU name)")
     parser.add_argument("--buffer-size", type=int, default=10_000, help="replay buffer capacity (JEM: 10,000)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument(
@@ -289,22 +321,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     y = torch.randint(0, 10, (args.batch,)).to(device)
     amp_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else None
 
+    def reference_port(amp: torch.dtype | None) -> ReferenceJEM:
+        return ReferenceJEM(
+            copy.deepcopy(model).to(device), buffer_size=args.buffer_size, n_steps=args.steps, amp_dtype=amp
+        )
+
     classifier = ClassifierStep(copy.deepcopy(model).to(device), amp_dtype=amp_dtype)
-    reference = ReferenceJEM(
-        copy.deepcopy(model).to(device), buffer_size=args.buffer_size, n_steps=args.steps, amp_dtype=amp_dtype
+    # `reference` is the original loop as written (float32); with bf16-mixed, `reference_amp` is the same loop with
+    # plain autocast, so that jemkit is compared with both.
+    ports = {"reference": reference_port(None)} | ({"reference_amp": reference_port(amp_dtype)} if amp_dtype else {})
+    compile_flag: bool | str = {"true": True, None: False}.get(args.compile, args.compile)
+    jem = JEM(
+        copy.deepcopy(model),
+        sampler=SGLD(n_steps=args.steps),
+        buffer_size=args.buffer_size,
+        compile=compile_flag,
+        compile_mode=args.compile_mode,
     )
-    jem_kwargs: dict[str, Any] = {}
-    compile_status = "off"
-    if args.compile:
-        if "compile" in inspect.signature(JEM).parameters:
-            jem_kwargs["compile"], compile_status = True, "on"
-        else:
-            compile_status = "unavailable"
-            print("--compile: unavailable, this jemkit's JEM takes no `compile` argument; jemkit runs eagerly")
-    jem = JEM(copy.deepcopy(model), sampler=SGLD(n_steps=args.steps), buffer_size=args.buffer_size, **jem_kwargs)
+    compile_status = jem._compile_scope() or "off"
 
     meter = Meter(device, args.warmup, args.iters)
-    others = {"reference": lambda: reference.step(x, y), "classifier": lambda: classifier.step(x, y)}
+    others: dict[str, Callable[[], object]] = {name: partial(port.step, x, y) for name, port in ports.items()}
+    others["classifier"] = partial(classifier.step, x, y)
     total = args.warmup + args.iters + 1  # the last iteration counts FLOPs
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -323,12 +361,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         trainer.fit(jem, DataLoader(RepeatedBatch(x, y, total), batch_size=None))
 
-    states = meter.state_mb | {
-        "classifier": state_mb(device, [classifier.model], classifier.optimizer),
-        "reference": state_mb(device, [reference.model], reference.optimizer, reference.buffer),
-    }
+    states = meter.state_mb | {"classifier": state_mb(device, [classifier.model], classifier.optimizer)}
+    for name, port in ports.items():
+        states[name] = state_mb(device, [port.model], port.optimizer, port.buffer)
+    peak_tflops = args.peak_tflops or (
+        bf16_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    )
     contenders = {}
-    for name in CONTENDERS:
+    for name in [n for n in CONTENDERS if n in meter.ms]:
         stats = _summary(meter.ms[name])
         step_peak = max(meter.step_peak_mb[name])
         flops = meter.flops.get(name)
@@ -339,7 +379,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "gflop": flops / 1e9 if flops is not None else None,
             "tflops": flops / (stats["median_ms"] / 1e3) / 1e12 if flops is not None else None,
         }
-    med = {name: contenders[name]["median_ms"] for name in CONTENDERS}
+        tflops = contenders[name]["tflops"]
+        contenders[name]["peak_fraction"] = tflops / peak_tflops if tflops is not None and peak_tflops else None
+    med = {name: c["median_ms"] for name, c in contenders.items()}
+    ratios = {
+        "jemkit/reference": med["jemkit"] / med["reference"],
+        "reference/classifier": med["reference"] / med["classifier"],
+        "jemkit/classifier": med["jemkit"] / med["classifier"],
+    }
+    if "reference_amp" in med:
+        ratios["jemkit/reference_amp"] = med["jemkit"] / med["reference_amp"]
     if device.type == "cuda":
         memory = "cuda: state = tensor bytes on the GPU; step peak = max_memory_allocated - memory_allocated before"
         hardware = torch.cuda.get_device_name(device)
@@ -358,18 +407,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "precision": args.precision,
         "compile": compile_status,
+        "compile_mode": args.compile_mode,
+        "peak_tflops": peak_tflops,
         "device": device.type,
         "hardware": hardware,
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "memory": memory,
         "contenders": contenders,
-        "ratios": {
-            "jemkit/reference": med["jemkit"] / med["reference"],
-            "reference/classifier": med["reference"] / med["classifier"],
-            "jemkit/classifier": med["jemkit"] / med["classifier"],
-        },
+        "ratios": ratios,
     }
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name``, or ``None`` when it is not in ``BF16_PEAK_TFLOPS``."""
+    return next((peak for fragment, peak in BF16_PEAK_TFLOPS.items() if fragment in device_name), None)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -378,25 +430,32 @@ def format_table(result: dict[str, Any]) -> str:
         f"JEM step: {r['model']} {tuple(r['input_shape'])}, batch {r['batch']}, {r['sgld_steps']} SGLD steps, "
         f"precision {r['precision']}, compile {r['compile']}; {r['hardware']}; torch {r['torch']}, "
         f"lightning {r['lightning']}; {r['iters']} timed iterations after {r['warmup']} warm-up",
-        f"{'contender':<11} {'median ms':>10} {'IQR ms':>9} {'x classif.':>10} {'state MB':>9} {'step peak MB':>12} "
-        f"{'GFLOP/it':>9} {'TFLOP/s':>8}",
+        f"{'contender':<13} {'median ms':>10} {'IQR ms':>9} {'x classif.':>10} {'state MB':>9} {'step peak MB':>12} "
+        f"{'peak MB':>9} {'GFLOP/it':>9} {'TFLOP/s':>8} {'% bf16 peak':>11}",
     ]
     base = r["contenders"]["classifier"]["median_ms"]
-    for name in CONTENDERS:
-        c = r["contenders"][name]
+    for name, c in r["contenders"].items():
         gflop = f"{c['gflop']:9.2f}" if c["gflop"] is not None else f"{'n/a':>9}"
         tflops = f"{c['tflops']:8.3f}" if c["tflops"] is not None else f"{'n/a':>8}"
+        fraction = f"{100 * c['peak_fraction']:10.1f}%" if c["peak_fraction"] is not None else f"{'n/a':>11}"
         lines.append(
-            f"{name:<11} {c['median_ms']:10.1f} {c['iqr_ms']:9.1f} {c['median_ms'] / base:10.1f} "
-            f"{c['state_mb']:9.1f} {c['step_peak_mb']:12.1f} {gflop} {tflops}"
+            f"{name:<13} {c['median_ms']:10.1f} {c['iqr_ms']:9.1f} {c['median_ms'] / base:10.1f} "
+            f"{c['state_mb']:9.1f} {c['step_peak_mb']:12.1f} {c['peak_mb']:9.1f} {gflop} {tflops} {fraction}"
         )
     ratios = r["ratios"]
+    speedups = ", ".join(
+        f"{other} / jemkit = {1 / ratios[f'jemkit/{other}']:.2f}x"
+        for other in ("reference", "reference_amp")
+        if f"jemkit/{other}" in ratios
+    )
     lines += [
-        f"jemkit / reference = {ratios['jemkit/reference']:.2f} (< 1: jemkit faster)   "
+        f"speed-up of jemkit: {speedups} (> 1: jemkit faster)   "
         f"reference / classifier = {ratios['reference/classifier']:.1f}   "
         f"jemkit / classifier = {ratios['jemkit/classifier']:.1f}",
         f"memory: {r['memory']}",
     ]
+    if r["peak_tflops"]:
+        lines.append(f"% bf16 peak: achieved TFLOP/s over {r['peak_tflops']:.0f} TFLOP/s (dense bf16 of this device)")
     return "\n".join(lines)
 
 

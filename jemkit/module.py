@@ -17,7 +17,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -41,6 +41,7 @@ from jemkit.adapters import (
 from jemkit.energy import check_logits, joint_energy, marginal_energy
 from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
 from jemkit.sampling import SGLD, InitialDistribution, ReplayBuffer, Sampler, UniformInit
+from jemkit.sampling.compiled import CompiledSampling, CompileScope, resolve_compile_scope
 
 __all__ = ["JEM", "DivergenceError"]
 
@@ -76,11 +77,19 @@ class JEM(pl.LightningModule):
         output_key: how to read logits from a classifier returning a tuple/dict: a key, an index or a callable.
         lr: learning rate of the default Adam optimiser (ignored when ``optimizer`` is given).
         optimizer: optimiser factory ``params -> Optimizer`` (LightningCLI: ``class_path`` in YAML).
-        lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler``, stepped every epoch.
+        lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler``, stepped every epoch
+            (``ReduceLROnPlateau`` watches ``val/nll``).
+        lr_warmup_steps: raise the learning rate linearly over this many optimiser steps before the schedule takes
+            over (JEM: 1000); an early full-size step on a young energy landscape is a common cause of divergence.
         check_finite: stop with :class:`DivergenceError` as soon as the loss or an energy is non-finite.
         calibration_bins: number of equal-width bins of the validation/test ECE.
-        compile: ``torch.compile`` the energy function used by the sampler (its forward and, through AOTAutograd,
-            its input-gradient backward: the bulk of a JEM step). Opt-in: compiling takes a while the first time.
+        compile: ``torch.compile`` the sampling loop, the bulk of a JEM step. ``"energy"`` compiles the energy
+            function (its forward and, through AOTAutograd, its input-gradient backward); ``"step"`` compiles each
+            whole sampler update (energy, input gradient, update, noise) into one graph (SGLD; not with BatchNorm
+            in ``sampling_mode="train"``); ``True`` picks ``"step"`` where it works, else ``"energy"``. Opt-in:
+            compiling takes a while the first time, and pays off on GPUs rather than CPUs.
+        compile_mode: ``torch.compile``'s ``mode``; ``"reduce-overhead"`` also captures the compiled step as a CUDA
+            graph on GPUs (one launch per step).
         channels_last: run 4-D inputs and the classifier in channels-last memory format (faster convolutions on
             recent GPUs with mixed precision).
         init_fit_batches: training batches used to fit an initial distribution that learns from data
@@ -114,9 +123,11 @@ class JEM(pl.LightningModule):
         lr: float = 1e-4,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_warmup_steps: int = 0,
         check_finite: bool = True,
         calibration_bins: int = 15,
-        compile: bool = False,
+        compile: bool | Literal["energy", "step"] = False,
+        compile_mode: str | None = None,
         channels_last: bool = False,
         init_fit_batches: int = 50,
     ) -> None:
@@ -136,6 +147,8 @@ class JEM(pl.LightningModule):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+        if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {lr_warmup_steps!r}")
         if sampling_mode not in ("eval", "train"):
             raise ValueError(f"sampling_mode must be 'eval' or 'train', got {sampling_mode!r}")
         self._save_hparams()
@@ -156,12 +169,14 @@ class JEM(pl.LightningModule):
         self.lr = lr
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.lr_warmup_steps = lr_warmup_steps
         self.check_finite = check_finite
         self.compile = compile
+        self._compiled = CompiledSampling(self.energy, compile_mode)
+        resolve_compile_scope(compile, self.sampler, classifier, sampling_mode)  # fail early on a bad combination
         self.channels_last = channels_last
         self.init_fit_batches = init_fit_batches
         self.buffer_size = buffer_size  # across all ranks; each DDP rank keeps a shard
-        self._compiled_energy: Callable[..., Tensor] | None = None
         self._share_forward: bool | None = None
         self.calibration_bins = calibration_bins
         self.buffer = ReplayBuffer(
@@ -226,12 +241,13 @@ class JEM(pl.LightningModule):
             return marginal_energy(logits, self.temperature)
         return joint_energy(logits, y, self.temperature)
 
+    def _compile_scope(self) -> CompileScope | None:
+        return resolve_compile_scope(self.compile, self.sampler, self.classifier, self.sampling_mode)
+
     def _energy_fn(self, y: Tensor | None) -> Callable[[Tensor], Tensor]:
-        if not self.compile:
-            return lambda x: self.energy(x, y)
-        if self._compiled_energy is None:
-            self._compiled_energy = torch.compile(self.energy, dynamic=False)
-        return lambda x: self._compiled_energy(x, y)
+        if self._compile_scope() == "energy":
+            return self._compiled.energy_fn(y)
+        return lambda x: self.energy(x, y)
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
@@ -243,6 +259,9 @@ class JEM(pl.LightningModule):
         with torch.inference_mode(False), torch.enable_grad(), sampling_context(self.classifier, self.sampling_mode):
             if y is not None:
                 y = y.clone()  # an inference-mode tensor cannot be saved for backward
+            if self._compile_scope() == "step":
+                step = self._compiled.step_fn(self.sampler, y)
+                return self.sampler.sample(self._energy_fn(y), x0, n_steps=n_steps, step=step).detach()
             return self.sampler.sample(self._energy_fn(y), x0, n_steps=n_steps).detach()
 
     def sample(
@@ -504,13 +523,22 @@ class JEM(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = self.classifier.parameters()
         optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=self.lr)
-        if self.lr_scheduler_factory is None:
+        schedulers: list[dict[str, Any]] = []
+        if self.lr_warmup_steps > 0:
+            # Chainable: the warm-up factor multiplies whatever the epoch schedule sets, so the two compose.
+            warmup = torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0 / self.lr_warmup_steps, total_iters=self.lr_warmup_steps
+            )
+            schedulers.append({"scheduler": warmup, "interval": "step", "name": "lr_warmup"})
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+            config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config["monitor"] = "val/nll"
+            schedulers.append(config)
+        if not schedulers:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/acc"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return [optimizer], schedulers
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from jemkit import __version__

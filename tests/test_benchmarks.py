@@ -95,7 +95,7 @@ def test_bench_step_runs_and_prints_one_json_line(capsys, tmp_path):
     assert {"model", "device", "precision", "batch", "sgld_steps", "compile", "memory", "contenders", "ratios"} <= set(
         parsed
     )
-    assert set(parsed["contenders"]) == {"classifier", "reference", "jemkit"}
+    assert set(parsed["contenders"]) == {"classifier", "reference", "jemkit"}  # no reference_amp in fp32
     for stats in parsed["contenders"].values():
         assert {
             "median_ms",
@@ -111,3 +111,27 @@ def test_bench_step_runs_and_prints_one_json_line(capsys, tmp_path):
         assert stats["median_ms"] > 0 and stats["gflop"] > 0
     assert set(parsed["ratios"]) == {"jemkit/reference", "reference/classifier", "jemkit/classifier"}
     assert parsed["compile"] == "off"
+
+
+def test_bench_step_compares_with_both_reference_precisions_and_counts_compiled_flops(capsys):
+    argv = ["--model", "small_cnn", "--iters", "1", "--warmup", "1", "--device", "cpu", "--threads", "1"]
+    eager = bench_step.main([*argv, "--batch", "8", "--steps", "2", "--buffer-size", "64", "--precision", "bf16-mixed"])
+    compiled = bench_step.main(
+        [*argv, "--batch", "8", "--steps", "2", "--buffer-size", "64", "--precision", "bf16-mixed", "--compile", "step"]
+    )
+    out = capsys.readouterr().out
+    assert "reference_amp" in out and "speed-up of jemkit: reference / jemkit" in out
+    for result in (eager, compiled):
+        assert set(result["contenders"]) == {"classifier", "reference", "reference_amp", "jemkit"}
+        assert "jemkit/reference_amp" in result["ratios"]
+        assert result["peak_tflops"] is None and result["contenders"]["jemkit"]["peak_fraction"] is None  # no GPU
+    assert (eager["compile"], compiled["compile"]) == ("off", "step")
+    # The compiled step's FLOPs are counted on the same step run eagerly: the work is the same.
+    assert compiled["contenders"]["jemkit"]["gflop"] == eager["contenders"]["jemkit"]["gflop"] > 0
+
+
+def test_bf16_peak_is_looked_up_by_gpu_name():
+    assert bench_step.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bench_step.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench_step.bf16_peak_tflops("NVIDIA H200") == 989.4
+    assert bench_step.bf16_peak_tflops("Some Unknown GPU") is None

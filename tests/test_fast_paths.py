@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from jemkit import JEM, SGLD
+from jemkit import JEM, MALA, SGLD
 from jemkit.models import SmallCNN
 from tests.test_module import toy_loader
 
@@ -80,27 +80,68 @@ def test_channels_last_gives_the_same_energies_and_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_energy_matches_eager_energy_and_samples(tmp_path):
+@pytest.mark.parametrize(
+    ("compile", "mode", "scope"),
+    [(True, None, "step"), ("energy", None, "energy"), ("step", "reduce-overhead", "step")],
+)
+def test_compiled_sampling_matches_eager_energies_and_chains(tmp_path, compile, mode, scope):
     from tests.conftest import TinyMLP
 
-    eager = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, sampler=SGLD(n_steps=5, step_size=0.1, noise_std=0.01))
-    compiled = JEM(
-        TinyMLP(),
-        input_shape=(2,),
-        buffer_size=64,
-        compile=True,
-        sampler=SGLD(n_steps=5, step_size=0.1, noise_std=0.01),
-    )
+    sampler = SGLD(n_steps=5, step_size=0.1, noise_std=0.01)
+    eager = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, sampler=sampler)
+    compiled = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, compile=compile, compile_mode=mode, sampler=sampler)
+    assert compiled._compile_scope() == scope
     compiled.classifier.load_state_dict(eager.classifier.state_dict())
     x0 = torch.rand(32, 2) * 2 - 1
     torch.testing.assert_close(compiled._energy_fn(None)(x0), eager.energy(x0), atol=1e-5, rtol=1e-5)
     for jem in (eager, compiled):
         jem.buffer.initialize((2,))
-    torch.manual_seed(1)
-    a = eager._refine(x0.clone())
-    torch.manual_seed(1)
-    b = compiled._refine(x0.clone())
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # Without noise the chains are deterministic, so eager and compiled chains must agree step for step.
+    for jem in (eager, compiled):
+        jem.sampler = SGLD(n_steps=5, step_size=0.1, noise_std=0.0)
+    y = torch.arange(32) % 3
+    for labels in (None, y):
+        a, b = eager._refine(x0.clone(), labels), compiled._refine(x0.clone(), labels)
+        assert not b.requires_grad
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert all(p.grad is None for p in compiled.parameters())  # sampling computes input gradients only
+    compiled.sampler = sampler
     pl.Trainer(
         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
     ).fit(compiled, toy_loader())
+    assert torch.isfinite(compiled.buffer.samples).all()
+
+
+@pytest.mark.slow
+def test_compiled_step_keeps_sampler_statistics_under_bf16():
+    means = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
+    jem = JEM(
+        QuadraticFeatures(means, 0.1),
+        input_shape=(2,),
+        buffer_size=100,
+        compile="step",
+        sampler=SGLD.from_temperature(n_steps=300, step_size=2e-4),
+    )
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, y = conditional_samples(jem)
+    for c in (0, 1):
+        torch.testing.assert_close(x[y == c].mean(0), means[c], atol=0.02, rtol=0)
+        torch.testing.assert_close(x[y == c].std(0), torch.tensor([0.1, 0.1]), rtol=0.12, atol=0)
+
+
+def test_compile_options_are_checked_early():
+    with pytest.raises(ValueError, match="compile must be False, True, 'energy' or 'step'"):
+        JEM(SmallCNN(width=8), compile="fast")
+    with pytest.raises(ValueError, match="compile_mode must be None or one of"):
+        JEM(SmallCNN(width=8), compile=True, compile_mode="fastest")
+    with pytest.raises(ValueError, match="MALA has none: use compile='energy'"):
+        JEM(SmallCNN(width=8), compile="step", sampler=MALA())
+    bn = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="sampling_mode='eval' or compile='energy'"):
+        JEM(bn, compile="step", sampling_mode="train")
+    # True picks the widest scope that works.
+    assert JEM(bn, compile=True, sampling_mode="train")._compile_scope() == "energy"
+    assert JEM(bn, compile=True)._compile_scope() == "step"
+    assert JEM(SmallCNN(width=8), compile=True, sampler=MALA())._compile_scope() == "energy"
+    assert JEM(SmallCNN(width=8))._compile_scope() is None

@@ -291,6 +291,8 @@ def test_divergence_stops_with_named_quantity_and_no_checkpoint(tmp_path):
         ({"temperature": 0.0}, "temperature"),
         ({"num_classes": 1}, "num_classes"),
         ({"sampling_mode": "batch"}, "sampling_mode"),
+        ({"lr_warmup_steps": -1}, "lr_warmup_steps must be an integer >= 0"),
+        ({"lr_warmup_steps": 2.5}, "lr_warmup_steps must be an integer >= 0"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -368,3 +370,37 @@ def test_informative_init_is_fitted_on_training_data_and_checkpointed(tmp_path):
         tmp_path / "last.ckpt", classifier=TinyMLP(in_features=64, num_classes=10), init=GaussianInit()
     )
     assert torch.equal(loaded.buffer.init.means, init.means)
+
+
+class RecordLR(pl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_lr_warmup_is_linear_per_step_and_composes_with_the_epoch_schedule(tmp_path):
+    from functools import partial
+
+    record = RecordLR()
+    jem = JEM(
+        TinyMLP(),
+        sampler=SGLD(n_steps=1),
+        buffer_size=32,
+        lr=0.1,
+        lr_warmup_steps=4,
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[record],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(jem, toy_loader(n=64, batch_size=16))  # 4 steps per epoch
+    # Epoch 0: 0.1 * (1/4, 7/16, 5/8, 13/16); epoch 1: warm-up done, halved by the epoch schedule.
+    expected = [0.025, 0.04375, 0.0625, 0.08125, 0.05, 0.05, 0.05, 0.05]
+    torch.testing.assert_close(torch.tensor(record.lrs), torch.tensor(expected), rtol=1e-6, atol=0)

@@ -95,15 +95,27 @@ class SGLD(Sampler):
         """The unadjusted Langevin algorithm targeting ``exp(-E / T)``: noise ``sqrt(2 * step_size * T)``."""
         return cls(n_steps, step_size, math.sqrt(2.0 * step_size * temperature), **kwargs)
 
-    def sample(self, energy_fn: EnergyFn, x0: Tensor, n_steps: int | None = None) -> Tensor:
+    def update(self, x: Tensor, grad: Tensor) -> Tensor:
+        """One step given ``dE/dx``: plain tensor arithmetic, so a compiler can fuse it into the energy's graph."""
+        x = x - self.step_size * grad.to(x.dtype)
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn_like(x)
+        if self.clip is not None:
+            x = x.clamp(*self.clip)
+        return x
+
+    def sample(
+        self,
+        energy_fn: EnergyFn,
+        x0: Tensor,
+        n_steps: int | None = None,
+        step: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """Run the chains from ``x0``. ``step`` replaces one whole update ``x -> x'`` (e.g. a compiled one that must
+        compute ``self.update(x, dE/dx)``); by default the gradient is taken with autograd here."""
         x = x0.detach().clone()
         for _ in range(self._steps(n_steps)):
-            _, grad = energy_and_grad(energy_fn, x)
-            x = x - self.step_size * grad.to(x.dtype)
-            if self.noise_std > 0:
-                x = x + self.noise_std * torch.randn_like(x)
-            if self.clip is not None:
-                x = x.clamp(*self.clip)
+            x = step(x) if step is not None else self.update(x, energy_and_grad(energy_fn, x)[1])
         return x
 
     def __repr__(self) -> str:
