@@ -289,6 +289,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead: CUDA graphs)"
     )
+    parser.add_argument("--channels-last", action="store_true", help="JEM(..., channels_last=True)")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: looked up by GPU name)")
     parser.add_argument("--buffer-size", type=int, default=10_000, help="replay buffer capacity (JEM: 10,000)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -337,6 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         buffer_size=args.buffer_size,
         compile=compile_flag,
         compile_mode=args.compile_mode,
+        channels_last=args.channels_last,
     )
     compile_status = jem._compile_scope() or "off"
 
@@ -408,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "compile": compile_status,
         "compile_mode": args.compile_mode,
+        "channels_last": args.channels_last,
         "peak_tflops": peak_tflops,
         "device": device.type,
         "hardware": hardware,
@@ -428,7 +431,8 @@ def format_table(result: dict[str, Any]) -> str:
     r = result
     lines = [
         f"JEM step: {r['model']} {tuple(r['input_shape'])}, batch {r['batch']}, {r['sgld_steps']} SGLD steps, "
-        f"precision {r['precision']}, compile {r['compile']}; {r['hardware']}; torch {r['torch']}, "
+        f"precision {r['precision']}, compile {r['compile']} (mode {r['compile_mode']}), "
+        f"channels-last {r['channels_last']}; {r['hardware']}; torch {r['torch']}, "
         f"lightning {r['lightning']}; {r['iters']} timed iterations after {r['warmup']} warm-up",
         f"{'contender':<13} {'median ms':>10} {'IQR ms':>9} {'x classif.':>10} {'state MB':>9} {'step peak MB':>12} "
         f"{'peak MB':>9} {'GFLOP/it':>9} {'TFLOP/s':>8} {'% bf16 peak':>11}",

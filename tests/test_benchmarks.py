@@ -135,3 +135,41 @@ def test_bf16_peak_is_looked_up_by_gpu_name():
     assert bench_step.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench_step.bf16_peak_tflops("NVIDIA H200") == 989.4
     assert bench_step.bf16_peak_tflops("Some Unknown GPU") is None
+
+
+def test_bench_suite_runs_a_configuration_in_its_own_process_and_tabulates_goals(tmp_path, capsys):
+    import bench_suite
+
+    small = ["--batch", "8", "--steps", "2", "--iters", "1", "--warmup", "0", "--buffer-size", "64"]
+    results = bench_suite.main(["--preset", "cpu", "--only", "bf16-eager", "--out", str(tmp_path), *small])
+    out = capsys.readouterr().out
+    assert set(results) == {"bf16-eager"} and results["bf16-eager"]["batch"] == 8  # pass-through args win
+    assert (tmp_path / "cpu-bf16-eager.json").exists() and (tmp_path / "cpu-summary.md").read_text() in out + "\n"
+    assert "| bf16-eager |" in out and "jemkit / reference at equal precision (bf16-mixed)" in out
+
+
+def test_bench_suite_goal_lines_on_gpu_results():
+    import bench_suite
+
+    def result(jem_ms, ref_ms, fraction, jem_mb, ref_mb):
+        contender = {"median_ms": 20.0, "tflops": 1.0, "peak_fraction": None, "peak_mb": 1.0}
+        return {
+            "device": "cuda",
+            "hardware": "NVIDIA H100 80GB HBM3",
+            "precision": "bf16-mixed",
+            "contenders": {
+                "classifier": contender,
+                "reference": contender | {"median_ms": ref_ms, "peak_mb": ref_mb},
+                "reference_amp": contender | {"median_ms": 190.0},
+                "jemkit": contender | {"median_ms": jem_ms, "peak_fraction": fraction, "peak_mb": jem_mb},
+            },
+        }
+
+    met = bench_suite.goals(
+        {"slow": result(100.0, 300.0, 0.3, 900.0, 1000.0), "fast": result(60.0, 300.0, 0.55, 1100.0, 1000.0)}
+    )
+    assert met[0].startswith("fastest jemkit configuration: fast (60.0 ms")
+    assert "5.00x (goal >= 4x: met)" in met[1] and "55.0% (goal >= 50%: met)" in met[2]
+    assert "jemkit 1100 MB vs reference 1000 MB (goal: no higher: NOT met)" in met[3]
+    rows = bench_suite.table({"fast": result(60.0, 300.0, 0.55, 1100.0, 1000.0)}).splitlines()
+    assert rows[2] == "| fast | 20.0 | 300.0 | 190.0 | 60.0 | 5.00x | 3.17x | 1.00 | 55.0 | 1100 / 1000 |"

@@ -87,6 +87,7 @@ def test_channels_last_gives_the_same_energies_and_trains(tmp_path):
 def test_compiled_sampling_matches_eager_energies_and_chains(tmp_path, compile, mode, scope):
     from tests.conftest import TinyMLP
 
+    torch._dynamo.reset()  # compiled code is cached per code object, across the tests of this process
     sampler = SGLD(n_steps=5, step_size=0.1, noise_std=0.01)
     eager = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, sampler=sampler)
     compiled = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, compile=compile, compile_mode=mode, sampler=sampler)
@@ -114,6 +115,7 @@ def test_compiled_sampling_matches_eager_energies_and_chains(tmp_path, compile, 
 
 @pytest.mark.slow
 def test_compiled_step_keeps_sampler_statistics_under_bf16():
+    torch._dynamo.reset()
     means = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
     jem = JEM(
         QuadraticFeatures(means, 0.1),
@@ -128,6 +130,29 @@ def test_compiled_step_keeps_sampler_statistics_under_bf16():
     for c in (0, 1):
         torch.testing.assert_close(x[y == c].mean(0), means[c], atol=0.02, rtol=0)
         torch.testing.assert_close(x[y == c].std(0), torch.tensor([0.1, 0.1]), rtol=0.12, atol=0)
+
+
+def test_compiled_step_is_one_graph_without_breaks():
+    jem = JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2, clip=(-1.0, 1.0)), compile="step")
+    step = jem._compiled.make_step(jem.sampler)
+    for y in (None, torch.arange(4)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(step)(torch.rand(4, 1, 8, 8), y)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_step_runs_eagerly_past_the_recompile_limit_instead_of_failing():
+    torch._dynamo.reset()
+    sampler = SGLD(n_steps=2, step_size=0.1, noise_std=0.0)
+    eager = JEM(SmallCNN(width=4), sampler=sampler)
+    compiled = JEM(SmallCNN(width=4), sampler=sampler, compile="step")
+    compiled.classifier.load_state_dict(eager.classifier.state_dict())
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n in (4, 6, 9):  # each new batch size would need another compilation
+            x0 = torch.rand(n, 1, 8, 8) * 2 - 1
+            torch.testing.assert_close(compiled._refine(x0), eager._refine(x0), atol=1e-4, rtol=1e-4)
 
 
 def test_compile_options_are_checked_early():

@@ -7,6 +7,7 @@ the recipe (bf16-mixed, compiled SGLD step, channels-last, warm-up, rollback gua
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from jemkit import JEM
@@ -59,6 +60,7 @@ def test_gpu_recipes_parse_and_follow_the_jem_paper(name, capsys):
 @pytest.mark.slow
 def test_cifar10_recipe_runs_end_to_end_on_fake_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the recipe writes under ./runs/cifar10
+    torch._dynamo.reset()  # compile afresh, whatever other tests of this process compiled
     main(
         [
             "fit",

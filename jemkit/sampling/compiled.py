@@ -83,8 +83,11 @@ def check_compile_mode(mode: str | None) -> str | None:
 class CompiledSampling:
     """Compiled versions of a conditional energy ``energy(x, y)`` and of a sampler step built on it.
 
-    Each compiled function is made once and reused; Dynamo recompiles only for new shapes, dtypes or autocast states
-    (``dynamic=False``: the buffer batch size is fixed in training, so static shapes give the best kernels).
+    Each compiled function is made once and reused; Dynamo recompiles only for new dtypes or autocast states, and
+    for new shapes once: the training batch gets static-shape kernels, and a second batch size (sampling a grid,
+    evaluating) makes the batch dimension dynamic (``dynamic=None``). Beyond Dynamo's recompile limit (say, many
+    models in one process) a call runs eagerly rather than failing, so ``fullgraph`` is left off; that the step
+    traces as one graph without breaks is a test of its own.
     """
 
     def __init__(self, energy: ConditionalEnergy, mode: str | None = None) -> None:
@@ -94,8 +97,8 @@ class CompiledSampling:
         self._energy: Callable[[Tensor, Tensor | None], Tensor] | None = None
         self._steps: dict[int, tuple[Sampler, Callable[[Tensor, Tensor | None], Tensor]]] = {}
 
-    def _compile(self, fn: Callable, fullgraph: bool) -> Callable:
-        return torch.compile(fn, dynamic=False, fullgraph=fullgraph, mode=self.mode)
+    def _compile(self, fn: Callable) -> Callable:
+        return torch.compile(fn, mode=self.mode)
 
     def _run(self, fn: Callable[[Tensor, Tensor | None], Tensor], x: Tensor, y: Tensor | None) -> Tensor:
         if self.uses_cuda_graphs:
@@ -106,9 +109,19 @@ class CompiledSampling:
     def energy_fn(self, y: Tensor | None) -> EnergyFn:
         """The compiled ``x -> E(x, y)``; differentiable, for samplers that take input gradients themselves."""
         if self._energy is None:
-            self._energy = self._compile(self.energy, fullgraph=False)
+            self._energy = self._compile(self.energy)
         compiled = self._energy
         return lambda x: self._run(compiled, x, y)
+
+    def make_step(self, sampler: Sampler) -> Callable[[Tensor, Tensor | None], Tensor]:
+        """The function that is compiled: ``(x, y) -> sampler.update(x, dE(x, y)/dx)``, eager until compiled."""
+        energy = self.energy
+
+        def step(x: Tensor, y: Tensor | None) -> Tensor:
+            grad = torch.func.grad(lambda z: energy(z, y).sum())(x)
+            return sampler.update(x, grad)
+
+        return step
 
     def step_fn(self, sampler: Sampler, y: Tensor | None) -> Callable[[Tensor], Tensor]:
         """The compiled ``x -> sampler.update(x, dE(x, y)/dx)``: one whole sampler step as one graph."""
@@ -116,13 +129,7 @@ class CompiledSampling:
             raise ValueError(f"{type(sampler).__name__} has no `update(x, grad)` step to compile")
         cached = self._steps.get(id(sampler))
         if cached is None or cached[0] is not sampler:
-            energy = self.energy
-
-            def step(x: Tensor, y: Tensor | None) -> Tensor:
-                grad = torch.func.grad(lambda z: energy(z, y).sum())(x)
-                return sampler.update(x, grad)
-
-            cached = self._steps[id(sampler)] = (sampler, self._compile(step, fullgraph=True))
+            cached = self._steps[id(sampler)] = (sampler, self._compile(self.make_step(sampler)))
         compiled = cached[1]
 
         def run(x: Tensor) -> Tensor:
