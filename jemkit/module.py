@@ -41,6 +41,7 @@ from jemkit.adapters import (
 from jemkit.energy import check_logits, joint_energy, marginal_energy
 from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
 from jemkit.sampling import SGLD, InitialDistribution, ReplayBuffer, Sampler, UniformInit
+from jemkit.sampling.amp import energy_for_sampling
 from jemkit.sampling.compiled import CompiledSampling, CompileScope, resolve_compile_scope
 
 __all__ = ["JEM", "DivergenceError"]
@@ -247,7 +248,7 @@ class JEM(pl.LightningModule):
     def _energy_fn(self, y: Tensor | None) -> Callable[[Tensor], Tensor]:
         if self._compile_scope() == "energy":
             return self._compiled.energy_fn(y)
-        return lambda x: self.energy(x, y)
+        return lambda x: energy_for_sampling(self.energy, x, y)
 
     def setup(self, stage: str) -> None:
         if self.channels_last:

@@ -155,6 +155,42 @@ def test_compiled_step_runs_eagerly_past_the_recompile_limit_instead_of_failing(
             torch.testing.assert_close(compiled._refine(x0), eager._refine(x0), atol=1e-4, rtol=1e-4)
 
 
+class TinyGradients(nn.Module):
+    """Input gradients of about 1e-7: a float16 backward without scaling leaves them in float16's subnormal range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.hidden(x)).float() * 1e-6)  # the product in float32: exact forward
+
+
+@pytest.mark.parametrize("compile", [False, "energy", "step"])
+def test_fp16_autocast_input_gradients_are_scaled_into_range(compile):
+    from jemkit.sampling.langevin import energy_and_grad
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    jem = JEM(TinyGradients(), input_shape=(4,), compile=compile)
+    x = torch.rand(8, 4) * 2 - 1
+    _, fp32 = energy_and_grad(lambda z: jem.energy(z), x)
+
+    def error(grad):
+        return float((grad - fp32).abs().max() / fp32.abs().max())
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert jem(x[:1]).dtype == torch.float16  # autocast really is on inside the model
+        _, unscaled = energy_and_grad(lambda z: jem.energy(z), x)
+        if compile == "step":  # the whole compiled SGLD update, read back through a large step
+            step = jem._compiled.step_fn(SGLD(n_steps=1, step_size=1e6, noise_std=0.0), None)
+            grad = (x - step(x)) / 1e6
+        else:
+            _, grad = energy_and_grad(jem._energy_fn(None), x)
+    assert error(unscaled) > 0.1  # what the scaling prevents
+    assert error(grad) < 0.01
+
+
 def test_compile_options_are_checked_early():
     with pytest.raises(ValueError, match="compile must be False, True, 'energy' or 'step'"):
         JEM(SmallCNN(width=8), compile="fast")
@@ -170,3 +206,13 @@ def test_compile_options_are_checked_early():
     assert JEM(bn, compile=True)._compile_scope() == "step"
     assert JEM(SmallCNN(width=8), compile=True, sampler=MALA())._compile_scope() == "energy"
     assert JEM(SmallCNN(width=8))._compile_scope() is None
+
+
+def test_only_fp16_autocast_scales_the_sampler_backward():
+    from jemkit.sampling.amp import FP16_SAMPLING_GRAD_SCALE, sampling_grad_scale
+
+    assert sampling_grad_scale("cpu") == 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sampling_grad_scale("cpu") == 1.0  # bfloat16 has float32's range
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert sampling_grad_scale("cpu") == FP16_SAMPLING_GRAD_SCALE

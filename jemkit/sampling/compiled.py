@@ -17,12 +17,14 @@ On the CPU these modes compile without graph capture.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from jemkit.adapters import SamplingMode, has_batchnorm
+from jemkit.sampling.amp import energy_for_sampling, sampling_grad_scale
 from jemkit.sampling.langevin import EnergyFn, Sampler
 
 __all__ = ["COMPILE_MODES", "CompileScope", "CompiledSampling", "resolve_compile_scope"]
@@ -109,7 +111,7 @@ class CompiledSampling:
     def energy_fn(self, y: Tensor | None) -> EnergyFn:
         """The compiled ``x -> E(x, y)``; differentiable, for samplers that take input gradients themselves."""
         if self._energy is None:
-            self._energy = self._compile(self.energy)
+            self._energy = self._compile(partial(energy_for_sampling, self.energy))
         compiled = self._energy
         return lambda x: self._run(compiled, x, y)
 
@@ -118,8 +120,11 @@ class CompiledSampling:
         energy = self.energy
 
         def step(x: Tensor, y: Tensor | None) -> Tensor:
-            grad = torch.func.grad(lambda z: energy(z, y).sum())(x)
-            return sampler.update(x, grad)
+            # Under float16 autocast the backward runs `scale` times larger (see jemkit.sampling.amp); the gradient
+            # arrives at the float32 input and is unscaled there, exactly.
+            scale = sampling_grad_scale(x.device.type)
+            grad = torch.func.grad(lambda z: energy(z, y).sum() * scale)(x)
+            return sampler.update(x, grad / scale if scale != 1.0 else grad)
 
         return step
 
