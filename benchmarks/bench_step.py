@@ -45,6 +45,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -77,8 +78,9 @@ from reference_jem import ReferenceJEM
 
 CONTENDERS = ("classifier", "reference", "reference_amp", "jemkit")  # reference_amp: only with --precision bf16-mixed
 
-# Dense bf16 tensor-core peak in TFLOP/s by device-name fragment (vendor data sheets, without sparsity); the first
-# fragment found in torch.cuda.get_device_name() wins. --peak-tflops overrides it.
+# Dense bf16 tensor-core peak in TFLOP/s by model name (vendor data sheets, without sparsity; RTX 4090 with float32
+# accumulation); the first name found as a whole word in torch.cuda.get_device_name() wins, so "L4" does not match
+# an L40 nor "A10" an A10G. --peak-tflops overrides it.
 BF16_PEAK_TFLOPS: dict[str, float] = {
     "H200": 989.4,
     "H100 PCIe": 756.0,
@@ -86,6 +88,7 @@ BF16_PEAK_TFLOPS: dict[str, float] = {
     "H100": 989.4,  # SXM
     "A100": 312.0,
     "L40S": 362.1,
+    "L40": 181.0,
     "L4": 121.0,
     "A10": 125.0,
     "RTX 4090": 165.2,
@@ -424,7 +427,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def bf16_peak_tflops(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU named ``device_name``, or ``None`` when it is not in ``BF16_PEAK_TFLOPS``."""
-    return next((peak for fragment, peak in BF16_PEAK_TFLOPS.items() if fragment in device_name), None)
+    return next(
+        (peak for name, peak in BF16_PEAK_TFLOPS.items() if re.search(rf"\b{re.escape(name)}\b", device_name)), None
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -66,6 +66,7 @@ PRESETS: dict[str, list[str]] = {
     ],
 }
 GOAL_SPEEDUP, GOAL_PEAK_FRACTION = 4.0, 0.5
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def run_config(preset: str, name: str, extra: Sequence[str], out: Path) -> dict[str, Any]:
@@ -134,9 +135,19 @@ def goals(results: dict[str, dict[str, Any]]) -> list[str]:
                 else f"{100 * fraction:.1f}% (goal >= {100 * GOAL_PEAK_FRACTION:.0f}%: "
                 f"{met[fraction >= GOAL_PEAK_FRACTION]})"
             ),
-            f"peak memory: jemkit {jem['peak_mb']:.0f} MB vs reference {ref['peak_mb']:.0f} MB "
-            f"(goal: no higher: {met[jem['peak_mb'] <= ref['peak_mb']]})",
         ]
+        # CUDA-graph replays allocate nothing (their memory is a private pool set aside at capture), so their step
+        # peak is not comparable: judge memory on the fastest configuration that captures no CUDA graphs.
+        plain = {k: r for k, r in results.items() if r.get("compile_mode") not in CUDA_GRAPH_MODES}
+        if plain:
+            mem_name, mem = min(plain.items(), key=lambda item: item[1]["contenders"]["jemkit"]["median_ms"])
+            mem_jem, mem_ref = mem["contenders"]["jemkit"]["peak_mb"], mem["contenders"]["reference"]["peak_mb"]
+            lines.append(
+                f"peak memory ({mem_name}): jemkit {mem_jem:.0f} MB vs reference {mem_ref:.0f} MB "
+                f"(goal: no higher: {met[mem_jem <= mem_ref]})"
+            )
+        else:
+            lines.append("peak memory: not measured (every configuration captures CUDA graphs)")
     else:
         for config, result in results.items():
             c = result["contenders"]

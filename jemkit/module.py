@@ -80,8 +80,10 @@ class JEM(pl.LightningModule):
         optimizer: optimiser factory ``params -> Optimizer`` (LightningCLI: ``class_path`` in YAML).
         lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler``, stepped every epoch
             (``ReduceLROnPlateau`` watches ``val/nll``).
-        lr_warmup_steps: raise the learning rate linearly over this many optimiser steps before the schedule takes
-            over (JEM: 1000); an early full-size step on a young energy landscape is a common cause of divergence.
+        lr_warmup_steps: scale the learning rate by ``(step + 1) / lr_warmup_steps`` over the first optimiser steps
+            (JEM: 1000); an early full-size step on a young energy landscape is a common cause of divergence. The
+            factor is applied inside each optimiser step on top of whatever the scheduler set, so it works with any
+            scheduler (``LearningRateMonitor`` shows the scheduled rate).
         check_finite: stop with :class:`DivergenceError` as soon as the loss or an energy is non-finite.
         calibration_bins: number of equal-width bins of the validation/test ECE.
         compile: ``torch.compile`` the sampling loop, the bulk of a JEM step. ``"energy"`` compiles the energy
@@ -173,8 +175,9 @@ class JEM(pl.LightningModule):
         self.lr_warmup_steps = lr_warmup_steps
         self.check_finite = check_finite
         self.compile = compile
-        self._compiled = CompiledSampling(self.energy, compile_mode)
-        resolve_compile_scope(compile, self.sampler, classifier, sampling_mode)  # fail early on a bad combination
+        self.compile_mode = compile_mode
+        self._compiled = CompiledSampling(self._input_energy, compile_mode)
+        resolve_compile_scope(compile, self.sampler, classifier, sampling_mode, compile_mode)  # fail early
         self.channels_last = channels_last
         self.init_fit_batches = init_fit_batches
         self.buffer_size = buffer_size  # across all ranks; each DDP rank keeps a shard
@@ -237,13 +240,21 @@ class JEM(pl.LightningModule):
 
     def energy(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``E(x)`` (``y=None``) or ``E(x, y)`` at the module's temperature: ``[B]``."""
-        logits = self(x)
+        return self._energy_of(self(x), y)
+
+    def _energy_of(self, logits: Tensor, y: Tensor | None) -> Tensor:
         if y is None:
             return marginal_energy(logits, self.temperature)
         return joint_energy(logits, y, self.temperature)
 
+    def _input_energy(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``E(x, y)`` differentiable with respect to ``x`` only: the weights enter detached, so that a compiled
+        backward (AOTAutograd differentiates a whole graph at once) computes no weight gradients."""
+        weights = {name: p.detach() for name, p in self.named_parameters()}
+        return self._energy_of(torch.func.functional_call(self, weights, (x,)), y)
+
     def _compile_scope(self) -> CompileScope | None:
-        return resolve_compile_scope(self.compile, self.sampler, self.classifier, self.sampling_mode)
+        return resolve_compile_scope(self.compile, self.sampler, self.classifier, self.sampling_mode, self.compile_mode)
 
     def _energy_fn(self, y: Tensor | None) -> Callable[[Tensor], Tensor]:
         if self._compile_scope() == "energy":
@@ -524,22 +535,28 @@ class JEM(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = self.classifier.parameters()
         optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=self.lr)
-        schedulers: list[dict[str, Any]] = []
-        if self.lr_warmup_steps > 0:
-            # Chainable: the warm-up factor multiplies whatever the epoch schedule sets, so the two compose.
-            warmup = torch.optim.lr_scheduler.LinearLR(
-                optimizer, start_factor=1.0 / self.lr_warmup_steps, total_iters=self.lr_warmup_steps
-            )
-            schedulers.append({"scheduler": warmup, "interval": "step", "name": "lr_warmup"})
-        if self.lr_scheduler_factory is not None:
-            scheduler = self.lr_scheduler_factory(optimizer)
-            config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                config["monitor"] = "val/nll"
-            schedulers.append(config)
-        if not schedulers:
+        if self.lr_scheduler_factory is None:
             return optimizer
-        return [optimizer], schedulers
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/nll"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # Warm-up scales the scheduled learning rate for this step only and restores it afterwards, so it composes
+        # with every scheduler, also those that set the rate outright (LambdaLR, OneCycleLR, ...).
+        factor = min(1.0, (self.trainer.global_step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        if factor == 1.0:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        scheduled = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+                group["lr"] = lr
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from jemkit import __version__

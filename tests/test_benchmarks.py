@@ -134,7 +134,10 @@ def test_bf16_peak_is_looked_up_by_gpu_name():
     assert bench_step.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert bench_step.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench_step.bf16_peak_tflops("NVIDIA H200") == 989.4
-    assert bench_step.bf16_peak_tflops("Some Unknown GPU") is None
+    assert bench_step.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench_step.bf16_peak_tflops("NVIDIA L40") == 181.0 and bench_step.bf16_peak_tflops("NVIDIA L4") == 121.0
+    for unknown in ("NVIDIA A10G", "NVIDIA RTX A1000", "Some Unknown GPU"):  # no substring matches
+        assert bench_step.bf16_peak_tflops(unknown) is None
 
 
 def test_bench_suite_runs_a_configuration_in_its_own_process_and_tabulates_goals(tmp_path, capsys):
@@ -151,10 +154,11 @@ def test_bench_suite_runs_a_configuration_in_its_own_process_and_tabulates_goals
 def test_bench_suite_goal_lines_on_gpu_results():
     import bench_suite
 
-    def result(jem_ms, ref_ms, fraction, jem_mb, ref_mb):
+    def result(jem_ms, ref_ms, fraction, jem_mb, ref_mb, mode=None):
         contender = {"median_ms": 20.0, "tflops": 1.0, "peak_fraction": None, "peak_mb": 1.0}
         return {
             "device": "cuda",
+            "compile_mode": mode,
             "hardware": "NVIDIA H100 80GB HBM3",
             "precision": "bf16-mixed",
             "contenders": {
@@ -170,6 +174,15 @@ def test_bench_suite_goal_lines_on_gpu_results():
     )
     assert met[0].startswith("fastest jemkit configuration: fast (60.0 ms")
     assert "5.00x (goal >= 4x: met)" in met[1] and "55.0% (goal >= 50%: met)" in met[2]
-    assert "jemkit 1100 MB vs reference 1000 MB (goal: no higher: NOT met)" in met[3]
+    assert "peak memory (fast): jemkit 1100 MB vs reference 1000 MB (goal: no higher: NOT met)" in met[3]
+    # a CUDA-graph configuration is fastest, but memory is judged on the fastest one without CUDA graphs
+    met = bench_suite.goals(
+        {
+            "plain": result(100.0, 300.0, 0.3, 900.0, 1000.0),
+            "graphs": result(50.0, 300.0, 0.6, 10.0, 1000.0, "reduce-overhead"),
+        }
+    )
+    assert met[0].startswith("fastest jemkit configuration: graphs")
+    assert "peak memory (plain): jemkit 900 MB vs reference 1000 MB (goal: no higher: met)" in met[3]
     rows = bench_suite.table({"fast": result(60.0, 300.0, 0.55, 1100.0, 1000.0)}).splitlines()
     assert rows[2] == "| fast | 20.0 | 300.0 | 190.0 | 60.0 | 5.00x | 3.17x | 1.00 | 55.0 | 1100 / 1000 |"

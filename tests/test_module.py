@@ -1,3 +1,5 @@
+from functools import partial
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -373,27 +375,28 @@ def test_informative_init_is_fitted_on_training_data_and_checkpointed(tmp_path):
 
 
 class RecordLR(pl.Callback):
+    """The learning rate the optimiser actually uses (read inside the optimiser step, after the warm-up factor)."""
+
     def __init__(self):
         self.lrs = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def test_lr_warmup_is_linear_per_step_and_composes_with_the_epoch_schedule(tmp_path):
-    from functools import partial
-
+@pytest.mark.parametrize(
+    ("scheduler", "epoch_lrs"),
+    [
+        (partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5), [0.1, 0.05]),
+        # LambdaLR sets the rate outright instead of chaining: the warm-up must still apply on top of it
+        (partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda epoch: 0.5**epoch), [0.1, 0.05]),
+    ],
+)
+def test_lr_warmup_is_linear_per_step_and_composes_with_any_epoch_schedule(tmp_path, scheduler, epoch_lrs):
     record = RecordLR()
-    jem = JEM(
-        TinyMLP(),
-        sampler=SGLD(n_steps=1),
-        buffer_size=32,
-        lr=0.1,
-        lr_warmup_steps=4,
-        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
-    )
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=32, lr=0.1, lr_warmup_steps=6, lr_scheduler=scheduler)
     trainer = pl.Trainer(
-        max_epochs=2,
+        max_epochs=3,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -401,6 +404,8 @@ def test_lr_warmup_is_linear_per_step_and_composes_with_the_epoch_schedule(tmp_p
         default_root_dir=tmp_path,
     )
     trainer.fit(jem, toy_loader(n=64, batch_size=16))  # 4 steps per epoch
-    # Epoch 0: 0.1 * (1/4, 7/16, 5/8, 13/16); epoch 1: warm-up done, halved by the epoch schedule.
-    expected = [0.025, 0.04375, 0.0625, 0.08125, 0.05, 0.05, 0.05, 0.05]
+    warm = [(k + 1) / 6 for k in range(6)]
+    expected = [epoch_lrs[0] * f for f in warm[:4]] + [epoch_lrs[1] * f for f in warm[4:]] + [epoch_lrs[1]] * 2
+    expected += [0.025] * 4  # epoch 2: warm-up over, the schedule alone
     torch.testing.assert_close(torch.tensor(record.lrs), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0125)  # the schedule alone, after 3 epochs

@@ -52,9 +52,14 @@ def test_gpu_recipes_parse_and_follow_the_jem_paper(name, capsys):
         0.03,
         1000,
     )
-    assert model["optimizer"]["init_args"]["lr"] == 1e-4
-    assert model["lr_scheduler"]["init_args"]["milestones"] == [160, 180]
-    assert config["trainer"]["max_epochs"] == 200 and config["data"]["init_args"]["batch_size"] == 64
+    assert classifier["init_args"]["activation"] == "leaky_relu" and classifier["init_args"]["dropout"] == 0.0
+    assert (model["px_weight"], model["pxy_weight"], model["ce_weight"]) == (1.0, 0.0, 1.0)
+    assert model["optimizer"]["class_path"] == "torch.optim.Adam" and model["optimizer"]["init_args"]["lr"] == 1e-4
+    assert model["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.MultiStepLR"
+    scheduler = model["lr_scheduler"]["init_args"]
+    assert (scheduler["milestones"], scheduler["gamma"]) == ([160, 180], 0.3)
+    assert config["trainer"]["max_epochs"] == 200
+    assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["val_size"]) == (64, 5000)
 
 
 @pytest.mark.slow
