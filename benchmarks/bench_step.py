@@ -244,7 +244,7 @@ class Interleave(Callback):
         if self.meter.counts_flops(i):
             # The FLOP counter sees dispatched ops, not the kernels inside a compiled graph: count the same step
             # eagerly (it is untimed), so that TFLOP/s is the work done per timed, compiled step.
-            pl_module.compile = False
+            pl_module.compile_sampler = False
         self.meter.start("jemkit", i)
 
     def on_train_batch_end(

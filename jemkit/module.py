@@ -174,7 +174,7 @@ class JEM(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_warmup_steps = lr_warmup_steps
         self.check_finite = check_finite
-        self.compile = compile
+        self.compile_sampler = compile  # not `self.compile`: that would shadow nn.Module.compile()
         self.compile_mode = compile_mode
         self._compiled = CompiledSampling(self._input_energy, compile_mode)
         resolve_compile_scope(compile, self.sampler, classifier, sampling_mode, compile_mode)  # fail early
@@ -254,7 +254,9 @@ class JEM(pl.LightningModule):
         return self._energy_of(torch.func.functional_call(self, weights, (x,)), y)
 
     def _compile_scope(self) -> CompileScope | None:
-        return resolve_compile_scope(self.compile, self.sampler, self.classifier, self.sampling_mode, self.compile_mode)
+        return resolve_compile_scope(
+            self.compile_sampler, self.sampler, self.classifier, self.sampling_mode, self.compile_mode
+        )
 
     def _energy_fn(self, y: Tensor | None) -> Callable[[Tensor], Tensor]:
         if self._compile_scope() == "energy":

@@ -87,6 +87,6 @@ def test_cifar10_recipe_runs_end_to_end_on_fake_data(tmp_path, monkeypatch):
     )
     ckpt = tmp_path / "runs/cifar10/checkpoints/last.ckpt"
     jem = JEM.load_from_checkpoint(ckpt)
-    assert jem.compile is True and jem._compile_scope() == "step" and jem.channels_last
+    assert jem.compile_sampler is True and jem._compile_scope() == "step" and jem.channels_last
     assert jem.buffer.samples.shape == (32, 3, 32, 32)
     assert list((tmp_path / "runs/cifar10/logs").glob("version_*/events.out.tfevents.*"))
