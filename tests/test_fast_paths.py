@@ -270,6 +270,7 @@ def test_compile_options_are_checked_early():
     assert JEM(bn, compile=True)._compile_scope() == "step"
     assert JEM(SmallCNN(width=8), compile=True, sampler=MALA())._compile_scope() == "energy"
     assert JEM(SmallCNN(width=8))._compile_scope() is None
+    assert callable(JEM(SmallCNN(width=8), compile=True).compile)  # nn.Module.compile() is not shadowed
 
 
 def test_only_fp16_autocast_scales_the_sampler_backward():
