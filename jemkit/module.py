@@ -258,8 +258,9 @@ class JEM(pl.LightningModule):
             self.compile_sampler, self.sampler, self.classifier, self.sampling_mode, self.compile_mode
         )
 
-    def _energy_fn(self, y: Tensor | None) -> Callable[[Tensor], Tensor]:
-        if self._compile_scope() == "energy":
+    def _energy_fn(self, y: Tensor | None, scope: CompileScope | None = None) -> Callable[[Tensor], Tensor]:
+        """The sampler's ``x -> E(x, y)``; ``scope`` is :meth:`_compile_scope`'s answer when the caller has it."""
+        if (scope or self._compile_scope()) == "energy":
             return self._compiled.energy_fn(y)
         return lambda x: energy_for_sampling(self.energy, x, y)
 
@@ -273,10 +274,11 @@ class JEM(pl.LightningModule):
         with torch.inference_mode(False), torch.enable_grad(), sampling_context(self.classifier, self.sampling_mode):
             if y is not None:
                 y = y.clone()  # an inference-mode tensor cannot be saved for backward
-            if self._compile_scope() == "step":
+            scope = self._compile_scope()  # resolved once per chain, not once per use
+            if scope == "step":
                 step = self._compiled.step_fn(self.sampler, y)
-                return self.sampler.sample(self._energy_fn(y), x0, n_steps=n_steps, step=step).detach()
-            return self.sampler.sample(self._energy_fn(y), x0, n_steps=n_steps).detach()
+                return self.sampler.sample(self._energy_fn(y, scope), x0, n_steps=n_steps, step=step).detach()
+            return self.sampler.sample(self._energy_fn(y, scope), x0, n_steps=n_steps).detach()
 
     def sample(
         self,
