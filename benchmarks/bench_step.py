@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
-from jemkit import JEM, SGLD
+from jemkit import JEM, SGLD, ReplayBuffer
 from jemkit.models import SmallCNN, WideResNet
 from jemkit.sampling.compiled import COMPILE_MODES
 
@@ -244,7 +244,7 @@ class Interleave(Callback):
         if self.meter.counts_flops(i):
             # The FLOP counter sees dispatched ops, not the kernels inside a compiled graph: count the same step
             # eagerly (it is untimed), so that TFLOP/s is the work done per timed, compiled step.
-            pl_module.compile_sampler = False
+            pl_module.chains.compile_mode = None
         self.meter.start("jemkit", i)
 
     def on_train_batch_end(
@@ -283,11 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per contender first")
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
     parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="true",
-        choices=["true", "energy", "step"],
-        help="JEM(..., compile=...): bare --compile means True (the widest scope that works)",
+        "--compile", action="store_true", help="JEM(..., compile=True): each SGLD step as one graph (experimental)"
     )
     parser.add_argument(
         "--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead: CUDA graphs)"
@@ -334,16 +330,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # `reference` is the original loop as written (float32); with bf16-mixed, `reference_amp` is the same loop with
     # plain autocast, so that jemkit is compared with both.
     ports = {"reference": reference_port(None)} | ({"reference_amp": reference_port(amp_dtype)} if amp_dtype else {})
-    compile_flag: bool | str = {"true": True, None: False}.get(args.compile, args.compile)
     jem = JEM(
         copy.deepcopy(model),
         sampler=SGLD(n_steps=args.steps),
-        buffer_size=args.buffer_size,
-        compile=compile_flag,
-        compile_mode=args.compile_mode,
+        buffer=ReplayBuffer(capacity=args.buffer_size),
+        compile=(args.compile_mode or True) if args.compile else False,
         channels_last=args.channels_last,
     )
-    compile_status = jem._compile_scope() or "off"
+    compile_status = "step" if jem.chains.compiled else "off"
 
     meter = Meter(device, args.warmup, args.iters)
     others: dict[str, Callable[[], object]] = {name: partial(port.step, x, y) for name, port in ports.items()}

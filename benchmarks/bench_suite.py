@@ -30,13 +30,12 @@ CONFIGS: dict[str, dict[str, list[str]]] = {
         "fp32-eager": ["--precision", "32"],
         "bf16-eager": ["--precision", "bf16-mixed"],
         "bf16-eager-cl": ["--precision", "bf16-mixed", "--channels-last"],
-        "bf16-step": ["--precision", "bf16-mixed", "--compile", "step"],
-        "bf16-step-cl": ["--precision", "bf16-mixed", "--compile", "step", "--channels-last"],
+        "bf16-step": ["--precision", "bf16-mixed", "--compile"],
+        "bf16-step-cl": ["--precision", "bf16-mixed", "--compile", "--channels-last"],
         "bf16-step-cudagraph-cl": [
             "--precision",
             "bf16-mixed",
             "--compile",
-            "step",
             "--compile-mode",
             "reduce-overhead",
             "--channels-last",
@@ -44,7 +43,7 @@ CONFIGS: dict[str, dict[str, list[str]]] = {
     },
     "cpu": {
         "fp32-eager": ["--precision", "32"],
-        "fp32-step": ["--precision", "32", "--compile", "step"],
+        "fp32-step": ["--precision", "32", "--compile"],
         "bf16-eager": ["--precision", "bf16-mixed"],
     },
 }

@@ -9,14 +9,16 @@ from jemkit.adapters import select_logits
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
 from jemkit.checkpoint import AtomicCheckpointIO
 from jemkit.data import DigitsDataModule, GaussianMixtureDataModule
+from jemkit.divergence import DivergenceError
 from jemkit.energy import energy_matrix, joint_energy, log_px, log_py_given_x, marginal_energy
-from jemkit.module import JEM, DivergenceError
-from jemkit.sampling import MALA, SGLD, GaussianInit, ReplayBuffer, UniformInit
+from jemkit.module import JEM
+from jemkit.sampling import MALA, SGLD, Chains, GaussianInit, ReplayBuffer, UniformInit
 
 __all__ = [
     "JEM",
     "AtomicCheckpointIO",
     "CalibrationMonitor",
+    "Chains",
     "DivergenceGuard",
     "OODMonitor",
     "SampleGrid",

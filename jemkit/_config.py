@@ -11,19 +11,31 @@ import importlib
 import inspect
 from typing import Any, TypeVar
 
+import torch
+
 __all__ = ["from_config", "is_plain", "to_config"]
 
 T = TypeVar("T")
 
 
 def to_config(obj: object) -> dict[str, Any]:
-    """``{"class_path", "init_args"}`` from the constructor's parameters, read back from same-named attributes."""
+    """``{"class_path", "init_args"}`` from the constructor's parameters, read back from same-named attributes (or
+    from ``obj.init_args()`` where an object defines it); objects among them become nested configs."""
     cls = type(obj)
+    if hasattr(obj, "init_args"):
+        values = obj.init_args()
+    else:
+        names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        values = {name: getattr(obj, name) for name in names if hasattr(obj, name)}
     init_args = {}
-    for name in inspect.signature(cls.__init__).parameters:
-        if name != "self" and hasattr(obj, name):
-            value = getattr(obj, name)
-            init_args[name] = list(value) if isinstance(value, tuple) else value
+    for name, value in values.items():
+        if isinstance(value, (torch.Tensor, torch.nn.Module)):
+            continue  # data, not configuration: such an object must be passed again when it is rebuilt
+        if isinstance(value, tuple):
+            value = list(value)
+        elif value is not None and not is_plain(value):
+            value = to_config(value)
+        init_args[name] = value
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
@@ -40,7 +52,11 @@ def from_config(config: dict[str, Any], base: type[T]) -> T:
         raise ValueError(f"cannot import {config['class_path']!r} for a {base.__name__}") from err
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ValueError(f"{config['class_path']!r} is not a {base.__name__}")
-    init_args = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("init_args", {}).items()}
+    init_args = {}
+    for key, value in config.get("init_args", {}).items():
+        if isinstance(value, dict) and "class_path" in value:
+            value = from_config(value, object)
+        init_args[key] = tuple(value) if isinstance(value, list) else value
     return cls(**init_args)
 
 

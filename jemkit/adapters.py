@@ -17,6 +17,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 __all__ = [
     "SamplingMode",
+    "can_share_forward",
     "has_batchnorm",
     "is_mode_sensitive",
     "sampling_context",
@@ -75,6 +76,12 @@ def has_batchnorm(module: nn.Module) -> bool:
 def is_mode_sensitive(module: nn.Module) -> bool:
     """Whether train and eval mode compute different functions (BatchNorm or Dropout present)."""
     return any(isinstance(m, (_BatchNorm, _DropoutNd)) for m in module.modules())
+
+
+def can_share_forward(module: nn.Module, mode: SamplingMode) -> bool:
+    """Whether one forward over data and samples together gives each its own energy exactly: the classifier must
+    treat samples independently and in the same mode (no BatchNorm; no Dropout either when sampling in eval mode)."""
+    return not (is_mode_sensitive(module) if mode == "eval" else has_batchnorm(module))
 
 
 @contextmanager

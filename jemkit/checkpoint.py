@@ -1,4 +1,5 @@
-"""Checkpoint writing that never leaves a half-written file behind.
+"""Checkpoints: what a JEM records about itself, the checks on loading, and writing that never leaves a half-written
+file behind.
 
 Lightning's default writer streams straight into the target path: a process killed while saving (preemption, OOM,
 a diverged run being stopped) can leave a truncated ``last.ckpt`` that then fails to resume. ``AtomicCheckpointIO``
@@ -15,9 +16,48 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 from typing_extensions import override
 
-__all__ = ["AtomicCheckpointIO"]
+from jemkit.divergence import DivergenceError
+
+__all__ = ["AtomicCheckpointIO", "check_jemkit_section", "check_finite_parameters", "jemkit_section"]
+
+
+def jemkit_section(classifier: nn.Module, num_classes: int | None, input_shape: tuple[int, ...] | None) -> dict:
+    """What a JEM checkpoint records about the model, checked by :func:`check_jemkit_section` when it loads."""
+    from jemkit import __version__
+
+    return {
+        "version": __version__,
+        "num_classes": num_classes,
+        "input_shape": input_shape,
+        "classifier": type(classifier).__qualname__,
+    }
+
+
+def check_jemkit_section(checkpoint: dict[str, Any], classifier: nn.Module, num_classes: int | None) -> int | None:
+    """Refuse a checkpoint of another kind, architecture or class count; return its number of classes."""
+    info = checkpoint.get("jemkit")
+    if info is None:
+        raise ValueError("this checkpoint was not written by a jemkit JEM (it has no 'jemkit' section)")
+    saved_classifier = info.get("classifier")
+    if saved_classifier is not None and saved_classifier != type(classifier).__qualname__:
+        raise ValueError(
+            f"the checkpoint holds a {saved_classifier} classifier but this JEM wraps a "
+            f"{type(classifier).__qualname__}: build the JEM with the same architecture"
+        )
+    saved = info.get("num_classes")
+    if saved is not None and num_classes is not None and saved != num_classes:
+        raise ValueError(f"the checkpoint has {saved} classes but this JEM was built with {num_classes}")
+    return saved
+
+
+def check_finite_parameters(module: nn.Module) -> None:
+    """Refuse to checkpoint a diverged model: raise :class:`~jemkit.DivergenceError` naming non-finite parameters."""
+    bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise DivergenceError(f"refusing to write a checkpoint with non-finite parameters: {bad[:5]}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_labels",
     "check_logits",
     "energy_matrix",
     "joint_energy",
@@ -38,6 +39,27 @@ def check_logits(logits: Tensor) -> None:
         raise ValueError(f"expected logits of shape [B, C], got shape {tuple(logits.shape)}")
 
 
+def check_labels(y: Tensor, batch_size: int, num_classes: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``y`` holds ``batch_size`` integer class labels (in ``[0, num_classes)`` if given).
+
+    The one label check of jemkit (module, metrics, temperature scaling, attacks). The range check reads the labels'
+    extremes, a host sync: callers on a hot path leave ``num_classes`` out.
+    """
+    if not isinstance(y, Tensor):
+        raise ValueError(f"expected class labels as a Tensor [{batch_size}], got {type(y).__name__}")
+    if y.shape != (batch_size,):
+        raise ValueError(f"expected labels of shape [{batch_size}], got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"expected integer class labels, got dtype {y.dtype}")
+    if num_classes is not None and batch_size > 0:
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) for a classifier with {num_classes} outputs, "
+                f"got labels in [{low}, {high}]"
+            )
+
+
 def energy_matrix(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """All joint energies ``E(x, y) = -f(x)[y] / T`` at once: ``[B, C] -> [B, C]``."""
     _check_temperature(temperature)
@@ -47,8 +69,7 @@ def energy_matrix(logits: Tensor, temperature: float = 1.0) -> Tensor:
 def joint_energy(logits: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
     """``E(x, y) = -f(x)[y] / T`` for the given labels: logits ``[B, C]``, labels ``[B]`` -> ``[B]``."""
     check_logits(logits)
-    if y.shape != logits.shape[:1]:
-        raise ValueError(f"expected labels of shape [{logits.shape[0]}], got {tuple(y.shape)}")
+    check_labels(y, logits.shape[0])
     return energy_matrix(logits, temperature).gather(1, y.long().unsqueeze(1)).squeeze(1)
 
 

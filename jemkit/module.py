@@ -1,54 +1,42 @@
 """``JEM``: the LightningModule that turns any classifier into a Joint Energy-based Model.
 
-The classifier stays the user's and is only called. The module owns a sampler and a replay buffer and trains
+The classifier stays the user's and is only called. The module wires a :class:`~jemkit.sampling.Chains` (sampler,
+replay buffer, sampling mode) to the losses and trains
 
     loss = ce_weight * CE(f(x), y)
          + px_weight  * (E(x_data).mean() - E(x_sample).mean())              # log p(x)
          + pxy_weight * (E(x_data, y).mean() - E(x_sample_y, y_q).mean())    # log p(x | y), optional
          + energy_l2_weight * (E(x_data)^2 + E(x_sample)^2).mean()          # optional regulariser
 
-where the samples come from SGLD chains continued from the buffer (Grathwohl et al. 2020).
+where the samples come from SGLD chains continued from the buffer (Grathwohl et al. 2020). Policies live elsewhere:
+divergence handling in :class:`~jemkit.callbacks.DivergenceGuard`, which reads :attr:`JEM.step_stats`.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import math
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from jemkit._config import from_config, is_plain, to_config
-from jemkit.adapters import (
-    OutputKey,
-    SamplingMode,
-    has_batchnorm,
-    is_mode_sensitive,
-    sampling_context,
-    select_logits,
-    unpack_batch,
-)
-from jemkit.energy import check_logits, joint_energy, marginal_energy
+from jemkit.adapters import OutputKey, SamplingMode, can_share_forward, sampling_context, select_logits, unpack_batch
+from jemkit.callbacks.divergence import DivergenceGuard
+from jemkit.checkpoint import check_finite_parameters, check_jemkit_section, jemkit_section
+from jemkit.checks import check_first_batch, check_input_shape, warn_if_outside_range
+from jemkit.divergence import DivergenceError
+from jemkit.energy import joint_energy, marginal_energy
 from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
-from jemkit.sampling import SGLD, InitialDistribution, ReplayBuffer, Sampler, UniformInit
-from jemkit.sampling.amp import energy_for_sampling
-from jemkit.sampling.compiled import CompiledSampling, CompileScope, resolve_compile_scope
+from jemkit.metrics.calibration import CalibrationMetrics
+from jemkit.sampling import Chains, InitialDistribution, ReplayBuffer, Sampler
 
 __all__ = ["JEM", "DivergenceError"]
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite (or exploding) loss or energy: the run diverged."""
 
 
 class JEM(pl.LightningModule):
@@ -61,18 +49,16 @@ class JEM(pl.LightningModule):
     Args:
         classifier: any ``nn.Module`` mapping a batch of inputs to logits (see ``output_key`` for tuple/dict outputs).
         num_classes: number of classes; inferred from the first batch's logits when ``None``.
-        input_shape: shape of one input (e.g. ``(3, 32, 32)``); taken from the first batch when ``None``.
         ce_weight: weight of the cross-entropy term ``-log p(y|x)``.
         px_weight: weight of the unconditional generative term (``log p(x)``); 0 trains a plain classifier.
-        pxy_weight: weight of the class-conditional generative term (``log p(x|y)``), sampled with random labels.
+        pxy_weight: weight of the class-conditional generative term (``log p(x|y)``), sampled with random labels
+            from a class-conditional buffer.
         energy_l2_weight: weight of the L2 regulariser on data and sample energies (keeps energies near 0).
         data_noise: std of the Gaussian noise added to training inputs (JEM: 0.03).
         temperature: temperature ``T`` of the energies (``beta = 1/T``); 1 is the classifier's own softmax.
         sampler: the sampler; default ``SGLD(n_steps=20, step_size=1.0, noise_std=0.01)``.
-        buffer_size: replay buffer capacity.
-        reinit_prob: probability of restarting a chain from ``init``.
-        init: initial distribution of chains; default ``UniformInit(-1, 1)``.
-        conditional_buffer: keep the buffer per class (needed for class-conditional start points).
+        buffer: the replay buffer; default ``ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=UniformInit(-1,
+            1))``, class-conditional when ``pxy_weight > 0``. Give it ``input_shape=`` to sample before training.
         sampling_mode: how BatchNorm/Dropout behave while sampling: ``"eval"`` (running statistics, default) or
             ``"train"`` (batch statistics, the reference code's behaviour; running statistics are protected).
         output_key: how to read logits from a classifier returning a tuple/dict: a key, an index or a callable.
@@ -81,22 +67,13 @@ class JEM(pl.LightningModule):
         lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler``, stepped every epoch
             (``ReduceLROnPlateau`` watches ``val/nll``).
         lr_warmup_steps: scale the learning rate by ``(step + 1) / lr_warmup_steps`` over the first optimiser steps
-            (JEM: 1000); an early full-size step on a young energy landscape is a common cause of divergence. The
-            factor is applied inside each optimiser step on top of whatever the scheduler set, so it works with any
-            scheduler (``LearningRateMonitor`` shows the scheduled rate).
-        check_finite: stop with :class:`DivergenceError` as soon as the loss or an energy is non-finite.
-        calibration_bins: number of equal-width bins of the validation/test ECE.
-        compile: ``torch.compile`` the sampling loop, the bulk of a JEM step. ``"energy"`` compiles the energy
-            function (its forward and, through AOTAutograd, its input-gradient backward); ``"step"`` compiles each
-            whole sampler update (energy, input gradient, update, noise) into one graph (SGLD; not with BatchNorm
-            in ``sampling_mode="train"``); ``True`` picks ``"step"`` where it works, else ``"energy"``. Opt-in:
-            compiling takes a while the first time, and pays off on GPUs rather than CPUs.
-        compile_mode: ``torch.compile``'s ``mode``; ``"reduce-overhead"`` also captures the compiled step as a CUDA
-            graph on GPUs (one launch per step).
+            (JEM: 1000); an early full-size step on a young energy landscape is a common cause of divergence. Applied
+            inside each optimiser step on top of the schedule, so it works with any scheduler.
+        compile: compile each sampler step (forward, input gradient, update, noise) into one graph with
+            ``torch.compile``: ``True`` or a compile mode (``"reduce-overhead"`` also captures CUDA graphs on GPUs).
+            Experimental: SGLD only, not with BatchNorm in ``sampling_mode="train"``; unmeasured on GPUs.
         channels_last: run 4-D inputs and the classifier in channels-last memory format (faster convolutions on
-            recent GPUs with mixed precision).
-        init_fit_batches: training batches used to fit an initial distribution that learns from data
-            (``init=GaussianInit()``, the informative initialisation of JEM++) when training starts.
+            recent GPUs with mixed precision, and on CPUs).
 
     Example::
 
@@ -109,7 +86,6 @@ class JEM(pl.LightningModule):
         self,
         classifier: nn.Module,
         num_classes: int | None = None,
-        input_shape: Sequence[int] | None = None,
         ce_weight: float = 1.0,
         px_weight: float = 1.0,
         pxy_weight: float = 0.0,
@@ -117,33 +93,22 @@ class JEM(pl.LightningModule):
         data_noise: float = 0.03,
         temperature: float = 1.0,
         sampler: Sampler | None = None,
-        buffer_size: int = 10_000,
-        reinit_prob: float = 0.05,
-        init: InitialDistribution | None = None,
-        conditional_buffer: bool = False,
+        buffer: ReplayBuffer | None = None,
         sampling_mode: SamplingMode = "eval",
         output_key: OutputKey = None,
         lr: float = 1e-4,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_warmup_steps: int = 0,
-        check_finite: bool = True,
-        calibration_bins: int = 15,
-        compile: bool | Literal["energy", "step"] = False,
-        compile_mode: str | None = None,
+        compile: bool | str = False,
         channels_last: bool = False,
-        init_fit_batches: int = 50,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
-        for name, value in [
-            ("ce_weight", ce_weight),
-            ("px_weight", px_weight),
-            ("pxy_weight", pxy_weight),
-            ("energy_l2_weight", energy_l2_weight),
-            ("data_noise", data_noise),
-        ]:
+        nonnegative = dict(ce_weight=ce_weight, px_weight=px_weight, pxy_weight=pxy_weight)
+        nonnegative |= dict(energy_l2_weight=energy_l2_weight, data_noise=data_noise)
+        for name, value in nonnegative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if not temperature > 0:
@@ -152,56 +117,34 @@ class JEM(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
         if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {lr_warmup_steps!r}")
-        if sampling_mode not in ("eval", "train"):
-            raise ValueError(f"sampling_mode must be 'eval' or 'train', got {sampling_mode!r}")
         self._save_hparams()
-        if isinstance(sampler, dict):
-            sampler = from_config(sampler, Sampler)
-        if isinstance(init, dict):
-            init = from_config(init, InitialDistribution)
+        sampler = from_config(sampler, Sampler) if isinstance(sampler, dict) else sampler
+        buffer = from_config(buffer, ReplayBuffer) if isinstance(buffer, dict) else buffer
+        if buffer is None:
+            buffer = ReplayBuffer(num_classes=num_classes, conditional=pxy_weight > 0)
+        elif pxy_weight > 0 and not buffer.conditional:
+            raise ValueError("pxy_weight > 0 samples per class: pass buffer=ReplayBuffer(conditional=True, ...)")
+        buffer.num_classes = buffer.num_classes or num_classes
 
         self.classifier = classifier
+        self.buffer = buffer  # registered here, so that checkpoints carry it as `buffer.*`
+        self.chains = Chains(classifier, sampler, buffer, sampling_mode, compile)
         self.num_classes = num_classes
         self.ce_weight, self.px_weight, self.pxy_weight = ce_weight, px_weight, pxy_weight
         self.energy_l2_weight = energy_l2_weight
         self.data_noise = data_noise
         self.temperature = temperature
-        self.sampler = sampler if sampler is not None else SGLD()
-        self.sampling_mode = sampling_mode
         self.output_key = output_key
         self.lr = lr
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_warmup_steps = lr_warmup_steps
-        self.check_finite = check_finite
-        self.compile_sampler = compile  # not `self.compile`: that would shadow nn.Module.compile()
-        self.compile_mode = compile_mode
-        self._compiled = CompiledSampling(self._input_energy, compile_mode)
-        resolve_compile_scope(compile, self.sampler, classifier, sampling_mode, compile_mode)  # fail early
+        self.lr_scale = 1.0  # a multiplier on every learning rate, lowered by DivergenceGuard's rollbacks
         self.channels_last = channels_last
-        self.init_fit_batches = init_fit_batches
-        self.buffer_size = buffer_size  # across all ranks; each DDP rank keeps a shard
-        self._share_forward: bool | None = None
-        self.calibration_bins = calibration_bins
-        self.buffer = ReplayBuffer(
-            capacity=buffer_size,
-            reinit_prob=reinit_prob,
-            init=init if init is not None else UniformInit(-1.0, 1.0),
-            input_shape=None,
-            num_classes=num_classes,
-            conditional=conditional_buffer or pxy_weight > 0,
-        )
-        self._input_shape = tuple(input_shape) if input_shape is not None else None
+        self.share_forward = can_share_forward(classifier, sampling_mode)  # data and samples in one forward
+        self.step_stats: dict[str, Tensor] = {}  # the last training step's loss terms and energies (detached)
+        self.val_metrics, self.test_metrics = CalibrationMetrics(), CalibrationMetrics()
         self._checked_stages: set[str] = set()
-        # Divergence handling, configured by the DivergenceGuard callback: limits on logged quantities (by name,
-        # e.g. "energy_gap") and what to do: "raise" a DivergenceError, or "skip" the step and record the reason.
-        self.divergence_limits: dict[str, float] = {}
-        self.on_divergence: str = "raise"
-        self.divergence_reason: str | None = None
-        self.val_metrics: MetricCollection | None = None
-        self.test_metrics: MetricCollection | None = None
-        if num_classes is not None:
-            self._build_metrics(num_classes)
 
     def _save_hparams(self) -> None:
         # Under LightningCLI the classifier arrives as a config (class_path/init_args), which is what makes
@@ -212,7 +155,7 @@ class JEM(pl.LightningModule):
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters(frame=inspect.currentframe().f_back)
         for key, value in list(self.hparams.items()):
-            if isinstance(value, (Sampler, InitialDistribution)):
+            if isinstance(value, (Sampler, InitialDistribution, ReplayBuffer)):
                 self.hparams[key] = to_config(value)
             elif value is None or not is_plain(value):
                 # None is every such argument's default: dropping it loses nothing, and avoids a clash with a
@@ -220,18 +163,11 @@ class JEM(pl.LightningModule):
                 del self.hparams[key]
         self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers and checkpoints record
 
-    def _build_metrics(self, num_classes: int) -> None:
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "ece": MulticlassCalibrationError(num_classes, n_bins=self.calibration_bins, norm="l1"),
-                "nll": MeanMetric(),
-            }
-        )
-        self.val_metrics = metrics.clone(prefix="val/").to(self.device)
-        self.test_metrics = metrics.clone(prefix="test/").to(self.device)
+    @property
+    def sampler(self) -> Sampler:
+        return self.chains.sampler
 
-    # ------------------------------------------------------------------ energies
+    # ------------------------------------------------------------------ energies and samples
     def forward(self, x: Tensor) -> Tensor:
         """The classifier's logits ``[B, C]``."""
         if self.channels_last and x.dim() == 4:
@@ -240,95 +176,112 @@ class JEM(pl.LightningModule):
 
     def energy(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``E(x)`` (``y=None``) or ``E(x, y)`` at the module's temperature: ``[B]``."""
-        return self._energy_of(self(x), y)
+        logits = self(x)
+        return marginal_energy(logits, self.temperature) if y is None else joint_energy(logits, y, self.temperature)
 
-    def _energy_of(self, logits: Tensor, y: Tensor | None) -> Tensor:
-        if y is None:
-            return marginal_energy(logits, self.temperature)
-        return joint_energy(logits, y, self.temperature)
-
-    def _input_energy(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """``E(x, y)`` differentiable with respect to ``x`` only: the weights enter detached, so that a compiled
-        backward (AOTAutograd differentiates a whole graph at once) computes no weight gradients."""
-        weights = {name: p.detach() for name, p in self.named_parameters()}
-        return self._energy_of(torch.func.functional_call(self, weights, (x,)), y)
-
-    def _compile_scope(self) -> CompileScope | None:
-        return resolve_compile_scope(
-            self.compile_sampler, self.sampler, self.classifier, self.sampling_mode, self.compile_mode
-        )
-
-    def _energy_fn(self, y: Tensor | None, scope: CompileScope | None = None) -> Callable[[Tensor], Tensor]:
-        """The sampler's ``x -> E(x, y)``; ``scope`` is :meth:`_compile_scope`'s answer when the caller has it."""
-        if (scope or self._compile_scope()) == "energy":
-            return self._compiled.energy_fn(y)
-        return lambda x: energy_for_sampling(self.energy, x, y)
-
-    def setup(self, stage: str) -> None:
-        if self.channels_last:
-            self.classifier.to(memory_format=torch.channels_last)
-
-    # ------------------------------------------------------------------ sampling
-    def _refine(self, x0: Tensor, y: Tensor | None = None, n_steps: int | None = None) -> Tensor:
-        """Run the sampler from ``x0``; works in training and inside validation/inference mode alike."""
-        with torch.inference_mode(False), torch.enable_grad(), sampling_context(self.classifier, self.sampling_mode):
-            if y is not None:
-                y = y.clone()  # an inference-mode tensor cannot be saved for backward
-            scope = self._compile_scope()  # resolved once per chain, not once per use
-            if scope == "step":
-                step = self._compiled.step_fn(self.sampler, y)
-                return self.sampler.sample(self._energy_fn(y, scope), x0, n_steps=n_steps, step=step).detach()
-            return self.sampler.sample(self._energy_fn(y, scope), x0, n_steps=n_steps).detach()
-
-    def sample(
-        self,
-        n: int,
-        y: Tensor | None = None,
-        n_steps: int | None = None,
-        from_buffer: bool = True,
-    ) -> Tensor:
+    def sample(self, n: int, y: Tensor | None = None, n_steps: int | None = None, from_buffer: bool = True) -> Tensor:
         """Draw ``n`` samples ``[n, *input_shape]`` (class-conditional when ``y [n]`` is given).
 
         Chains start from the replay buffer (``from_buffer=True``, conditional buffers only for ``y``) or from the
         initial distribution; the buffer is left unchanged. Works inside validation/inference mode as well.
         """
-        if not self.buffer.is_initialized:
-            raise RuntimeError("the JEM has not seen data yet: train it, load a checkpoint, or pass input_shape=")
-        if y is not None:
-            y = y.to(self.device).long()
-        if from_buffer and (y is None or self.buffer.conditional):
-            x0, _ = self.buffer.sample(n, y)
-        else:
-            x0 = self.buffer.init.sample(n, self.buffer.input_shape, device=self.device, y=y)
-        return self._refine(x0, y, n_steps)
+        y = y.to(self.device).long() if y is not None else None
+        return self.chains.refine(self.energy, self.chains.start(n, y, from_buffer), y, n_steps)
 
     def purify(self, x: Tensor, n_steps: int) -> Tensor:
         """JEM's defence: ``n_steps`` of the sampler on ``log p(x)`` started at the inputs ``x``, before classifying."""
-        return self._refine(x, None, n_steps)
+        return self.chains.refine(self.energy, x, None, n_steps)
 
-    def _draw_samples(self, batch_size: int, y: Tensor | None) -> Tensor:
-        """Continue ``batch_size`` chains from the buffer, write them back, return them."""
-        x0, idx = self.buffer.sample(batch_size, y)
-        x = self._refine(x0, y)
-        self.buffer.update(idx, x)
-        return x
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = unpack_batch(batch)
+        self._check_batch(x, y, "train")
+        n, temperature = x.shape[0], self.temperature
+        x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
 
-    def on_train_start(self) -> None:
-        # An initial distribution fitted to data (GaussianInit, JEM++'s informative init) is fitted once, before the
-        # first chains start, on up to `init_fit_batches` training batches; a resumed run keeps its fitted state.
-        init = self.buffer.init
-        if hasattr(init, "fit") and not getattr(init, "is_fitted", True):
-            xs, ys = [], []
-            for i, batch in enumerate(self.trainer.train_dataloader):
-                if i >= self.init_fit_batches:
-                    break
-                x, y = unpack_batch(batch)
-                xs.append(x.to(self.device))
-                ys.append(y.to(self.device))
-            if xs:
-                y_all = torch.cat(ys)
-                num_classes = self.num_classes or int(y_all.max()) + 1
-                init.fit(torch.cat(xs), y_all, num_classes)
+        # 1. Sample: continue chains from the replay buffer (unconditional, and class-conditional with random labels).
+        x_q = self.chains.draw(self.energy, n) if self.px_weight > 0 else None
+        y_q = torch.randint(0, self.num_classes, (n,), device=x.device) if self.pxy_weight > 0 else None
+        x_qy = self.chains.draw(self.energy, n, y_q) if y_q is not None else None
+
+        # 2. Logits of data and samples, each half of a contrast computed by the same function of its input.
+        logits_data, logits_q, logits_qy = self._logits(x_data, x_q, x_qy)
+
+        # 3. Losses (in float32 whatever the autocast precision).
+        e_data = marginal_energy(logits_data, temperature)
+        stats = {"ce": F.cross_entropy(logits_data, y), "energy_data": e_data.mean()}
+        loss = self.ce_weight * stats["ce"]
+        if logits_q is not None:
+            e_q = marginal_energy(logits_q, temperature)
+            stats["px"] = contrastive_divergence_loss(e_data, e_q)
+            stats |= {"energy_sample": e_q.mean(), "energy_gap": -stats["px"]}
+            stats["sample_norm"] = x_q.flatten(1).norm(dim=1).mean()
+            loss = loss + self.px_weight * stats["px"]
+            if self.energy_l2_weight > 0:
+                loss = loss + self.energy_l2_weight * energy_l2_regularization(e_data, e_q)
+        if logits_qy is not None:
+            e_joint = joint_energy(logits_data, y, temperature), joint_energy(logits_qy, y_q, temperature)
+            stats["pxy"] = contrastive_divergence_loss(*e_joint)
+            loss = loss + self.pxy_weight * stats["pxy"]
+        stats["loss"] = loss
+
+        # 4. Report (DivergenceGuard judges these) and log: tensors only, so no per-step host sync.
+        self.step_stats = {name: value.detach() for name, value in stats.items()}
+        self.log_dict({f"train/{k}": v for k, v in self.step_stats.items()}, on_step=True, on_epoch=False, batch_size=n)
+        acc = (logits_data.argmax(1) == y).float().mean()
+        self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/acc_epoch", acc, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def _logits(self, x_data: Tensor, *samples: Tensor | None) -> list[Tensor | None]:
+        """Float32 logits of the data and of each batch of samples (``None`` stays ``None``)."""
+        present = [s for s in samples if s is not None]
+        if self.share_forward:
+            logits = list(self(torch.cat([x_data, *present])).split(x_data.shape[0]))
+        else:
+            logits = [self(x_data)]
+            with sampling_context(self.classifier, self.chains.sampling_mode):
+                logits += [self(s) for s in present]
+        found = iter(logits[1:])
+        return [logits[0].float()] + [next(found).float() if s is not None else None for s in samples]
+
+    def _evaluation_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
+        x, y = unpack_batch(batch)
+        self._check_batch(x, y, stage)
+        logits = self(x).float()
+        (self.val_metrics if stage == "val" else self.test_metrics).update(logits, y)
+        energies = marginal_energy(logits, self.temperature)
+        self.log(f"{stage}/energy", energies.mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        return {"logits": logits.detach(), "y": y}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Accumulates accuracy, NLL, Brier, ECE, MCE; returns the logits so that callbacks need no second forward."""
+        return self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluation_step(batch, "test")
+
+    def _log_calibration(self, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if metrics.update_called:  # CalibrationMetrics reduces across DDP ranks itself
+            self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()})
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_calibration("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_calibration("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Class probabilities ``[B, C]`` at the module's temperature."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(x).float() / self.temperature, dim=1)
+
+    # ------------------------------------------------------------------ set-up and checks
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
 
     def on_fit_start(self) -> None:
         # Under DDP every rank starts from the same seed; the chains of different ranks must differ, or each rank's
@@ -336,206 +289,30 @@ class JEM(pl.LightningModule):
         if self.trainer.world_size > 1:
             torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
 
-    # ------------------------------------------------------------------ checks
-    def _prepare(self, x: Tensor, y: Tensor, stage: str) -> None:
-        """Validate the first batch of every stage; size the buffer and metrics from it."""
-        shape = tuple(x.shape[1:])
-        expected = self._input_shape or self.buffer.input_shape
-        if expected is not None and shape != tuple(expected):
-            raise ValueError(
-                f"{stage} inputs have shape {shape} per sample, expected {tuple(expected)} "
-                "(the shape given as input_shape= or seen in the first batch / checkpoint buffer)"
-            )
+    def on_train_start(self) -> None:
+        # An initial distribution that learns from data (GaussianInit) is fitted before the first chains start.
+        self.buffer.init.fit_loader(self.trainer.train_dataloader, self.num_classes, self.device)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """A raising :class:`DivergenceGuard` unless the Trainer has one: a diverged run always stops by name."""
+        has_guard = any(isinstance(c, DivergenceGuard) for c in self.trainer.callbacks)
+        return [] if has_guard else [DivergenceGuard()]
+
+    def _check_batch(self, x: Tensor, y: Tensor, stage: str) -> None:
+        """Check every batch's input shape; check the first batch of each stage fully and size the buffer from it."""
+        check_input_shape(x, self.buffer.input_shape, stage)
         if stage in self._checked_stages:
             return
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"expected labels of shape [{x.shape[0]}], got {tuple(y.shape)}")
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise TypeError(f"expected integer class labels, got dtype {y.dtype}")
         with torch.no_grad(), sampling_context(self.classifier, "eval"):  # a probe: touches no statistics
-            logits = self(x[:2])
-        check_logits(logits)
-        num_classes = int(logits.shape[1])
-        if self.num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(f"the classifier returns {num_classes} logits but num_classes={self.num_classes}")
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) for a classifier with {num_classes} outputs, "
-                f"got labels in [{low}, {high}]"
-            )
-        if self.num_classes is None:
-            self.num_classes = num_classes
-            self.buffer.num_classes = num_classes
-        if self.val_metrics is None:
-            self._build_metrics(num_classes)
+            self.num_classes = check_first_batch(x, y, self(x[:2]), self.num_classes)
+        self.buffer.num_classes = self.num_classes
         if stage == "train":
-            self._warn_if_outside_init_range(x)
-        if not self.buffer.is_initialized:
-            world_size = self.trainer.world_size if self._trainer is not None else 1
-            lo, hi = self.buffer.shard_bounds(self.buffer_size, 0, world_size)
-            self.buffer.initialize(shape, device=x.device, capacity=hi - lo)  # this rank's shard
+            warn_if_outside_range(x, self.buffer.init.low, self.buffer.init.high)
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        self.buffer.ensure_initialized(x.shape[1:], x.device, world_size)  # this rank's shard
         self._checked_stages.add(stage)
 
-    def _warn_if_outside_init_range(self, x: Tensor) -> None:
-        """Chains start in the initial distribution's range; data far outside it (e.g. 0..255 pixels) is a mistake."""
-        low, high = getattr(self.buffer.init, "low", None), getattr(self.buffer.init, "high", None)
-        if low is None or high is None:
-            return
-        x_min, x_max = float(x.min()), float(x.max())
-        margin = 0.1 * (high - low)
-        if x_min < low - margin or x_max > high + margin:
-            rank_zero_warn(
-                f"training inputs lie in [{x_min:.3g}, {x_max:.3g}] but SGLD chains start in [{low:g}, {high:g}]: "
-                "scale the data to the sampler's range (jemkit's datamodules give [-1, 1]) or pass "
-                f"init=UniformInit({x_min:.3g}, {x_max:.3g})"
-            )
-
-    def _divergence(self, quantities: dict[str, Tensor]) -> str | None:
-        """Why training diverged (a non-finite value, or one past ``divergence_limits``), or ``None``.
-
-        One host sync per step, outside the sampling loop; under DDP the ranks agree on the verdict so that they all
-        skip (or all take) the optimiser step together.
-        """
-        names = list(quantities)
-        values = torch.stack([quantities[n].detach().float() for n in names])
-        limits = torch.tensor([self.divergence_limits.get(n, math.inf) for n in names], device=values.device)
-        bad = ~torch.isfinite(values) | (values.abs() > limits)
-        local = bool(bad.any())
-        diverged = local
-        if self._trainer is not None and self.trainer.world_size > 1:
-            diverged = self.trainer.strategy.reduce_boolean_decision(local, all=False)
-        if not diverged:
-            return None
-        if not local:
-            return f"training diverged at global step {self.global_step} on another rank"
-        reasons = [
-            f"{n}={v:.4g}"
-            + ("" if math.isfinite(v) else " (non-finite)")
-            + (f" (limit {self.divergence_limits[n]:.4g})" if math.isfinite(v) and n in self.divergence_limits else "")
-            for n, v, b in zip(names, values.tolist(), bad.tolist(), strict=True)
-            if b
-        ]
-        return f"training diverged at global step {self.global_step}: {', '.join(reasons)}"
-
-    def _handle_divergence(self, reason: str) -> None:
-        if self.on_divergence == "raise":
-            raise DivergenceError(
-                f"{reason}. Lower the learning rate or the SGLD step size, clip samples (SGLD(clip=(-1, 1))), add "
-                "energy_l2_weight, or add the DivergenceGuard(action='rollback') callback."
-            )
-        self.divergence_reason = reason  # a DivergenceGuard rolls back after this (skipped) step
-
-    def _skipped_step_loss(self) -> Tensor | None:
-        """The step's return value once every rank agreed to skip it.
-
-        One process: ``None`` (Lightning skips backward and the optimiser). Under DDP Lightning does not allow
-        ``None``; a zero-gradient loss touching every parameter keeps DDP's reducer in step, and
-        :meth:`on_before_optimizer_step` drops the gradients so that the optimiser does not move.
-        """
-        if self._trainer is None or self.trainer.world_size == 1:
-            return None
-        params = [p for p in self.classifier.parameters() if p.requires_grad]
-        return torch.stack([(p * 0.0).sum() for p in params]).sum()
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.divergence_reason is not None:  # a skipped step: no update, and Adam's moments stay as they were
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-
-    # ------------------------------------------------------------------ steps
-    def _can_share_forward(self) -> bool:
-        """One forward over data and samples is exact only if the classifier treats each sample independently."""
-        if self._share_forward is None:  # the classifier's layers do not change: decide once
-            if self.sampling_mode == "eval":
-                self._share_forward = not is_mode_sensitive(self.classifier)
-            else:
-                self._share_forward = not has_batchnorm(self.classifier)
-        return self._share_forward
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        x, y = unpack_batch(batch)
-        self._prepare(x, y, "train")
-        batch_size = x.shape[0]
-        x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
-
-        # 1. Sample: continue chains from the replay buffer (unconditional, and class-conditional with random labels).
-        x_q = self._draw_samples(batch_size, None) if self.px_weight > 0 else None
-        y_q = x_qy = None
-        if self.pxy_weight > 0:
-            y_q = torch.randint(0, self.num_classes, (batch_size,), device=x.device)
-            x_qy = self._draw_samples(batch_size, y_q)
-
-        # 2. Logits of data and samples: one forward where the classifier allows it.
-        samples = [s for s in (x_q, x_qy) if s is not None]
-        if self._can_share_forward():
-            logits = self(torch.cat([x_data, *samples])).split(batch_size)
-        else:
-            logits = [self(x_data)]
-            with sampling_context(self.classifier, self.sampling_mode):
-                logits += [self(s) for s in samples]
-        logits_data, logits_samples = logits[0].float(), [s.float() for s in logits[1:]]
-
-        # 3. Losses (in float32 whatever the autocast precision).
-        ce = F.cross_entropy(logits_data, y)
-        e_data = marginal_energy(logits_data, self.temperature)
-        loss = self.ce_weight * ce
-        logs = {"train/ce": ce, "train/energy_data": e_data.mean()}
-        if x_q is not None:
-            e_sample = marginal_energy(logits_samples.pop(0), self.temperature)
-            px = contrastive_divergence_loss(e_data, e_sample)
-            loss = loss + self.px_weight * px
-            if self.energy_l2_weight > 0:
-                loss = loss + self.energy_l2_weight * energy_l2_regularization(e_data, e_sample)
-            logs |= {"train/px": px, "train/energy_sample": e_sample.mean(), "train/energy_gap": -px}
-        if x_qy is not None:
-            ej_data = joint_energy(logits_data, y, self.temperature)
-            ej_sample = joint_energy(logits_samples.pop(0), y_q, self.temperature)
-            pxy = contrastive_divergence_loss(ej_data, ej_sample)
-            loss = loss + self.pxy_weight * pxy
-            logs["train/pxy"] = pxy
-        logs["train/loss"] = loss
-        if x_q is not None:
-            logs["train/sample_norm"] = x_q.flatten(1).norm(dim=1).mean()
-        if self.check_finite:
-            reason = self._divergence({k.removeprefix("train/"): v for k, v in logs.items()})
-            if reason is not None:
-                self._handle_divergence(reason)
-                return self._skipped_step_loss()
-
-        # 4. Log (tensors only: Lightning reduces them without a per-step host sync).
-        logs["train/acc"] = (logits_data.argmax(1) == y).float().mean()
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("train/acc_epoch", logs["train/acc"], on_step=False, on_epoch=True, batch_size=batch_size)
-        return loss
-
-    def _evaluation_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
-        x, y = unpack_batch(batch)
-        self._prepare(x, y, stage)
-        logits = self(x).float()
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics["acc"].update(logits, y)
-        metrics["ece"].update(logits.softmax(1), y)
-        metrics["nll"].update(F.cross_entropy(logits, y, reduction="none"))
-        energies = marginal_energy(logits, self.temperature)
-        self.log(f"{stage}/energy", energies.mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
-        self.log_dict(metrics, on_epoch=True, on_step=False, batch_size=x.shape[0])
-        return {"logits": logits.detach(), "y": y}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Logs accuracy, NLL, ECE; returns the logits so that callbacks need no second forward pass."""
-        return self._evaluation_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluation_step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Class probabilities ``[B, C]`` at the module's temperature."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return torch.softmax(self(x).float() / self.temperature, dim=1)
-
-    # ------------------------------------------------------------------ optimisation & checkpoints
+    # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         params = self.classifier.parameters()
         optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=self.lr)
@@ -548,11 +325,10 @@ class JEM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        # Warm-up scales the scheduled learning rate for this step only and restores it afterwards, so it composes
-        # with every scheduler, also those that set the rate outright (LambdaLR, OneCycleLR, ...).
-        factor = min(1.0, (self.trainer.global_step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
-        if factor == 1.0:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Warm-up and `lr_scale` multiply the scheduled rate for this step only and restore it afterwards, so they
+        # compose with every scheduler, also those that set the rate outright (LambdaLR, OneCycleLR, ...).
+        warmup = min(1.0, (self.trainer.global_step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        factor = warmup * self.lr_scale
         scheduled = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * factor
@@ -562,25 +338,17 @@ class JEM(pl.LightningModule):
             for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
                 group["lr"] = lr
 
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from jemkit import __version__
-
         # Every rank runs this hook; the file is written by rank zero, so it gets all ranks' buffer shards.
-        if self._trainer is not None and self.trainer.world_size > 1 and self.buffer.is_initialized:
-            for name in ("samples", "labels"):
-                local = getattr(self.buffer, name)
-                if local.numel() > 0:
-                    checkpoint["state_dict"][f"buffer.{name}"] = self.all_gather(local).flatten(0, 1)
-        bad = [name for name, p in self.classifier.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:
-            raise DivergenceError(f"refusing to write a checkpoint with non-finite parameters: {bad[:5]}")
+        checkpoint["state_dict"].update({f"buffer.{k}": v for k, v in self.buffer.gather_shards().items()})
+        check_finite_parameters(self.classifier)
+        checkpoint["jemkit"] = jemkit_section(self.classifier, self.num_classes, self.buffer.input_shape)
 
-        checkpoint["jemkit"] = {
-            "version": __version__,
-            "num_classes": self.num_classes,
-            "input_shape": self.buffer.input_shape,
-            "classifier": type(self.classifier).__qualname__,
-        }
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = check_jemkit_section(checkpoint, self.classifier, self.num_classes)
+        if saved is not None and self.num_classes is None:
+            self.num_classes = self.buffer.num_classes = saved
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         try:
@@ -601,21 +369,3 @@ class JEM(pl.LightningModule):
                 f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file "
                 "written by Trainer.fit / ModelCheckpoint or `jemkit fit`"
             ) from err
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = checkpoint.get("jemkit")
-        if info is None:
-            raise ValueError("this checkpoint was not written by a jemkit JEM (it has no 'jemkit' section)")
-        saved_classifier = info.get("classifier")
-        if saved_classifier is not None and saved_classifier != type(self.classifier).__qualname__:
-            raise ValueError(
-                f"the checkpoint holds a {saved_classifier} classifier but this JEM wraps a "
-                f"{type(self.classifier).__qualname__}: build the JEM with the same architecture"
-            )
-        saved = info.get("num_classes")
-        if saved is not None and self.num_classes is not None and saved != self.num_classes:
-            raise ValueError(f"the checkpoint has {saved} classes but this JEM was built with {self.num_classes}")
-        if saved is not None and self.num_classes is None:
-            self.num_classes = saved
-            self.buffer.num_classes = saved
-            self._build_metrics(saved)

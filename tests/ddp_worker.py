@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jemkit import JEM, SGLD
+from jemkit import JEM, SGLD, ReplayBuffer
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
 from jemkit.checkpoint import AtomicCheckpointIO
 from tests.conftest import TinyMLP
@@ -72,7 +72,7 @@ def main(mode: str, out: str, devices: int, max_steps: int) -> None:
     y = torch.arange(3).repeat(22)
     x = torch.randn(66, 2, generator=generator) * 0.1 + torch.stack([torch.cos(y * 2.0), torch.sin(y * 2.0)], 1) * 0.6
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.01), buffer_size=40, lr=1e-2)
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.01), buffer=ReplayBuffer(capacity=40), lr=1e-2)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from jemkit import JEM, SGLD
+from jemkit import JEM, SGLD, ReplayBuffer
 from jemkit.energy import marginal_energy
 from jemkit.models import SmallCNN
 from jemkit.sampling import InitialDistribution
@@ -28,6 +28,7 @@ class FixedInit(InitialDistribution):
     """Always returns the same chains: fixes jemkit's samples (with ``reinit_prob=1`` and no SGLD steps)."""
 
     def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
         self.x = x
 
     def sample(self, n, shape, device=None, dtype=torch.float32, y=None):
@@ -45,9 +46,7 @@ def test_reference_loss_equals_jemkit_objective_on_fixed_samples():
     jem = JEM(
         model,
         sampler=SGLD(n_steps=0),
-        buffer_size=x.shape[0],
-        reinit_prob=1.0,
-        init=FixedInit(x_sample),
+        buffer=ReplayBuffer(capacity=x.shape[0], reinit_prob=1.0, init=FixedInit(x_sample)),
         data_noise=0.0,
     )
     with warnings.catch_warnings():
@@ -117,7 +116,7 @@ def test_bench_step_compares_with_both_reference_precisions_and_counts_compiled_
     argv = ["--model", "small_cnn", "--iters", "1", "--warmup", "1", "--device", "cpu", "--threads", "1"]
     eager = bench_step.main([*argv, "--batch", "8", "--steps", "2", "--buffer-size", "64", "--precision", "bf16-mixed"])
     compiled = bench_step.main(
-        [*argv, "--batch", "8", "--steps", "2", "--buffer-size", "64", "--precision", "bf16-mixed", "--compile", "step"]
+        [*argv, "--batch", "8", "--steps", "2", "--buffer-size", "64", "--precision", "bf16-mixed", "--compile"]
     )
     out = capsys.readouterr().out
     assert "reference_amp" in out and "speed-up of jemkit: reference / jemkit" in out

@@ -4,7 +4,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import TensorDataset
 
-from jemkit import JEM, SGLD, DigitsDataModule, GaussianMixtureDataModule
+from jemkit import JEM, SGLD, DigitsDataModule, GaussianMixtureDataModule, ReplayBuffer
 from jemkit.callbacks import CalibrationMonitor, OODMonitor, SampleGrid
 from jemkit.models import SmallCNN
 from tests.conftest import TinyMLP
@@ -27,7 +27,7 @@ def fit(tmp_path, jem, datamodule, callbacks, **kwargs):
 
 
 def small_digits_jem():
-    return JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2), buffer_size=64)
+    return JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2), buffer=ReplayBuffer(capacity=64))
 
 
 def test_callbacks_write_files_and_log_metrics_during_fit(tmp_path):
@@ -81,7 +81,7 @@ def test_calibration_runs_on_test_and_for_plain_lightning_modules(tmp_path):
 
 
 def test_sample_grid_draws_energy_landscape_for_2d_data(tmp_path):
-    jem = JEM(TinyMLP(num_classes=8), sampler=SGLD(n_steps=2, step_size=0.01), buffer_size=64)
+    jem = JEM(TinyMLP(num_classes=8), sampler=SGLD(n_steps=2, step_size=0.01), buffer=ReplayBuffer(capacity=64))
     samples = SampleGrid(num_samples=32)
     fit(tmp_path, jem, GaussianMixtureDataModule(), [samples], limit_val_batches=0)
     assert samples.last_paths["landscape"].name == "landscape_final.png"

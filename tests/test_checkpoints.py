@@ -23,5 +23,5 @@ def test_digits_checkpoint_loads_without_arguments_and_meets_its_accuracy():
     assert accuracy >= 0.97
     assert abs(accuracy - recorded["test/acc"]) < 1e-6
     # the replay buffer travels with the checkpoint
-    assert jem.buffer.samples.shape == (jem.hparams.buffer_size, 1, 8, 8)
+    assert jem.buffer.samples.shape == (jem.buffer.capacity, 1, 8, 8) and jem.buffer.capacity == 10_000
     assert torch.isfinite(jem.buffer.samples).all()

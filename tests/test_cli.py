@@ -29,7 +29,7 @@ def test_fit_then_test_then_load_without_arguments(tmp_path, monkeypatch):
             "--trainer.limit_train_batches=3",
             "--trainer.limit_val_batches=2",
             "--trainer.enable_progress_bar=false",
-            "--model.buffer_size=100",
+            "--model.buffer.capacity=100",
         ]
     )
     ckpt = tmp_path / "runs/digits/checkpoints/best.ckpt"

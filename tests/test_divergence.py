@@ -1,10 +1,13 @@
+from functools import partial
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from jemkit import JEM, SGLD, DivergenceError
+from jemkit import JEM, SGLD, DivergenceError, ReplayBuffer
 from jemkit.callbacks import DivergenceGuard
+from jemkit.divergence import divergence_reasons
 from tests.conftest import TinyMLP
 from tests.test_module import toy_loader, trainer
 
@@ -22,7 +25,7 @@ class CorruptWeights(Callback):
 
 
 def small_jem(**kwargs):
-    return JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.1), buffer_size=32, lr=1e-2, **kwargs)
+    return JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.1), buffer=ReplayBuffer(capacity=32), lr=1e-2, **kwargs)
 
 
 def all_finite(state_dict):
@@ -46,7 +49,7 @@ def test_raise_names_quantity_and_step_and_writes_no_broken_checkpoint(tmp_path)
 
 
 def test_a_huge_learning_rate_is_stopped_with_the_exploding_quantity():
-    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.1), buffer_size=32, lr=1e4)
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.1), buffer=ReplayBuffer(capacity=32), lr=1e4)
     with pytest.raises(DivergenceError, match=r"training diverged at global step \d+: .*energy"):
         trainer(None, max_steps=30, callbacks=[DivergenceGuard()]).fit(jem, toy_loader())
 
@@ -100,5 +103,85 @@ def test_guard_arguments():
         DivergenceGuard(action="ignore")
     with pytest.raises(ValueError, match="lr_factor"):
         DivergenceGuard(lr_factor=2.0)
-    with pytest.raises(TypeError, match="works with a jemkit JEM"):
-        DivergenceGuard()._configure(pl.LightningModule())
+    with pytest.raises(TypeError, match="works with a jemkit JEM, got LightningModule"):
+        DivergenceGuard().setup(trainer(None), pl.LightningModule(), "fit")
+
+
+def test_divergence_reasons_name_each_offending_quantity():
+    stats = {
+        "loss": torch.tensor(float("nan")),
+        "energy_gap": torch.tensor(-5.0),
+        "energy_data": torch.tensor(0.5),
+        "sample_norm": torch.tensor(float("inf")),
+    }
+    assert divergence_reasons(stats, {"energy_gap": 1.0, "energy_data": 1.0}) == [
+        "loss=nan (non-finite)",
+        "energy_gap=-5 (limit 1)",
+        "sample_norm=inf (non-finite)",
+    ]
+    assert divergence_reasons({"loss": torch.tensor(3.0)}, {"loss": 3.0}) == []  # at the limit is healthy
+    assert divergence_reasons({}) == []
+
+
+class RecordLR(Callback):
+    """The learning rate each optimiser step uses, by global step."""
+
+    def __init__(self):
+        self.lrs = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+
+def test_second_rollback_halves_the_rate_once_more_even_after_a_new_snapshot():
+    # Rollback at step 3 (rate 0.5x); snapshots at steps 4..7 carry the scheduled rate; rollback at step 8 -> 0.25x.
+    guard = DivergenceGuard(action="rollback", snapshot_every_n_steps=1, lr_factor=0.5)
+    record = RecordLR()
+    trainer(None, max_steps=11, callbacks=[record, CorruptWeights([3, 8]), guard]).fit(small_jem(), toy_loader())
+    assert guard.rollbacks == 2
+    assert [e["lr"] for e in guard.events] == [[pytest.approx(5e-3)], [pytest.approx(2.5e-3)]]
+    assert record.lrs[2] == pytest.approx(1e-2)
+    assert record.lrs[5] == pytest.approx(5e-3)
+    assert record.lrs[10] == pytest.approx(2.5e-3)
+
+
+def test_rollback_rate_survives_schedulers_that_set_the_rate_outright():
+    # LambdaLR sets lr = base * lambda(epoch) at every epoch; the rollback's factor must stay applied on top of it.
+    schedule = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda epoch: 1.0 / (epoch + 1))
+    jem = JEM(
+        TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.1), buffer=ReplayBuffer(32), lr=1e-2, lr_scheduler=schedule
+    )
+    guard = DivergenceGuard(action="rollback", snapshot_every_n_steps=1, lr_factor=0.5)
+    record = RecordLR()
+    trainer(None, max_steps=12, callbacks=[record, CorruptWeights([2]), guard]).fit(jem, toy_loader())  # 4 steps/epoch
+    assert guard.rollbacks == 1
+    assert record.lrs[1] == pytest.approx(1e-2)
+    assert record.lrs[3] == pytest.approx(1e-2 * 0.5)  # epoch 0, after the rollback
+    assert record.lrs[5] == pytest.approx(1e-2 / 2 * 0.5)  # epoch 1: LambdaLR's 1/2, still halved
+    assert record.lrs[9] == pytest.approx(1e-2 / 3 * 0.5)  # epoch 2
+
+
+def test_skip_drops_the_diverged_update_and_goes_on():
+    guard = DivergenceGuard(action="skip")
+    seen = {}
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                seen["before"] = pl_module.classifier.net[1].weight.detach().clone()
+                seen["adam"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                seen["after"] = pl_module.classifier.net[1].weight.detach().clone()
+                seen["adam_after"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
+                with torch.no_grad():
+                    pl_module.classifier.net[-1].weight[0, 0] = 0.0  # heal the corruption
+
+    with pytest.warns(UserWarning, match="Skipped the update"):
+        jem = small_jem()
+        trainer(None, max_steps=6, callbacks=[CorruptWeights([3]), Watch(), guard]).fit(jem, toy_loader())
+    assert guard.skipped_steps == 1 and guard.events[0]["action"] == "skip"
+    assert torch.equal(seen["before"], seen["after"])  # no update at the diverged step
+    assert torch.equal(seen["adam"], seen["adam_after"])
+    assert torch.isfinite(jem.buffer.samples).all()  # the poisoned chains were re-initialised

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from jemkit import JEM, MALA, SGLD
+from jemkit import JEM, MALA, SGLD, ReplayBuffer
 from jemkit.models import SmallCNN
+from jemkit.sampling.compiled import CompiledStep
+from jemkit.sampling.langevin import energy_and_grad
 from tests.test_module import toy_loader
 
 
@@ -30,7 +32,6 @@ class QuadraticFeatures(nn.Module):
 
 
 def conditional_samples(jem):
-    jem.buffer.initialize((2,))
     y = torch.tensor([0, 1]).repeat(2000)
     return jem.sample(len(y), y=y, from_buffer=False), y
 
@@ -39,8 +40,7 @@ def test_bf16_autocast_keeps_sampler_statistics():
     means = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
     jem = JEM(
         QuadraticFeatures(means, 0.1),
-        input_shape=(2,),
-        buffer_size=100,
+        buffer=ReplayBuffer(capacity=100, input_shape=(2,)),
         sampler=SGLD.from_temperature(n_steps=300, step_size=2e-4),
     )
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def test_bf16_autocast_keeps_sampler_statistics():
 
 
 def test_bf16_mixed_trainer_trains_and_matches_fp32_energies(tmp_path):
-    jem = JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2), buffer_size=32)
+    jem = JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2), buffer=ReplayBuffer(capacity=32))
     x = torch.rand(16, 1, 8, 8) * 2 - 1
     fp32 = jem.energy(x).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -84,34 +84,24 @@ def test_channels_last_gives_the_same_energies_and_trains(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("compile", "mode", "scope"),
-    [(True, None, "step"), ("energy", None, "energy"), ("step", "reduce-overhead", "step")],
-)
-def test_compiled_sampling_matches_eager_energies_and_chains(tmp_path, compile, mode, scope):
+@pytest.mark.parametrize("compile", [True, "reduce-overhead"])
+def test_compiled_sampling_matches_eager_chains(tmp_path, compile):
     from tests.conftest import TinyMLP
 
     torch._dynamo.reset()  # compiled code is cached per code object, across the tests of this process
-    sampler = SGLD(n_steps=5, step_size=0.1, noise_std=0.01)
-    eager = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, sampler=sampler)
-    compiled = JEM(TinyMLP(), input_shape=(2,), buffer_size=64, compile=compile, compile_mode=mode, sampler=sampler)
-    assert compiled._compile_scope() == scope
+    # Without noise the chains are deterministic, so eager and compiled chains must agree step for step.
+    sampler = SGLD(n_steps=5, step_size=0.1, noise_std=0.0)
+    eager = JEM(TinyMLP(), buffer=ReplayBuffer(capacity=64), sampler=sampler)
+    compiled = JEM(TinyMLP(), buffer=ReplayBuffer(capacity=64), compile=compile, sampler=sampler)
+    assert compiled.chains.compiled and compiled.chains.compile_mode == ("default" if compile is True else compile)
     compiled.classifier.load_state_dict(eager.classifier.state_dict())
     x0 = torch.rand(32, 2) * 2 - 1
-    if scope == "energy":  # the step scope's energy is never compiled on its own; its chains are compared below
-        torch.testing.assert_close(compiled._energy_fn(None)(x0), eager.energy(x0), atol=1e-5, rtol=1e-5)
-    for jem in (eager, compiled):
-        jem.buffer.initialize((2,))
-    # Without noise the chains are deterministic, so eager and compiled chains must agree step for step.
-    for jem in (eager, compiled):
-        jem.sampler = SGLD(n_steps=5, step_size=0.1, noise_std=0.0)
     y = torch.arange(32) % 3
     for labels in (None, y):
-        a, b = eager._refine(x0.clone(), labels), compiled._refine(x0.clone(), labels)
+        a, b = (jem.chains.refine(jem.energy, x0.clone(), labels) for jem in (eager, compiled))
         assert not b.requires_grad
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     assert all(p.grad is None for p in compiled.parameters())  # sampling computes input gradients only
-    compiled.sampler = sampler
     pl.Trainer(
         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
     ).fit(compiled, toy_loader())
@@ -124,9 +114,8 @@ def test_compiled_step_keeps_sampler_statistics_under_bf16():
     means = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
     jem = JEM(
         QuadraticFeatures(means, 0.1),
-        input_shape=(2,),
-        buffer_size=100,
-        compile="step",
+        buffer=ReplayBuffer(capacity=100, input_shape=(2,)),
+        compile=True,
         sampler=SGLD.from_temperature(n_steps=300, step_size=2e-4),
     )
     torch.manual_seed(0)
@@ -138,8 +127,8 @@ def test_compiled_step_keeps_sampler_statistics_under_bf16():
 
 
 def test_compiled_step_is_one_graph_without_breaks():
-    jem = JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2, clip=(-1.0, 1.0)), compile="step")
-    step = jem._compiled.make_step(jem.sampler)
+    jem = JEM(SmallCNN(width=8), sampler=SGLD(n_steps=2, clip=(-1.0, 1.0)))
+    step = CompiledStep(jem.energy, jem.sampler).step  # the function torch.compile is given
     for y in (None, torch.arange(4)):
         torch._dynamo.reset()
         with torch.no_grad():
@@ -152,12 +141,12 @@ def test_compiled_step_runs_eagerly_past_the_recompile_limit_instead_of_failing(
     torch._dynamo.reset()
     sampler = SGLD(n_steps=2, step_size=0.1, noise_std=0.0)
     eager = JEM(SmallCNN(width=4), sampler=sampler)
-    compiled = JEM(SmallCNN(width=4), sampler=sampler, compile="step")
+    compiled = JEM(SmallCNN(width=4), sampler=sampler, compile=True)
     compiled.classifier.load_state_dict(eager.classifier.state_dict())
     with torch._dynamo.config.patch(recompile_limit=1):
         for n in (4, 6, 9):  # each new batch size would need another compilation
             x0 = torch.rand(n, 1, 8, 8) * 2 - 1
-            torch.testing.assert_close(compiled._refine(x0), eager._refine(x0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(compiled.purify(x0, 2), eager.purify(x0, 2), atol=1e-4, rtol=1e-4)
 
 
 class TinyGradients(nn.Module):
@@ -171,27 +160,26 @@ class TinyGradients(nn.Module):
         return self.head(torch.tanh(self.hidden(x)).float() * 1e-6)  # the product in float32: exact forward
 
 
-@pytest.mark.parametrize("compile", [False, "energy", "step"])
+@pytest.mark.parametrize("compile", [False, True])
 def test_fp16_autocast_input_gradients_are_scaled_into_range(compile):
-    from jemkit.sampling.langevin import energy_and_grad
-
     torch._dynamo.reset()
     torch.manual_seed(0)
-    jem = JEM(TinyGradients(), input_shape=(4,), compile=compile)
+    # One SGLD step of size 1e6 without noise: the step reads back the sampler's input gradient, (x - x') / 1e6.
+    jem = JEM(TinyGradients(), sampler=SGLD(n_steps=1, step_size=1e6, noise_std=0.0), compile=compile)
     x = torch.rand(8, 4) * 2 - 1
-    _, fp32 = energy_and_grad(lambda z: jem.energy(z), x)
+    fp32 = (x - jem.purify(x, 1)) / 1e6
+    _, reference = energy_and_grad(jem.energy, x)
+    torch.testing.assert_close(fp32, reference, atol=1e-12, rtol=1e-3)
 
     def error(grad):
         return float((grad - fp32).abs().max() / fp32.abs().max())
 
     with torch.autocast("cpu", dtype=torch.float16):
         assert jem(x[:1]).dtype == torch.float16  # autocast really is on inside the model
-        _, unscaled = energy_and_grad(lambda z: jem.energy(z), x)
-        if compile == "step":  # the whole compiled SGLD update, read back through a large step
-            step = jem._compiled.step_fn(SGLD(n_steps=1, step_size=1e6, noise_std=0.0), None)
-            grad = (x - step(x)) / 1e6
-        else:
-            _, grad = energy_and_grad(jem._energy_fn(None), x)
+        with torch.enable_grad():
+            z = x.clone().requires_grad_(True)
+            (unscaled,) = torch.autograd.grad(jem.energy(z).sum(), z)  # what a sampler without the scaling gets
+        grad = (x - jem.purify(x, 1)) / 1e6
     assert error(unscaled) > 0.1  # what the scaling prevents
     assert error(grad) < 0.01
 
@@ -225,52 +213,52 @@ class ReversedMLP(nn.Module):
 def test_compiled_step_checks_itself_once_and_falls_back_on_custom_backwards():
     torch._dynamo.reset()
     sampler = SGLD(n_steps=3, step_size=0.1, noise_std=0.0)
-    eager = JEM(ReversedMLP(), input_shape=(2,), sampler=sampler)
-    compiled = JEM(ReversedMLP(), input_shape=(2,), sampler=sampler, compile="step")
+    eager = JEM(ReversedMLP(), sampler=sampler)
+    compiled = JEM(ReversedMLP(), sampler=sampler, compile=True)
     compiled.classifier.load_state_dict(eager.classifier.state_dict())
     x0 = torch.rand(16, 2) * 2 - 1
     with pytest.warns(RuntimeWarning, match="custom torch.autograd.Function"):
-        first = compiled._refine(x0)
-    torch.testing.assert_close(first, eager._refine(x0), atol=1e-5, rtol=1e-5)
+        first = compiled.purify(x0, 3)
+    torch.testing.assert_close(first, eager.purify(x0, 3), atol=1e-5, rtol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # checked once: no second warning
-        torch.testing.assert_close(compiled._refine(x0), eager._refine(x0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled.purify(x0, 3), eager.purify(x0, 3), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_compiled_sampling_survives_deepcopy_and_pickle():
     torch._dynamo.reset()
-    jem = JEM(SmallCNN(width=4), sampler=MALA(n_steps=2), compile="energy")
+    sampler = SGLD(n_steps=2, step_size=0.1, noise_std=0.0)
+    jem = JEM(SmallCNN(width=4), sampler=sampler, compile=True)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
-    jem._energy_fn(None)(x)  # compiled now
+    jem.purify(x, 2)  # compiled now
     copy_ = copy.deepcopy(jem)
     with torch.no_grad():
         for p in copy_.parameters():
             p.mul_(3.0)
-    # The copy's compiled energy uses the copy's weights, not the original's
-    torch.testing.assert_close(copy_._energy_fn(None)(x), copy_.energy(x), atol=1e-5, rtol=1e-5)
+    # The copy's compiled step uses the copy's weights, not the original's
+    expected = JEM(SmallCNN(width=4), sampler=sampler)
+    expected.classifier.load_state_dict(copy_.classifier.state_dict())
+    torch.testing.assert_close(copy_.purify(x, 2), expected.purify(x, 2), atol=1e-5, rtol=1e-5)
+    assert copy_.chains.classifier is copy_.classifier and copy_.chains.buffer is copy_.buffer
     restored = pickle.loads(pickle.dumps(jem))
-    torch.testing.assert_close(restored._energy_fn(None)(x), jem.energy(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(restored.purify(x, 2), jem.purify(x, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_compile_options_are_checked_early():
-    with pytest.raises(ValueError, match="compile must be False, True, 'energy' or 'step'"):
+    with pytest.raises(ValueError, match="compile must be a bool or one of"):
         JEM(SmallCNN(width=8), compile="fast")
-    with pytest.raises(ValueError, match="compile_mode must be None or one of"):
-        JEM(SmallCNN(width=8), compile=True, compile_mode="fastest")
-    with pytest.raises(ValueError, match="captures CUDA graphs, which only the 'step' scope supports"):
-        JEM(SmallCNN(width=8), compile=True, compile_mode="reduce-overhead", sampler=MALA())
-    with pytest.raises(ValueError, match="MALA has none: use compile='energy'"):
-        JEM(SmallCNN(width=8), compile="step", sampler=MALA())
+    with pytest.raises(ValueError, match="MALA has none: sample eagerly"):
+        JEM(SmallCNN(width=8), compile=True, sampler=MALA())
     bn = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="sampling_mode='eval' or compile='energy'"):
-        JEM(bn, compile="step", sampling_mode="train")
-    # True picks the widest scope that works.
-    assert JEM(bn, compile=True, sampling_mode="train")._compile_scope() == "energy"
-    assert JEM(bn, compile=True)._compile_scope() == "step"
-    assert JEM(SmallCNN(width=8), compile=True, sampler=MALA())._compile_scope() == "energy"
-    assert JEM(SmallCNN(width=8))._compile_scope() is None
+    with pytest.raises(ValueError, match="sampling_mode='eval' or compile=False"):
+        JEM(bn, compile=True, sampling_mode="train")
+    assert JEM(bn, compile=True).chains.compile_mode == "default"
+    assert JEM(SmallCNN(width=8), compile="max-autotune").chains.compile_mode == "max-autotune"
+    assert JEM(SmallCNN(width=8)).chains.compile_mode is None
     assert callable(JEM(SmallCNN(width=8), compile=True).compile)  # nn.Module.compile() is not shadowed
+    with pytest.raises(ValueError, match="takes no compiled step"):
+        MALA(n_steps=1).sample(lambda x: (x**2).sum(1), torch.zeros(2, 2), step=lambda x: x)
 
 
 def test_only_fp16_autocast_scales_the_sampler_backward():

@@ -1,3 +1,5 @@
+import math
+import warnings
 from functools import partial
 
 import lightning.pytorch as pl
@@ -7,7 +9,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from jemkit import JEM, SGLD, DivergenceError, GaussianMixtureDataModule
+from jemkit import JEM, SGLD, DivergenceError, GaussianMixtureDataModule, ReplayBuffer
+from jemkit.sampling import InitialDistribution
 from tests.conftest import TinyMLP
 
 
@@ -79,7 +82,7 @@ def test_training_learns_classes_and_the_px_term_learns_density(tmp_path):
         jem = JEM(
             TinyMLP(num_classes=4, hidden=64),
             px_weight=px_weight,
-            buffer_size=500,
+            buffer=ReplayBuffer(capacity=500),
             lr=1e-2,
             sampler=SGLD.from_temperature(n_steps=20, step_size=3e-3),
         )
@@ -95,12 +98,9 @@ def test_class_conditional_sampling_targets_class_gaussians():
     means = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
     jem = JEM(
         GaussianClassifier(means, std=0.1),
-        input_shape=(2,),
-        buffer_size=100,
-        reinit_prob=0.0,
+        buffer=ReplayBuffer(capacity=100, reinit_prob=0.0, input_shape=(2,)),
         sampler=SGLD.from_temperature(n_steps=400, step_size=2e-4),
     )
-    jem.buffer.initialize((2,))
     y = torch.tensor([0, 1]).repeat(2000)
     x = jem.sample(len(y), y=y, from_buffer=False)
     for c in (0, 1):
@@ -110,8 +110,7 @@ def test_class_conditional_sampling_targets_class_gaussians():
 
 def test_sample_leaves_buffer_parameters_and_batchnorm_untouched():
     model = TinyMLP(batchnorm=True)
-    jem = JEM(model, input_shape=(2,), buffer_size=50)
-    jem.buffer.initialize((2,))
+    jem = JEM(model, buffer=ReplayBuffer(capacity=50, input_shape=(2,)))
     buffer_before = jem.buffer.samples.clone()
     bn = model.net[2]
     stats = bn.running_mean.clone(), bn.running_var.clone()
@@ -130,7 +129,7 @@ def test_batchnorm_running_stats_see_only_data(tmp_path):
     reference = TinyMLP(batchnorm=True)
     reference.load_state_dict(model.state_dict())
     x, y = torch.randn(16, 2), torch.arange(16) % 3
-    jem = JEM(model, data_noise=0.0, buffer_size=64)
+    jem = JEM(model, data_noise=0.0, buffer=ReplayBuffer(capacity=64))
     trainer(tmp_path, max_steps=1).fit(jem, loader(x, y, batch_size=16))
     reference.train()
     reference(x)  # one data forward, as the JEM step should do
@@ -145,8 +144,17 @@ def test_pxy_term_uses_conditional_buffer_and_logs(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, *args):
             logged.update(trainer.callback_metrics)
 
-    jem = JEM(TinyMLP(), pxy_weight=1.0, energy_l2_weight=0.1, sampler=SGLD(n_steps=2), buffer_size=30)
+    jem = JEM(TinyMLP(), pxy_weight=1.0, energy_l2_weight=0.1, sampler=SGLD(n_steps=2))
     assert jem.buffer.conditional
+    with pytest.raises(ValueError, match=r"pxy_weight > 0 samples per class: pass buffer=ReplayBuffer\(conditional"):
+        JEM(TinyMLP(), pxy_weight=1.0, buffer=ReplayBuffer(capacity=30))
+    jem = JEM(
+        TinyMLP(),
+        pxy_weight=1.0,
+        energy_l2_weight=0.1,
+        sampler=SGLD(n_steps=2),
+        buffer=ReplayBuffer(30, conditional=True),
+    )
     trainer(tmp_path, max_steps=2, callbacks=[Grab()]).fit(jem, toy_loader())
     for key in [
         "train/loss",
@@ -159,16 +167,29 @@ def test_pxy_term_uses_conditional_buffer_and_logs(tmp_path):
         "train/acc",
     ]:
         assert key in logged and torch.isfinite(logged[key])
-    torch.testing.assert_close(logged["train/energy_gap"], logged["train/energy_sample"] - logged["train/energy_data"])
 
 
-def test_validation_logs_accuracy_nll_ece(tmp_path):
-    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=30)
-    tr = trainer(tmp_path, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
-    tr.fit(jem, toy_loader(), toy_loader())
-    metrics = tr.callback_metrics
-    assert {"val/acc", "val/nll", "val/ece", "val/energy"} <= set(metrics)
-    assert 0 <= metrics["val/ece"] <= 1 and metrics["val/nll"] > 0
+def test_validation_metrics_are_the_one_calibration_path_also_at_confidence_one(tmp_path):
+    from jemkit.evaluate.report import calibration_report
+    from jemkit.metrics import CalibrationMetrics, expected_calibration_error
+
+    classifier = nn.Linear(2, 3)
+    with torch.no_grad():  # large logits: some confidences are exactly 1.0 in float32, the edge binnings disagree on
+        classifier.weight.copy_(torch.tensor([[40.0, 0.0], [0.0, 40.0], [-40.0, -40.0]]))
+    x, y = torch.randn(40, 2), torch.arange(40) % 3
+    logits = classifier(x).detach()
+    assert (logits.softmax(1).max(1).values == 1.0).sum() >= 10
+    jem = JEM(classifier, sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=30))
+    metrics = trainer(tmp_path).validate(jem, loader(x, y, batch_size=16), verbose=False)[0]
+    expected = CalibrationMetrics()
+    expected.update(logits, y)
+    expected = expected.compute()
+    for key in ("acc", "nll", "ece", "brier", "mce"):
+        torch.testing.assert_close(torch.tensor(metrics[f"val/{key}"]), expected[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(expected["ece"], expected_calibration_error(logits.softmax(1), y))
+    report = calibration_report(logits, y, n_bins=15)
+    assert report["ece"] == pytest.approx(float(expected["ece"]), abs=1e-6)
+    assert report["accuracy"] == pytest.approx(float(expected["acc"]), abs=1e-6)
 
 
 def test_predict_returns_probabilities(tmp_path):
@@ -181,7 +202,7 @@ def test_predict_returns_probabilities(tmp_path):
 # ----------------------------------------------------------------------------- checkpoints
 def test_checkpoint_carries_buffer_and_resume_restores_it_exactly(tmp_path):
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2), buffer_size=40)
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2), buffer=ReplayBuffer(capacity=40))
     trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(jem, toy_loader())
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert torch.equal(saved["state_dict"]["buffer.samples"], jem.buffer.samples)
@@ -196,7 +217,7 @@ def test_checkpoint_carries_buffer_and_resume_restores_it_exactly(tmp_path):
             seen["step"] = trainer.global_step
             seen["adam"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
 
-    resumed = JEM(TinyMLP(), sampler=SGLD(n_steps=2), buffer_size=40)
+    resumed = JEM(TinyMLP(), sampler=SGLD(n_steps=2), buffer=ReplayBuffer(capacity=40))
     trainer(tmp_path, max_steps=5, callbacks=[Snapshot()]).fit(resumed, toy_loader(), ckpt_path=tmp_path / "last.ckpt")
     assert torch.equal(seen["buffer"], saved["state_dict"]["buffer.samples"])
     assert torch.equal(seen["weight"], saved["state_dict"]["classifier.net.1.weight"])
@@ -205,13 +226,14 @@ def test_checkpoint_carries_buffer_and_resume_restores_it_exactly(tmp_path):
 
     loaded = JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP())
     assert torch.equal(loaded.buffer.samples, saved["state_dict"]["buffer.samples"])
-    assert loaded.num_classes == 3 and loaded.hparams.buffer_size == 40
+    assert loaded.num_classes == 3 and loaded.hparams.buffer["init_args"]["capacity"] == 40
+    assert loaded.buffer.capacity == 40 and loaded.sampler.n_steps == 2
 
 
 def test_checkpoint_of_other_class_count_is_refused(tmp_path):
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(
-        JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=10), toy_loader()
+        JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10)), toy_loader()
     )
     with pytest.raises(ValueError, match=r"3 classes but this JEM was built with 5"):
         JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP(num_classes=5), num_classes=5)
@@ -251,23 +273,25 @@ class WrongShape(nn.Module):
         (WrongShape(), torch.randn(8, 2), torch.zeros(8, dtype=torch.long), ValueError, r"logits of shape \[B, C\]"),
         (TinyMLP(), torch.randn(8, 2), torch.full((8,), 3), ValueError, r"labels must lie in \[0, 3\).*\[3, 3\]"),
         (TinyMLP(), torch.randn(8, 2), torch.full((8,), -1), ValueError, r"labels in \[-1, -1\]"),
-        (TinyMLP(), torch.randn(8, 2), torch.zeros(8), TypeError, "integer class labels"),
+        (TinyMLP(), torch.randn(8, 2), torch.zeros(8), ValueError, "integer class labels"),
     ],
 )
 def test_bad_first_batch_gives_clear_error(tmp_path, model, x, y, error, match):
     with pytest.raises(error, match=match):
-        trainer(tmp_path, max_steps=1).fit(JEM(model, buffer_size=10), loader(x, y))
+        trainer(tmp_path, max_steps=1).fit(JEM(model, buffer=ReplayBuffer(capacity=10)), loader(x, y))
 
 
 def test_input_shape_mismatch(tmp_path):
-    jem = JEM(TinyMLP(in_features=4), input_shape=(2, 2), buffer_size=10)
+    jem = JEM(TinyMLP(in_features=4), buffer=ReplayBuffer(capacity=10, input_shape=(2, 2)))
     with pytest.raises(ValueError, match=r"shape \(4,\) per sample, expected \(2, 2\)"):
         trainer(tmp_path, max_steps=1).fit(jem, loader(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)))
 
 
 def test_num_classes_mismatch(tmp_path):
     with pytest.raises(ValueError, match="returns 3 logits but num_classes=5"):
-        trainer(tmp_path, max_steps=1).fit(JEM(TinyMLP(), num_classes=5, buffer_size=10), toy_loader())
+        trainer(tmp_path, max_steps=1).fit(
+            JEM(TinyMLP(), num_classes=5, buffer=ReplayBuffer(capacity=10)), toy_loader()
+        )
 
 
 def test_divergence_stops_with_named_quantity_and_no_checkpoint(tmp_path):
@@ -282,7 +306,7 @@ def test_divergence_stops_with_named_quantity_and_no_checkpoint(tmp_path):
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)],
     )
     with pytest.raises(DivergenceError, match=r"diverged at global step 0: .*energy_data=(nan|-?inf) \(non-finite\)"):
-        tr.fit(JEM(model, sampler=SGLD(n_steps=1), buffer_size=10), toy_loader())
+        tr.fit(JEM(model, sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10)), toy_loader())
     assert not ckpt_dir.exists() or not any(ckpt_dir.iterdir())
 
 
@@ -316,8 +340,8 @@ class DictOutput(nn.Module):
 
 def test_classifier_returning_a_dict_needs_output_key(tmp_path):
     with pytest.raises(TypeError, match=r"dict with keys \['logits', 'features'\]: pass output_key"):
-        trainer(tmp_path, max_steps=1).fit(JEM(DictOutput(), buffer_size=10), toy_loader())
-    jem = JEM(DictOutput(), output_key="logits", sampler=SGLD(n_steps=1), buffer_size=10)
+        trainer(tmp_path, max_steps=1).fit(JEM(DictOutput(), buffer=ReplayBuffer(capacity=10)), toy_loader())
+    jem = JEM(DictOutput(), output_key="logits", sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10))
     trainer(tmp_path, max_steps=1).fit(jem, toy_loader())
     assert jem(torch.zeros(2, 2)).shape == (2, 3)
 
@@ -326,14 +350,14 @@ def test_data_outside_the_sampler_range_warns_once_with_observed_range(tmp_path)
     x = torch.rand(16, 2) * 255
     with pytest.warns(UserWarning, match=r"training inputs lie in \[.*, .*\] but SGLD chains start in \[-1, 1\]"):
         trainer(tmp_path, max_steps=2).fit(
-            JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=10), loader(x, torch.arange(16) % 3)
+            JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10)), loader(x, torch.arange(16) % 3)
         )
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(
-        JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=10), toy_loader()
+        JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10)), toy_loader()
     )
     with pytest.raises(ValueError, match="holds a TinyMLP classifier but this JEM wraps a DictOutput"):
         JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=DictOutput(), output_key="logits")
@@ -342,8 +366,9 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 def test_batch_of_one_with_batchnorm_passes_the_first_batch_checks(tmp_path):
-    jem = JEM(TinyMLP(batchnorm=True), sampler=SGLD(n_steps=1), buffer_size=10, px_weight=0.0)
-    jem._prepare(torch.randn(1, 2), torch.zeros(1, dtype=torch.long), "val")
+    jem = JEM(TinyMLP(batchnorm=True), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10), px_weight=0.0)
+    one = loader(torch.randn(1, 2), torch.zeros(1, dtype=torch.long), batch_size=1)
+    trainer(tmp_path).validate(jem, one, verbose=False)
     assert jem.num_classes == 3 and jem.buffer.input_shape == (2,)
 
 
@@ -353,10 +378,8 @@ def test_informative_init_is_fitted_on_training_data_and_checkpointed(tmp_path):
     dm = DigitsDataModule(batch_size=64)
     jem = JEM(
         TinyMLP(in_features=64, num_classes=10),
-        init=GaussianInit(),
         sampler=SGLD(n_steps=1),
-        buffer_size=200,
-        init_fit_batches=10,
+        buffer=ReplayBuffer(capacity=200, init=GaussianInit(fit_batches=10)),
     )
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[ckpt_cb], limit_val_batches=0).fit(jem, dm)
@@ -368,9 +391,8 @@ def test_informative_init_is_fitted_on_training_data_and_checkpointed(tmp_path):
     # fresh chains start near the class means: closer to them than uniform noise is
     fresh = init.sample(500, (1, 8, 8), y=torch.full((500,), 3))
     assert (fresh.mean(0) - init.means[3]).abs().mean() < 0.05
-    loaded = JEM.load_from_checkpoint(
-        tmp_path / "last.ckpt", classifier=TinyMLP(in_features=64, num_classes=10), init=GaussianInit()
-    )
+    loaded = JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP(in_features=64, num_classes=10))
+    assert isinstance(loaded.buffer.init, GaussianInit) and loaded.buffer.init.fit_batches == 10
     assert torch.equal(loaded.buffer.init.means, init.means)
 
 
@@ -394,7 +416,14 @@ class RecordLR(pl.Callback):
 )
 def test_lr_warmup_is_linear_per_step_and_composes_with_any_epoch_schedule(tmp_path, scheduler, epoch_lrs):
     record = RecordLR()
-    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer_size=32, lr=0.1, lr_warmup_steps=6, lr_scheduler=scheduler)
+    jem = JEM(
+        TinyMLP(),
+        sampler=SGLD(n_steps=1),
+        buffer=ReplayBuffer(capacity=32),
+        lr=0.1,
+        lr_warmup_steps=6,
+        lr_scheduler=scheduler,
+    )
     trainer = pl.Trainer(
         max_epochs=3,
         logger=False,
@@ -409,3 +438,63 @@ def test_lr_warmup_is_linear_per_step_and_composes_with_any_epoch_schedule(tmp_p
     expected += [0.025] * 4  # epoch 2: warm-up over, the schedule alone
     torch.testing.assert_close(torch.tensor(record.lrs), torch.tensor(expected), rtol=1e-6, atol=0)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0125)  # the schedule alone, after 3 epochs
+
+
+class ZeroInit(InitialDistribution):
+    """Chains that always start (and, with 0 SGLD steps, end) at the origin."""
+
+    def _sample(self, n, shape, device, dtype, y):
+        return torch.zeros((n, *shape), device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("ce_weight", "px_weight", "pxy_weight", "energy_l2_weight"),
+    [(1.0, 1.0, 0.0, 0.0), (0.5, 2.0, 0.0, 0.3), (1.0, 0.0, 1.5, 0.0), (0.2, 0.7, 1.3, 0.1), (0.0, 1.0, 1.0, 1.0)],
+)
+def test_the_loss_is_the_weighted_sum_of_its_terms_on_fixed_samples(ce_weight, px_weight, pxy_weight, energy_l2_weight):
+    # A bias-free linear classifier gives samples at the origin the logits 0: E(x_q) = -log C and E(x_q, y_q) = 0
+    # whatever the random labels y_q, so every term has a closed form.
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2)
+    classifier = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        classifier.weight.copy_(weight)
+    temperature = 2.0
+    jem = JEM(
+        classifier,
+        ce_weight=ce_weight,
+        px_weight=px_weight,
+        pxy_weight=pxy_weight,
+        energy_l2_weight=energy_l2_weight,
+        data_noise=0.0,
+        temperature=temperature,
+        sampler=SGLD(n_steps=0),
+        buffer=ReplayBuffer(capacity=9, reinit_prob=1.0, init=ZeroInit(), conditional=True, num_classes=3),
+    )
+    x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 2, 1, 0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step called without a Trainer
+        loss = jem.training_step((x, y), 0)
+    logits = x @ weight.T
+    e_data = -temperature * torch.logsumexp(logits / temperature, 1)
+    e_sample = torch.full((6,), -temperature * math.log(3.0))
+    terms = {
+        "ce": torch.nn.functional.cross_entropy(logits, y),
+        "px": e_data.mean() - e_sample.mean(),
+        "pxy": (-logits.gather(1, y[:, None]) / temperature).mean() - 0.0,
+        "l2": e_data.square().mean() + e_sample.square().mean(),
+    }
+    expected = ce_weight * terms["ce"]
+    if px_weight > 0:
+        expected = expected + px_weight * terms["px"] + energy_l2_weight * terms["l2"]
+    expected = expected + pxy_weight * terms["pxy"]
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    stats = jem.step_stats
+    torch.testing.assert_close(stats["ce"], terms["ce"])
+    torch.testing.assert_close(stats["energy_data"], e_data.mean())
+    if px_weight > 0:
+        torch.testing.assert_close(stats["px"], terms["px"])
+        torch.testing.assert_close(stats["energy_gap"], e_sample.mean() - e_data.mean())
+        torch.testing.assert_close(stats["sample_norm"], torch.tensor(0.0))
+    if pxy_weight > 0:
+        torch.testing.assert_close(stats["pxy"], terms["pxy"])

@@ -8,14 +8,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torchmetrics import CatMetric
 from typing_extensions import override
 
 from jemkit.adapters import unpack_batch
-from jemkit.callbacks.samples import run_dir
+from jemkit.callbacks._logging import log_to_tensorboard, run_dir
 from jemkit.evaluate.plots import reliability_diagram, save_figure
 from jemkit.metrics.calibration import CalibrationMetrics, ReliabilityDiagram
 from jemkit.metrics.temperature import fit_temperature
@@ -126,11 +125,7 @@ class CalibrationMonitor(Callback):
             bins["bin_counts"].cpu(),
             title=f"{stage}, epoch {trainer.current_epoch}",
         )
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(
-                    f"calibration/reliability_{stage}", figure, trainer.global_step, close=False
-                )
+        log_to_tensorboard(trainer, f"calibration/reliability_{stage}", figure=figure)
         path = log_dir / self.dirname / f"reliability_{stage}_epoch={trainer.current_epoch:04d}.png"
         self.last_figure_path = save_figure(figure, path)
 

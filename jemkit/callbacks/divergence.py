@@ -1,10 +1,12 @@
-"""Guard a JEM run against divergence: stop with a clear message, or roll back to the last good state and go on.
+"""Guard a JEM run against divergence: stop with a clear message, skip the broken step, or roll back and go on.
 
 JEM training is known to blow up (energies run to +-1e8, samples leave the data range); the reference code simply
-kills the run. This callback watches the JEM's own per-step quantities (non-finite losses or energies, the energy
-gap between data and samples, energy magnitudes, sample norms). The JEM checks them in its training step, with one
-host sync and, under DDP, one agreement between ranks, and skips the optimiser step of a diverged batch, so a broken
-update is never applied and no broken checkpoint is written.
+kills the run. The JEM reports its per-step statistics (``JEM.step_stats``: loss terms, energies of data and
+samples, sample norms); this callback owns the policy. It judges every step's statistics before the backward pass
+(one host sync and, under DDP, one agreement between ranks, so that all ranks act alike) and drops the gradients of a
+diverged step before the optimiser sees them, so a broken update is never applied and no broken checkpoint is written.
+A JEM adds a ``DivergenceGuard()`` (action ``"raise"``) to any Trainer that has none, much as Lightning's
+``EarlyStopping(check_finite=True)`` stops on a non-finite metric.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from jemkit.module import DivergenceError
+from jemkit.divergence import DivergenceError, divergence_reasons
 
 __all__ = ["DivergenceGuard"]
+
+_HINT = (
+    "Lower the learning rate or the SGLD step size, clip samples (SGLD(clip=(-1, 1))), add energy_l2_weight, or add "
+    "the DivergenceGuard(action='rollback') callback."
+)
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -35,28 +42,34 @@ def _to_cpu(obj: Any) -> Any:
 
 
 class DivergenceGuard(Callback):
-    """Stop or roll back a diverging JEM run.
+    """Stop, skip or roll back a diverging JEM run.
 
-    Watched per step: non-finite loss/energies (always), ``|E_sample - E_data| > max_energy_gap``,
+    Watched per step: non-finite loss terms and energies (always), ``|E_sample - E_data| > max_energy_gap``,
     ``|mean E| > max_abs_energy`` (data or samples), and mean sample L2 norm ``> sample_norm_factor * sqrt(D)``
     (``D`` input dimensions: data in ``[-1, 1]`` never exceeds ``sqrt(D)``).
 
     Actions:
         - ``"raise"``: stop with :class:`~jemkit.DivergenceError` naming the quantity and the step.
+        - ``"skip"``: drop the step's update (weights and optimiser state stay as they were), re-initialise replay
+          buffer slots that went non-finite, warn and go on.
         - ``"rollback"``: restore the weights, optimiser and scheduler state of the last snapshot (taken every
           ``snapshot_every_n_steps`` healthy steps, kept in host memory), re-initialise the replay buffer (its shard,
-          under DDP), multiply
-          every learning rate by ``lr_factor``, log ``train/rollbacks``, and go on; after ``max_rollbacks``
-          rollbacks, raise.
+          under DDP), lower the learning rate to ``lr_factor ** rollbacks`` times the scheduled one (applied at every
+          optimiser step, so schedulers that set the rate outright keep it lowered), log ``train/rollbacks`` and go
+          on; after ``max_rollbacks`` rollbacks, raise.
 
     Args:
-        action: ``"raise"`` or ``"rollback"``.
+        action: ``"raise"``, ``"skip"`` or ``"rollback"``.
         max_energy_gap: limit on ``|E_sample - E_data|`` (batch means).
         max_abs_energy: limit on ``|E_data|`` and ``|E_sample|`` (batch means).
         sample_norm_factor: limit on the mean sample norm, in units of ``sqrt(D)``.
         max_rollbacks: rollbacks allowed before giving up.
-        lr_factor: learning-rate multiplier applied at each rollback.
+        lr_factor: learning-rate multiplier per rollback.
         snapshot_every_n_steps: healthy steps between snapshots.
+
+    Raises:
+        DivergenceError: with ``action="raise"`` on a diverged step, and after ``max_rollbacks`` rollbacks.
+        TypeError: when the LightningModule is not a jemkit JEM.
 
     Example::
 
@@ -65,7 +78,7 @@ class DivergenceGuard(Callback):
 
     def __init__(
         self,
-        action: Literal["raise", "rollback"] = "raise",
+        action: Literal["raise", "skip", "rollback"] = "raise",
         max_energy_gap: float = 1e3,
         max_abs_energy: float = 1e4,
         sample_norm_factor: float = 10.0,
@@ -73,8 +86,8 @@ class DivergenceGuard(Callback):
         lr_factor: float = 0.5,
         snapshot_every_n_steps: int = 100,
     ) -> None:
-        if action not in ("raise", "rollback"):
-            raise ValueError(f"action must be 'raise' or 'rollback', got {action!r}")
+        if action not in ("raise", "skip", "rollback"):
+            raise ValueError(f"action must be 'raise', 'skip' or 'rollback', got {action!r}")
         for name, value in [
             ("max_energy_gap", max_energy_gap),
             ("max_abs_energy", max_abs_energy),
@@ -97,27 +110,86 @@ class DivergenceGuard(Callback):
         self.lr_factor = lr_factor
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.rollbacks = 0
+        self.skipped_steps = 0
         self.events: list[dict[str, Any]] = []
         self._snapshot: dict[str, Any] | None = None
+        self._pending: str | None = None  # why the current step diverged, until its update is dropped
+        self._dropped = False  # the pending step's gradients were dropped: act on it at the batch end
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(action=self.action)
 
-    def _configure(self, pl_module: pl.LightningModule) -> None:
-        if not hasattr(pl_module, "divergence_limits"):
-            raise TypeError(f"DivergenceGuard works with a jemkit JEM, got {type(pl_module).__name__}")
-        pl_module.check_finite = True
-        pl_module.on_divergence = "raise" if self.action == "raise" else "skip"
+    def limits(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Limits on the JEM's step statistics, by name (the sample-norm limit once the input shape is known)."""
         limits = {
             "energy_gap": self.max_energy_gap,
             "energy_data": self.max_abs_energy,
             "energy_sample": self.max_abs_energy,
         }
-        shape = pl_module.buffer.input_shape or getattr(pl_module, "_input_shape", None)
+        shape = pl_module.buffer.input_shape
         if shape is not None:
             limits["sample_norm"] = self.sample_norm_factor * math.sqrt(math.prod(shape))
-        pl_module.divergence_limits = limits
+        return limits
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "step_stats") or not hasattr(pl_module, "lr_scale"):
+            raise TypeError(f"DivergenceGuard works with a jemkit JEM, got {type(pl_module).__name__}")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.action == "rollback":
+            pl_module.lr_scale = self.lr_factor**self.rollbacks  # also after resuming a run that rolled back
+            self._take_snapshot(trainer, pl_module)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        reasons = divergence_reasons(pl_module.step_stats, self.limits(pl_module))
+        diverged = bool(reasons)
+        if trainer.world_size > 1:  # every rank calls this hook every step: the ranks agree, so all act alike
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if not diverged:
+            return
+        where = ", ".join(reasons) if reasons else "on another rank"
+        reason = f"training diverged at global step {trainer.global_step}: {where}"
+        if self.action == "raise":
+            raise DivergenceError(f"{reason}. {_HINT}")
+        self._pending = reason
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._pending is None:
+            return
+        for group in optimizer.param_groups:  # no update, and Adam's moments stay as they were
+            for p in group["params"]:
+                p.grad = None
+        self._dropped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._dropped:
+            reason, self._pending, self._dropped = self._pending, None, False
+            if self.action == "rollback":
+                self._rollback(trainer, pl_module, reason)
+            else:
+                self.skipped_steps += 1
+                replaced = pl_module.buffer.reinit_nonfinite()
+                self.events.append({"step": trainer.global_step, "reason": reason, "action": "skip"})
+                rank_zero_warn(
+                    f"DivergenceGuard: {reason}. Skipped the update of this step"
+                    + (f" and re-initialised {replaced} non-finite replay-buffer slots." if replaced else ".")
+                )
+        elif self.action == "rollback" and trainer.global_step % self.snapshot_every_n_steps == 0:
+            self._take_snapshot(trainer, pl_module)
+        if self.action == "rollback":
+            pl_module.log("train/rollbacks", float(self.rollbacks), on_step=True, on_epoch=False)
+        elif self.action == "skip":
+            pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._snapshot = {
@@ -138,15 +210,15 @@ class DivergenceGuard(Callback):
             opt.load_state_dict(state)
         for cfg, state in zip(trainer.lr_scheduler_configs, snapshot["schedulers"], strict=True):
             cfg.scheduler.load_state_dict(state)
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                group["lr"] *= self.lr_factor**self.rollbacks
+        # The snapshot holds the scheduled rates; the reduction is a factor of its own, so it never compounds.
+        pl_module.lr_scale = self.lr_factor**self.rollbacks
         pl_module.buffer.reset()
         event = {
             "step": trainer.global_step,
             "restored_step": snapshot["step"],
             "reason": reason,
-            "lr": [g["lr"] for opt in trainer.optimizers for g in opt.param_groups],
+            "action": "rollback",
+            "lr": [g["lr"] * pl_module.lr_scale for opt in trainer.optimizers for g in opt.param_groups],
         }
         self.events.append(event)
         rank_zero_warn(
@@ -155,35 +227,11 @@ class DivergenceGuard(Callback):
         )
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._configure(pl_module)
-        if self.action == "rollback":
-            self._take_snapshot(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if "sample_norm" not in pl_module.divergence_limits and pl_module.buffer.is_initialized:
-            self._configure(pl_module)  # the input shape is known once the first batch was seen
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        reason = pl_module.divergence_reason
-        if reason is not None:
-            pl_module.divergence_reason = None
-            self._rollback(trainer, pl_module, reason)
-        elif self.action == "rollback" and trainer.global_step % self.snapshot_every_n_steps == 0:
-            self._take_snapshot(trainer, pl_module)
-        pl_module.log("train/rollbacks", float(self.rollbacks), on_step=True, on_epoch=False)
-
-    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"rollbacks": self.rollbacks, "events": self.events}
+        return {"rollbacks": self.rollbacks, "skipped_steps": self.skipped_steps, "events": self.events}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = state_dict.get("rollbacks", 0)
+        self.skipped_steps = state_dict.get("skipped_steps", 0)
         self.events = list(state_dict.get("events", []))

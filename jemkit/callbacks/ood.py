@@ -7,14 +7,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from jemkit.adapters import sampling_context
-from jemkit.callbacks.samples import run_dir
+from jemkit.callbacks._logging import log_to_tensorboard, run_dir
 from jemkit.data.ood import check_ood_dataset, make_ood_dataset
 from jemkit.evaluate.plots import save_figure, score_histogram
 from jemkit.metrics.ood import OODMetrics
@@ -142,7 +141,5 @@ class OODMonitor(Callback):
             figure = score_histogram(
                 {k: v.cpu() for k, v in groups.items()}, title=f"OOD score {score}", xlabel=score, legend_extra=extra
             )
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_figure(f"ood/{score}", figure, trainer.global_step, close=False)
+            log_to_tensorboard(trainer, f"ood/{score}", figure=figure)
             save_figure(figure, log_dir / "ood" / f"{score}_epoch={trainer.current_epoch:04d}.png")

@@ -6,22 +6,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchvision.io import ImageReadMode, read_image
 from typing_extensions import override
 
+from jemkit.callbacks._logging import log_to_tensorboard, run_dir
 from jemkit.evaluate.samples import save_sample_grids
 
-__all__ = ["SampleGrid", "run_dir"]
-
-
-def run_dir(trainer: pl.Trainer) -> Path:
-    """The run's log directory (the logger's version folder when there is one, else ``default_root_dir``).
-
-    ``trainer.log_dir`` broadcasts from rank zero: call this on every rank, never inside rank-zero-only code.
-    """
-    return Path(trainer.log_dir if trainer.log_dir is not None else trainer.default_root_dir)
+__all__ = ["SampleGrid"]
 
 
 class SampleGrid(Callback):
@@ -90,8 +82,5 @@ class SampleGrid(Callback):
             self.value_range,
             suffix,
         )
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for name, path in self.last_paths.items():
-                    image = read_image(str(path), ImageReadMode.RGB)
-                    logger.experiment.add_image(f"samples/{name}", image, global_step=trainer.global_step)
+        for name, path in self.last_paths.items():
+            log_to_tensorboard(trainer, f"samples/{name}", image=read_image(str(path), ImageReadMode.RGB))

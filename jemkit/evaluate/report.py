@@ -21,12 +21,12 @@ from jemkit.data.ood import OOD_SETS, check_ood_dataset, make_ood_dataset
 from jemkit.evaluate.plots import reliability_diagram, save_figure, score_histogram
 from jemkit.evaluate.robustness import robust_accuracy
 from jemkit.evaluate.samples import save_sample_grids
-from jemkit.metrics.calibration import ReliabilityDiagram, brier_score, negative_log_likelihood
+from jemkit.metrics.calibration import CalibrationMetrics, ReliabilityDiagram
 from jemkit.metrics.ood import ood_metrics
 from jemkit.metrics.temperature import fit_temperature
 from jemkit.scores import SCORES, score_batches
 
-__all__ = ["DEFAULT_ATTACKS", "evaluate", "format_report"]
+__all__ = ["DEFAULT_ATTACKS", "calibration_report", "evaluate", "format_report"]
 
 DEFAULT_ATTACKS: tuple[dict[str, Any], ...] = (
     {"kind": "clean"},
@@ -54,16 +54,22 @@ def _logits_and_labels(jem: Any, loader: DataLoader, desc: str, progress: bool) 
     return torch.cat(logits), torch.cat(labels).long()
 
 
-def _calibration(logits: Tensor, y: Tensor, n_bins: int) -> dict[str, Any]:
-    diagram = ReliabilityDiagram(n_bins, from_logits=True)
+def calibration_report(logits: Tensor, y: Tensor, n_bins: int = 15) -> dict[str, Any]:
+    """Accuracy, NLL, Brier, ECE, MCE and the reliability bins of logits ``[N, C]`` against labels ``[N]``.
+
+    The same metric (:class:`~jemkit.metrics.CalibrationMetrics`) as the JEM's ``val/*`` and ``test/*`` logs and the
+    :class:`~jemkit.callbacks.CalibrationMonitor`, so the three agree to the last digit.
+    """
+    scalars, diagram = CalibrationMetrics(n_bins), ReliabilityDiagram(n_bins, from_logits=True)
+    scalars.update(logits, y)
     diagram.update(logits, y)
-    bins = diagram.compute()  # one binning gives ECE, MCE and the diagram
+    values, bins = scalars.compute(), diagram.compute()
     return {
-        "accuracy": (logits.argmax(1) == y).float().mean().item(),
-        "nll": float(negative_log_likelihood(logits, y)),
-        "brier": float(brier_score(logits.softmax(1), y)),
-        "ece": float(bins["ece"]),
-        "mce": float(bins["mce"]),
+        "accuracy": float(values["acc"]),
+        "nll": float(values["nll"]),
+        "brier": float(values["brier"]),
+        "ece": float(values["ece"]),
+        "mce": float(values["mce"]),
         "bins": {
             "confidence": bins["bin_confidence"].tolist(),
             "accuracy": bins["bin_accuracy"].tolist(),
@@ -123,7 +129,7 @@ def evaluate(
 
     # Calibration on the whole test split.
     logits, y = _logits_and_labels(jem, DataLoader(test_set, batch_size=batch_size), "test logits", progress)
-    report["calibration"] = _calibration(logits, y, n_bins)
+    report["calibration"] = calibration_report(logits, y, n_bins)
     figure = _reliability_figure(report["calibration"], "Reliability (test)")
     report["figures"]["reliability"] = str(save_figure(figure, out / "reliability.png"))
     if temperature_scaling:
@@ -134,7 +140,7 @@ def evaluate(
                 jem, DataLoader(val_set, batch_size=batch_size), "val logits", progress
             )
             temperature = fit_temperature(val_logits, val_y)
-            scaled = _calibration(logits / temperature, y, n_bins)
+            scaled = calibration_report(logits / temperature, y, n_bins)
             report["temperature_scaling"] = {
                 "temperature": temperature,
                 **{k: scaled[k] for k in ("nll", "brier", "ece", "mce")},

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from jemkit.adapters import sampling_context, unpack_batch
+from jemkit.energy import check_labels
 
 __all__ = ["ATTACK_KINDS", "NORMS", "gaussian_noise_corruption", "pgd_attack", "robust_accuracy"]
 
@@ -159,10 +160,7 @@ def pgd_attack(
     clip = _check_clip(clip)
     if step_size is not None and not (isinstance(step_size, (int, float)) and 0 < step_size < math.inf):
         raise ValueError(f"step_size must be None or a finite number > 0, got {step_size!r}")
-    if y.shape != x.shape[:1]:
-        raise ValueError(
-            f"expected labels of shape [{x.shape[0]}] for inputs of shape {tuple(x.shape)}, got {tuple(y.shape)}"
-        )
+    check_labels(y, x.shape[0])
     if eps == 0:
         return x.detach()
     alpha = 2.5 * eps / steps if step_size is None else float(step_size)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from jemkit.energy import check_labels
+
 __all__ = [
     "CalibrationMetrics",
     "ReliabilityDiagram",
@@ -44,18 +46,13 @@ def _check_n_bins(n_bins: int) -> None:
 
 
 def _check_inputs(preds: Tensor, y: Tensor, name: str) -> None:
-    if not isinstance(preds, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(f"expected Tensors {name} [N, C] and y [N], got {type(preds).__name__}, {type(y).__name__}")
+    if not isinstance(preds, Tensor):
+        raise TypeError(f"expected a Tensor {name} [N, C], got {type(preds).__name__}")
     if preds.dim() != 2 or preds.shape[0] == 0 or preds.shape[1] == 0:
         raise ValueError(f"expected non-empty {name} of shape [N, C], got shape {tuple(preds.shape)}")
     if not preds.is_floating_point():
         raise TypeError(f"expected floating-point {name}, got dtype {preds.dtype}")
-    if y.shape != preds.shape[:1]:
-        raise ValueError(f"expected labels of shape [{preds.shape[0]}], got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise TypeError(f"expected integer class labels, got dtype {y.dtype}")
-    if bool(((y < 0) | (y >= preds.shape[1])).any()):
-        raise ValueError(f"labels must lie in [0, {preds.shape[1] - 1}]")
+    check_labels(y, preds.shape[0], preds.shape[1])
 
 
 def _check_probs(probs: Tensor, y: Tensor) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from jemkit.energy import check_labels
+
 __all__ = ["fit_temperature"]
 
 
@@ -49,11 +51,7 @@ def fit_temperature(logits: Tensor, y: Tensor, max_iter: int = 50, lr: float = 0
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"expected non-empty logits of shape [N, C], got {shape}")
-    if not isinstance(y, Tensor) or y.shape != logits.shape[:1]:
-        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"expected labels of shape [{logits.shape[0]}], got {shape}")
-    if y.is_floating_point() or bool(((y < 0) | (y >= logits.shape[1])).any()):
-        raise ValueError(f"expected integer labels in [0, {logits.shape[1] - 1}]")
+    check_labels(y, logits.shape[0], logits.shape[1])
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     if bool(torch.isnan(logits).any()):

@@ -1,11 +1,13 @@
 """Sampling: Langevin samplers, their initial distributions and the persistent replay buffer."""
 
 from jemkit.sampling.buffer import ReplayBuffer
+from jemkit.sampling.chains import Chains
 from jemkit.sampling.init import GaussianInit, InitialDistribution, UniformInit
 from jemkit.sampling.langevin import MALA, SGLD, EnergyFn, Sampler
 
 __all__ = [
     "MALA",
+    "Chains",
     "SGLD",
     "EnergyFn",
     "GaussianInit",

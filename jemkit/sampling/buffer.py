@@ -35,7 +35,8 @@ class ReplayBuffer(nn.Module):
     call to :meth:`initialize` (the module does this with the first batch), and a checkpoint of any shape loads into it.
 
     Args:
-        capacity: number of stored samples (JEM default 10,000).
+        capacity: number of stored samples (JEM default 10,000), across all ranks: under DDP each rank keeps an equal
+            shard (:meth:`initialize` with ``world_size``), and checkpoints hold every shard.
         reinit_prob: probability that a drawn start point is replaced by a fresh draw from ``init`` (JEM default 0.05).
         init: initial distribution of fresh chains; default uniform on ``[-1, 1]``.
         input_shape: shape of one sample without the batch dimension, or ``None`` to set it later.
@@ -68,7 +69,8 @@ class ReplayBuffer(nn.Module):
             raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob!r}")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
-        self.capacity = int(capacity)
+        self.capacity = int(capacity)  # the slots this rank holds (all of them without DDP)
+        self.total_capacity = int(capacity)  # across all ranks
         self.reinit_prob = float(reinit_prob)
         self.init = init if init is not None else UniformInit()
         self.num_classes = num_classes
@@ -80,6 +82,17 @@ class ReplayBuffer(nn.Module):
         self.labels = torch.empty(0, dtype=torch.long)
         if input_shape is not None:
             self.initialize(input_shape)
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this buffer (its total capacity, not this rank's shard)."""
+        return {
+            "capacity": self.total_capacity,
+            "reinit_prob": self.reinit_prob,
+            "init": self.init,
+            "input_shape": self.input_shape,
+            "num_classes": self.num_classes,
+            "conditional": self.conditional,
+        }
 
     @property
     def is_initialized(self) -> bool:
@@ -95,14 +108,26 @@ class ReplayBuffer(nn.Module):
         input_shape: Sequence[int],
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        capacity: int | None = None,
+        world_size: int = 1,
     ) -> None:
-        """Fill every slot with a fresh draw from the initial distribution (``capacity`` resizes the buffer: a DDP
-        rank keeps ``buffer_size / world_size`` slots)."""
-        if capacity is not None:
-            if capacity < 1:
-                raise ValueError(f"ReplayBuffer capacity must be >= 1, got {capacity!r}")
-            self.capacity = int(capacity)
+        """Fill every slot of this rank's shard (``capacity / world_size`` slots) with fresh draws from ``init``."""
+        if self.conditional and self.num_classes is not None and self.total_capacity < self.num_classes:
+            raise ValueError(
+                f"capacity {self.total_capacity} is smaller than num_classes {self.num_classes}: no slot for some "
+                "classes"
+            )
+        self.capacity = self.shard_size(world_size)
+        self._fill(input_shape, device, dtype)
+
+    @torch.no_grad()
+    def ensure_initialized(
+        self, input_shape: Sequence[int], device: torch.device | str | None = None, world_size: int = 1
+    ) -> None:
+        """Initialise the buffer unless it already holds this rank's shard (e.g. restored from a checkpoint)."""
+        if not self.is_initialized or self.capacity != self.shard_size(world_size):
+            self.initialize(input_shape, device, self.samples.dtype, world_size)
+
+    def _fill(self, input_shape: Sequence[int], device: torch.device | str | None, dtype: torch.dtype) -> None:
         input_shape = tuple(int(s) for s in input_shape)
         if any(s < 1 for s in input_shape):
             raise ValueError(f"input_shape must have positive sizes, got {input_shape}")
@@ -126,7 +151,23 @@ class ReplayBuffer(nn.Module):
     def reset(self) -> None:
         """Re-initialise every slot (keeps the shape); used after a divergence."""
         if self.is_initialized:
-            self.initialize(self.samples.shape[1:], self.samples.device, self.samples.dtype)
+            self._fill(self.samples.shape[1:], self.samples.device, self.samples.dtype)
+
+    @torch.no_grad()
+    def reinit_nonfinite(self) -> int:
+        """Replace every slot holding NaN or inf with a fresh draw; returns how many were replaced (a host sync).
+
+        A chain that went non-finite stays non-finite and poisons every batch it is drawn into.
+        """
+        if not self.is_initialized:
+            return 0
+        bad = ~torch.isfinite(self.samples.flatten(1)).all(dim=1)
+        count = int(bad.sum())
+        if count:
+            labels = self.labels[bad] if self.conditional else None
+            fresh = self.init.sample(count, self.samples.shape[1:], self.samples.device, self.samples.dtype, labels)
+            self.samples[bad] = fresh
+        return count
 
     def _check_ready(self) -> None:
         if not self.is_initialized:
@@ -169,6 +210,30 @@ class ReplayBuffer(nn.Module):
                 f"samples shaped {tuple(self.samples.shape[1:])}"
             )
         self.samples[idx] = x.detach().to(self.samples.dtype)
+
+    def shard_size(self, world_size: int) -> int:
+        """Slots each of ``world_size`` ranks keeps of the ``total_capacity``."""
+        lo, hi = self.shard_bounds(self.total_capacity, 0, world_size)
+        return hi - lo
+
+    def gather_shards(self) -> dict[str, Tensor]:
+        """Every rank's ``samples`` and ``labels`` concatenated in rank order (what a checkpoint stores).
+
+        A collective under DDP: every rank must call it (Lightning's ``on_save_checkpoint`` runs on all ranks).
+        """
+        state = {name: getattr(self, name) for name in self._STATE}
+        _, world_size = _rank_and_world_size()
+        if world_size == 1 or not self.is_initialized:
+            return state
+        gathered = {}
+        for name, local in state.items():
+            if local.numel() == 0:
+                gathered[name] = local
+                continue
+            parts = [torch.empty_like(local) for _ in range(world_size)]
+            torch.distributed.all_gather(parts, local.contiguous())
+            gathered[name] = torch.cat(parts)
+        return gathered
 
     def shard_bounds(self, total: int, rank: int, world_size: int) -> tuple[int, int]:
         """Slots ``[lo, hi)`` of a ``total``-slot buffer that rank ``rank`` of ``world_size`` keeps.
@@ -234,6 +299,8 @@ class ReplayBuffer(nn.Module):
         )
         if self.is_initialized:
             self.capacity = int(self.samples.shape[0])
+            if stored["samples"] is not None and stored["samples"].numel() > 0:
+                self.total_capacity = self.capacity * world_size
 
     def extra_repr(self) -> str:
         shape = self.input_shape

@@ -7,11 +7,14 @@ data ("informative" initialisation), which shortens the chains needed. Both are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from jemkit.adapters import unpack_batch
 
 __all__ = ["GaussianInit", "InitialDistribution", "UniformInit"]
 
@@ -41,6 +44,11 @@ class InitialDistribution:
 
     def _sample(self, n: int, shape: tuple[int, ...], device: Any, dtype: torch.dtype, y: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def fit_loader(
+        self, loader: Iterable[Any], num_classes: int | None, device: torch.device | str | None = None
+    ) -> None:
+        """Learn from training data before the first chains start; a no-op for distributions that do not learn."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(low={self.low}, high={self.high})"
@@ -73,10 +81,14 @@ class GaussianInit(InitialDistribution):
     Args:
         low: samples are clamped into ``[low, high]`` (the data range).
         high: see ``low``.
+        fit_batches: training batches :meth:`fit_loader` reads (a JEM fits it when training starts).
     """
 
-    def __init__(self, low: float = -1.0, high: float = 1.0) -> None:
+    def __init__(self, low: float = -1.0, high: float = 1.0, fit_batches: int = 50) -> None:
         super().__init__(low, high)
+        if isinstance(fit_batches, bool) or not isinstance(fit_batches, int) or fit_batches < 1:
+            raise ValueError(f"fit_batches must be an integer >= 1, got {fit_batches!r}")
+        self.fit_batches = fit_batches
         self.means: Tensor | None = None  # [C, *shape]
         self.stds: Tensor | None = None  # [C, *shape]
         self.class_probs: Tensor | None = None  # [C]
@@ -100,6 +112,22 @@ class GaussianInit(InitialDistribution):
         self.stds = var.sqrt().reshape(num_classes, *x.shape[1:])
         self.class_probs = counts / counts.sum()
         return self
+
+    def fit_loader(
+        self, loader: Iterable[Any], num_classes: int | None, device: torch.device | str | None = None
+    ) -> None:
+        """Fit on up to ``fit_batches`` labelled batches of ``loader``, unless already fitted (a resumed run);
+        ``num_classes=None`` takes the largest label seen plus one."""
+        if self.is_fitted:
+            return
+        xs, ys = [], []
+        for batch in itertools.islice(loader, self.fit_batches):
+            x, y = unpack_batch(batch)
+            xs.append(x.to(device))
+            ys.append(y.to(device))
+        if xs:
+            y = torch.cat(ys)
+            self.fit(torch.cat(xs), y, num_classes or int(y.max()) + 1)
 
     @property
     def is_fitted(self) -> bool:
@@ -130,4 +158,4 @@ class GaussianInit(InitialDistribution):
 
     def __repr__(self) -> str:
         fitted = "fitted" if self.means is not None else "unfitted"
-        return f"GaussianInit(low={self.low}, high={self.high}, {fitted})"
+        return f"GaussianInit(low={self.low}, high={self.high}, fit_batches={self.fit_batches}, {fitted})"

@@ -20,29 +20,56 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["MALA", "SGLD", "EnergyFn", "Sampler"]
+from jemkit.sampling.amp import sampling_grad_scale
+
+__all__ = ["MALA", "SGLD", "EnergyFn", "Sampler", "Step", "energy_and_grad"]
 
 EnergyFn = Callable[[Tensor], Tensor]
 """Maps inputs ``[B, ...]`` to energies ``[B]``."""
 
 
-def energy_and_grad(energy_fn: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Energies ``[B]`` (detached, float32) and their input gradient ``dE/dx`` (shaped like ``x``)."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        energy = energy_fn(x)
-        if energy.shape != x.shape[:1]:
-            raise ValueError(f"energy_fn must return one energy per sample [{x.shape[0]}], got {tuple(energy.shape)}")
-        (grad,) = torch.autograd.grad(energy.sum(), x)
+def energy_and_grad(energy_fn: EnergyFn, x: Tensor, functional: bool = False) -> tuple[Tensor, Tensor]:
+    """Energies ``[B]`` (detached, float32) and their input gradient ``dE/dx`` (shaped like ``x``).
+
+    The one place every sampler takes its gradient. Under float16 autocast the backward runs
+    :func:`~jemkit.sampling.amp.sampling_grad_scale` times larger and is unscaled at the float32 input, exactly.
+    ``functional=True`` differentiates with ``torch.func.grad`` instead of autograd, which ``torch.compile`` traces
+    into one graph with the rest of a step; the result is the same.
+    """
+    scale = sampling_grad_scale(x.device.type)
+
+    def scaled_total(z: Tensor) -> tuple[Tensor, Tensor]:
+        energy = energy_fn(z)
+        if energy.shape != z.shape[:1]:
+            raise ValueError(f"energy_fn must return one energy per sample [{z.shape[0]}], got {tuple(energy.shape)}")
+        return energy.sum() * scale, energy
+
+    if functional:
+        grad, energy = torch.func.grad(scaled_total, has_aux=True)(x)
+    else:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            total, energy = scaled_total(x)
+            (grad,) = torch.autograd.grad(total, x)
+    if scale != 1.0:
+        grad = grad / scale
     return energy.detach().float(), grad
 
 
+Step = Callable[[Tensor], Tensor]
+"""One whole sampler update ``x -> x'`` (e.g. a compiled one)."""
+
+
 class Sampler:
-    """Interface of every sampler: ``sample(energy_fn, x0, n_steps=None) -> x`` with ``x`` shaped like ``x0``."""
+    """Interface of every sampler: ``sample(energy_fn, x0, n_steps=None, step=None) -> x`` shaped like ``x0``.
+
+    Samplers whose update is a pure function ``update(x, grad) -> x'`` accept ``step``, a ready-made replacement for
+    ``x -> update(x, dE/dx)`` (a compiled one); the others raise if it is given.
+    """
 
     n_steps: int
 
-    def sample(self, energy_fn: EnergyFn, x0: Tensor, n_steps: int | None = None) -> Tensor:
+    def sample(self, energy_fn: EnergyFn, x0: Tensor, n_steps: int | None = None, step: Step | None = None) -> Tensor:
         raise NotImplementedError
 
     def _steps(self, n_steps: int | None) -> int:
@@ -109,7 +136,7 @@ class SGLD(Sampler):
         energy_fn: EnergyFn,
         x0: Tensor,
         n_steps: int | None = None,
-        step: Callable[[Tensor], Tensor] | None = None,
+        step: Step | None = None,
     ) -> Tensor:
         """Run the chains from ``x0``. ``step`` replaces one whole update ``x -> x'`` (e.g. a compiled one that must
         compute ``self.update(x, dE/dx)``); by default the gradient is taken with autograd here."""
@@ -147,7 +174,9 @@ class MALA(Sampler):
         mean = frm - self.step_size * grad_frm
         return -((to - mean) ** 2).flatten(1).sum(1) / (4.0 * self.step_size * self.temperature)
 
-    def sample(self, energy_fn: EnergyFn, x0: Tensor, n_steps: int | None = None) -> Tensor:
+    def sample(self, energy_fn: EnergyFn, x0: Tensor, n_steps: int | None = None, step: Step | None = None) -> Tensor:
+        if step is not None:
+            raise ValueError("MALA's accept/reject step has no `update(x, grad)` form: it takes no compiled step")
         x = x0.detach().clone()
         energy, grad = energy_and_grad(energy_fn, x)
         accepted = torch.zeros((), device=x.device)

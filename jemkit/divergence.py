@@ -1,0 +1,45 @@
+"""Judging whether a training step diverged: a pure function of the step's statistics and their limits.
+
+The JEM reports its per-step statistics (``JEM.step_stats``); the :class:`~jemkit.callbacks.DivergenceGuard` callback
+owns the policy (raise, skip, roll back) and calls :func:`divergence_reasons` to judge them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["DivergenceError", "divergence_reasons"]
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite (or exploding) loss or energy: the run diverged."""
+
+
+def divergence_reasons(stats: Mapping[str, Tensor], limits: Mapping[str, float] | None = None) -> list[str]:
+    """Why the statistics show a diverged step: one ``"name=value (why)"`` per offending quantity; empty if healthy.
+
+    A quantity offends when it is not finite, or when its magnitude exceeds ``limits[name]`` (quantities without a
+    limit are only checked for finiteness). One host sync for all quantities together.
+
+    Example::
+
+        >>> divergence_reasons({"loss": torch.tensor(float("nan")), "energy_gap": torch.tensor(5.0)}, {"energy_gap": 1})
+        ['loss=nan (non-finite)', 'energy_gap=5 (limit 1)']
+    """
+    if not stats:
+        return []
+    limits = limits or {}
+    names = list(stats)
+    values = torch.stack([stats[name].detach().float().reshape(()) for name in names])
+    bounds = torch.tensor([limits.get(name, math.inf) for name in names], device=values.device)
+    bad = ~torch.isfinite(values) | (values.abs() > bounds)
+    reasons = []
+    for name, value, is_bad in zip(names, values.tolist(), bad.tolist(), strict=True):
+        if is_bad:
+            why = "non-finite" if not math.isfinite(value) else f"limit {limits[name]:.4g}"
+            reasons.append(f"{name}={value:.4g} ({why})")
+    return reasons
