@@ -7,13 +7,16 @@ LightningCLI writes in YAML, and the JEM turns such dicts back into objects when
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
+import warnings
+from types import FrameType
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["from_config", "is_plain", "to_config"]
+__all__ = ["from_config", "is_plain", "save_hparams_as_configs", "to_config"]
 
 T = TypeVar("T")
 
@@ -69,3 +72,25 @@ def is_plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
     return False
+
+
+def save_hparams_as_configs(module: Any, frame: FrameType | None, objects: tuple[type, ...]) -> None:
+    """``module.save_hyperparameters()`` from the ``__init__`` whose ``frame`` is given, kept to plain data.
+
+    Under LightningCLI the classifier arrives as a config (class_path/init_args), which is what makes
+    ``load_from_checkpoint(path)`` work without arguments; an ``nn.Module`` passed from Python is left out (its weights
+    are in the state dict) and must be passed again when loading, as must optimiser factories. Instances of
+    ``objects`` (samplers, buffers) become ``{"class_path", "init_args"}`` configs, so that checkpoints load with
+    ``weights_only=True``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+        module.save_hyperparameters(frame=frame)
+    for key, value in list(module.hparams.items()):
+        if isinstance(value, objects):
+            module.hparams[key] = to_config(value)
+        elif value is None or not is_plain(value):
+            # None is every such argument's default: dropping it loses nothing, and avoids a clash with a
+            # datamodule's hparams (e.g. its num_classes) when Lightning merges them for the logger.
+            del module.hparams[key]
+    module._hparams_initial = copy.deepcopy(module._hparams)  # what loggers and checkpoints record

@@ -14,9 +14,7 @@ divergence handling in :class:`~jemkit.callbacks.DivergenceGuard`, which reads :
 
 from __future__ import annotations
 
-import copy
 import inspect
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from jemkit._config import from_config, is_plain, to_config
+from jemkit._config import from_config, save_hparams_as_configs
 from jemkit.adapters import OutputKey, SamplingMode, can_share_forward, sampling_context, select_logits, unpack_batch
 from jemkit.callbacks.divergence import DivergenceGuard
 from jemkit.checkpoint import check_finite_parameters, check_jemkit_section, jemkit_section
@@ -34,6 +32,7 @@ from jemkit.divergence import DivergenceError
 from jemkit.energy import joint_energy, marginal_energy
 from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
 from jemkit.metrics.calibration import CalibrationMetrics
+from jemkit.optim import configure_optimizer, scaled_learning_rates
 from jemkit.sampling import Chains, InitialDistribution, ReplayBuffer, Sampler
 
 __all__ = ["JEM", "DivergenceError"]
@@ -57,8 +56,8 @@ class JEM(pl.LightningModule):
         data_noise: std of the Gaussian noise added to training inputs (JEM: 0.03).
         temperature: temperature ``T`` of the energies (``beta = 1/T``); 1 is the classifier's own softmax.
         sampler: the sampler; default ``SGLD(n_steps=20, step_size=1.0, noise_std=0.01)``.
-        buffer: the replay buffer; default ``ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=UniformInit(-1,
-            1))``, class-conditional when ``pxy_weight > 0``. Give it ``input_shape=`` to sample before training.
+        buffer: the replay buffer; default ``ReplayBuffer()`` (10,000 chains, 5% restarts from ``U(-1, 1)``),
+            class-conditional when ``pxy_weight > 0``.
         sampling_mode: how BatchNorm/Dropout behave while sampling: ``"eval"`` (running statistics, default) or
             ``"train"`` (batch statistics, the reference code's behaviour; running statistics are protected).
         output_key: how to read logits from a classifier returning a tuple/dict: a key, an index or a callable.
@@ -67,13 +66,10 @@ class JEM(pl.LightningModule):
         lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler``, stepped every epoch
             (``ReduceLROnPlateau`` watches ``val/nll``).
         lr_warmup_steps: scale the learning rate by ``(step + 1) / lr_warmup_steps`` over the first optimiser steps
-            (JEM: 1000); an early full-size step on a young energy landscape is a common cause of divergence. Applied
-            inside each optimiser step on top of the schedule, so it works with any scheduler.
-        compile: compile each sampler step (forward, input gradient, update, noise) into one graph with
-            ``torch.compile``: ``True`` or a compile mode (``"reduce-overhead"`` also captures CUDA graphs on GPUs).
-            Experimental: SGLD only, not with BatchNorm in ``sampling_mode="train"``; unmeasured on GPUs.
-        channels_last: run 4-D inputs and the classifier in channels-last memory format (faster convolutions on
-            recent GPUs with mixed precision, and on CPUs).
+            (JEM: 1000), on top of any schedule: early full-size steps are a common cause of divergence.
+        compile: experimental, unmeasured on GPUs: compile each SGLD step into one graph, ``True`` or a
+            ``torch.compile`` mode (``"reduce-overhead"`` captures CUDA graphs). See :class:`~jemkit.sampling.Chains`.
+        channels_last: run 4-D inputs and the classifier in channels-last memory format (faster convolutions).
 
     Example::
 
@@ -117,7 +113,7 @@ class JEM(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
         if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {lr_warmup_steps!r}")
-        self._save_hparams()
+        save_hparams_as_configs(self, inspect.currentframe(), (Sampler, InitialDistribution, ReplayBuffer))
         sampler = from_config(sampler, Sampler) if isinstance(sampler, dict) else sampler
         buffer = from_config(buffer, ReplayBuffer) if isinstance(buffer, dict) else buffer
         if buffer is None:
@@ -145,23 +141,6 @@ class JEM(pl.LightningModule):
         self.step_stats: dict[str, Tensor] = {}  # the last training step's loss terms and energies (detached)
         self.val_metrics, self.test_metrics = CalibrationMetrics(), CalibrationMetrics()
         self._checked_stages: set[str] = set()
-
-    def _save_hparams(self) -> None:
-        # Under LightningCLI the classifier arrives as a config (class_path/init_args), which is what makes
-        # ``JEM.load_from_checkpoint(path)`` work without arguments; a module object passed from Python is left out
-        # (its weights are in the state dict) and must be passed again when loading, as are optimiser factories.
-        # Objects become plain configs (or are left out) so that checkpoints load with weights_only=True.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            self.save_hyperparameters(frame=inspect.currentframe().f_back)
-        for key, value in list(self.hparams.items()):
-            if isinstance(value, (Sampler, InitialDistribution, ReplayBuffer)):
-                self.hparams[key] = to_config(value)
-            elif value is None or not is_plain(value):
-                # None is every such argument's default: dropping it loses nothing, and avoids a clash with a
-                # datamodule's hparams (e.g. its num_classes) when Lightning merges them for the logger.
-                del self.hparams[key]
-        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers and checkpoints record
 
     @property
     def sampler(self) -> Sampler:
@@ -314,29 +293,14 @@ class JEM(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        params = self.classifier.parameters()
-        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=self.lr)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/nll"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return configure_optimizer(
+            self.classifier.parameters(), self.lr, self.optimizer_factory, self.lr_scheduler_factory
+        )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        # Warm-up and `lr_scale` multiply the scheduled rate for this step only and restore it afterwards, so they
-        # compose with every scheduler, also those that set the rate outright (LambdaLR, OneCycleLR, ...).
         warmup = min(1.0, (self.trainer.global_step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
-        factor = warmup * self.lr_scale
-        scheduled = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
-        try:
+        with scaled_learning_rates(optimizer, warmup * self.lr_scale):  # this step only, on top of the schedule
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        finally:
-            for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
-                group["lr"] = lr
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

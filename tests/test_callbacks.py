@@ -6,6 +6,7 @@ from torch.utils.data import TensorDataset
 
 from jemkit import JEM, SGLD, DigitsDataModule, GaussianMixtureDataModule, ReplayBuffer
 from jemkit.callbacks import CalibrationMonitor, OODMonitor, SampleGrid
+from jemkit.metrics import CalibrationMetrics, fit_temperature
 from jemkit.models import SmallCNN
 from tests.conftest import TinyMLP
 
@@ -54,10 +55,19 @@ def test_callbacks_write_files_and_log_metrics_during_fit(tmp_path):
         "val/ood/interp/grad_norm/fpr95",
     ):
         assert key in metrics, key
-    # the callback's accuracy and the module's own metric agree
-    torch.testing.assert_close(metrics["val/cal/acc"], metrics["val/acc"])
-    assert calibration.last["temperature"] > 0
-    assert set(ood.last) == {"uniform", "interp"} and 0 <= ood.last["uniform"]["logpx"]["auroc"] <= 1
+    # the callback and the module's own metrics are one calibration path: they agree to the last digit
+    for key in ("acc", "nll", "ece", "brier", "mce"):
+        torch.testing.assert_close(metrics[f"val/cal/{key}"], metrics[f"val/{key}"])
+    # the temperature is the one fitted to the validation logits
+    jem = trainer.lightning_module
+    with torch.no_grad():
+        batches = [(jem(x), y) for x, y in trainer.datamodule.val_dataloader()]
+    logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert float(calibration.last["temperature"]) == pytest.approx(fit_temperature(logits, labels), rel=1e-4)
+    assert set(ood.last) == {"uniform", "interp"}
+    for name in ("uniform", "interp"):
+        for score, values in ood.last[name].items():
+            assert metrics[f"val/ood/{name}/{score}/auroc"] == pytest.approx(values["auroc"])
 
 
 def test_calibration_runs_on_test_and_for_plain_lightning_modules(tmp_path):
@@ -77,7 +87,11 @@ def test_calibration_runs_on_test_and_for_plain_lightning_modules(tmp_path):
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[monitor], default_root_dir=tmp_path)
     trainer.test(Plain(), dm, verbose=False)
     assert {"test/cal/ece", "test/cal/acc"} <= set(trainer.callback_metrics)
-    assert 0 <= monitor.last["ece"] <= 1
+    dm.setup("test")
+    x, y = dm.test_dataset.tensors
+    expected = CalibrationMetrics(n_bins=10)
+    expected.update(trainer.lightning_module(x).detach(), y)
+    torch.testing.assert_close(monitor.last["ece"], expected.compute()["ece"], rtol=1e-5, atol=1e-6)
 
 
 def test_sample_grid_draws_energy_landscape_for_2d_data(tmp_path):
@@ -101,3 +115,34 @@ def test_ood_monitor_rejects_bad_sets(tmp_path):
         OODMonitor(ood_sets=[])
     with pytest.raises(ValueError, match="unknown OOD score"):
         OODMonitor(scores=["entropy"])
+
+
+class RecordingExperiment:
+    def __init__(self):
+        self.calls = []
+
+    def add_figure(self, tag, figure, step, close):
+        self.calls.append(("figure", tag, step, close))
+
+    def add_image(self, tag, image, global_step):
+        self.calls.append(("image", tag, global_step, tuple(image.shape)))
+
+
+def test_pictures_go_to_every_tensorboard_logger_and_no_other(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from jemkit.callbacks._logging import log_to_tensorboard
+
+    experiment = RecordingExperiment()
+
+    class RecordingTensorBoard(TensorBoardLogger):
+        @property
+        def experiment(self):
+            return experiment
+
+    trainer = SimpleNamespace(loggers=[CSVLogger(tmp_path), RecordingTensorBoard(tmp_path)], global_step=7)
+    log_to_tensorboard(trainer, "ood/logpx", figure=object())
+    log_to_tensorboard(trainer, "samples/buffer", image=torch.zeros(3, 4, 4))
+    assert experiment.calls == [("figure", "ood/logpx", 7, False), ("image", "samples/buffer", 7, (3, 4, 4))]

@@ -8,6 +8,7 @@ from jemkit import DigitsDataModule
 from jemkit.cli import main
 from jemkit.evaluate import evaluate, format_report
 from jemkit.evaluate.command import load_datamodule, load_jem
+from jemkit.metrics import fit_temperature
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"
 FAST = [
@@ -36,7 +37,23 @@ def test_evaluate_command_on_shipped_checkpoint_writes_valid_report(tmp_path, ca
     report = json.loads((out / "report.json").read_text())
     assert report["data"] == "DigitsDataModule" and report["num_test"] == 270
     assert report["calibration"]["accuracy"] >= 0.97
-    assert 0 <= report["calibration"]["ece"] <= 1 and report["temperature_scaling"]["temperature"] > 0
+    # ECE and the temperature, recomputed here independently: 15 equal-width bins, the last one closed at 1
+    jem, dm = load_jem(CKPT), DigitsDataModule()
+    dm.setup("fit")
+    dm.setup("test")
+    with torch.no_grad():
+        logits, y = jem(dm.test_dataset.tensors[0]), dm.test_dataset.tensors[1]
+        val_logits = jem(dm.val_dataset.tensors[0])
+    confidence, prediction = logits.softmax(1).max(1)
+    bins = torch.clamp((confidence * 15).long(), max=14)
+    ece = sum(
+        (bins == k).float().mean() * (confidence[bins == k].mean() - (prediction == y)[bins == k].float().mean()).abs()
+        for k in range(15)
+        if (bins == k).any()
+    )
+    assert report["calibration"]["ece"] == pytest.approx(float(ece), abs=1e-6)
+    temperature = fit_temperature(val_logits, dm.val_dataset.tensors[1])
+    assert report["temperature_scaling"]["temperature"] == pytest.approx(temperature, rel=1e-4)
     assert set(report["ood"]) == {"uniform", "interp"}
     assert set(report["ood"]["uniform"]) == {"logpx", "msp"}
     assert report["ood"]["uniform"]["logpx"]["auroc"] > 0.9  # a trained JEM tells digits from noise
@@ -119,7 +136,18 @@ def test_evaluate_command_scores_user_ood_datamodules(tmp_path):
     ]
     main(args)
     report = json.loads((out / "report.json").read_text())
-    assert list(report["ood"]) == ["ShiftedDigits"] and 0 <= report["ood"]["ShiftedDigits"]["logpx"]["auroc"] <= 1
+    assert list(report["ood"]) == ["ShiftedDigits"]
+    # recomputed with scikit-learn on the same 64 + 64 inputs: log p(x) = logsumexp of the logits
+    from sklearn.metrics import roc_auc_score
+
+    jem, shifted, digits = load_jem(CKPT), ShiftedDigits(), DigitsDataModule()
+    shifted.setup("test")
+    digits.setup("test")
+    with torch.no_grad():
+        scores_in = torch.logsumexp(jem(digits.test_dataset.tensors[0][:64]), 1)
+        scores_out = torch.logsumexp(jem(shifted.test_dataset.tensors[0][:64]), 1)
+    expected = roc_auc_score([1] * 64 + [0] * 64, torch.cat([scores_in, scores_out]).numpy())
+    assert report["ood"]["ShiftedDigits"]["logpx"]["auroc"] == pytest.approx(expected, abs=1e-6)
 
 
 class ShiftedDigits(DigitsDataModule):

@@ -163,3 +163,39 @@ def test_buffer_errors():
         ReplayBuffer().sample(4)
     with pytest.raises(ValueError, match="not conditional"):
         ReplayBuffer(input_shape=(2,)).sample(2, torch.zeros(2, dtype=torch.long))
+
+
+def test_buffer_keeps_an_equal_shard_per_rank_and_reinitialises_only_when_needed():
+    buffer = ReplayBuffer(capacity=100, input_shape=(2,))
+    before = buffer.samples.clone()
+    buffer.ensure_initialized((2,))  # already this (single) rank's shard: untouched
+    assert torch.equal(buffer.samples, before)
+    buffer.ensure_initialized((2,), world_size=4)  # one of four ranks: a quarter of the slots
+    assert buffer.capacity == 25 and buffer.total_capacity == 100 and buffer.samples.shape == (25, 2)
+    conditional = ReplayBuffer(capacity=100, num_classes=3, conditional=True)
+    conditional.initialize((2,), world_size=2)  # shards are whole multiples of the class count
+    assert conditional.capacity == 48 and torch.equal(conditional.labels, torch.arange(48) % 3)
+    assert torch.equal(buffer.gather_shards()["samples"], buffer.samples)  # one process: its own shard
+
+
+def test_buffer_replaces_only_non_finite_slots():
+    buffer = ReplayBuffer(capacity=6, input_shape=(3,), num_classes=2, conditional=True, init=GaussianInit())
+    buffer.samples[1, 0] = float("nan")
+    buffer.samples[4, 2] = float("inf")
+    healthy = buffer.samples[[0, 2, 3, 5]].clone()
+    assert buffer.reinit_nonfinite() == 2
+    assert torch.isfinite(buffer.samples).all() and torch.equal(buffer.samples[[0, 2, 3, 5]], healthy)
+    assert buffer.reinit_nonfinite() == 0
+
+
+def test_buffer_config_round_trips_with_its_initial_distribution():
+    from jemkit._config import from_config, to_config
+
+    buffer = ReplayBuffer(capacity=40, reinit_prob=0.2, init=GaussianInit(-2.0, 2.0, fit_batches=7), input_shape=(2,))
+    buffer.initialize((2,), world_size=2)  # a rank's shard: the config keeps the total
+    config = to_config(buffer)
+    assert config["init_args"]["capacity"] == 40
+    assert config["init_args"]["init"]["class_path"] == "jemkit.sampling.init.GaussianInit"
+    rebuilt = from_config(config, ReplayBuffer)
+    assert (rebuilt.capacity, rebuilt.reinit_prob, rebuilt.input_shape) == (40, 0.2, (2,))
+    assert isinstance(rebuilt.init, GaussianInit) and (rebuilt.init.low, rebuilt.init.fit_batches) == (-2.0, 7)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+from jemkit.sampling import SGLD, Chains, ReplayBuffer, UniformInit
+
+
+def half_norm_energy(x, y=None):
+    """E(x) = |x|^2 / 2, plus the label as an offset: dE/dx = x, so an SGLD step of size s without noise is x(1 - s)."""
+    energy = 0.5 * (x**2).sum(1)
+    return energy if y is None else energy + y
+
+
+def test_draw_continues_the_buffer_chains_and_writes_them_back():
+    buffer = ReplayBuffer(capacity=1, reinit_prob=0.0, input_shape=(3,))
+    start = buffer.samples.clone()
+    chains = Chains(nn.Identity(), SGLD(n_steps=2, step_size=0.5, noise_std=0.0), buffer)
+    x = chains.draw(half_norm_energy, 4)
+    torch.testing.assert_close(x, start.expand(4, 3) * 0.25)
+    torch.testing.assert_close(buffer.samples, start * 0.25)
+    assert not x.requires_grad
+
+
+def test_start_and_refine_leave_the_buffer_alone():
+    buffer = ReplayBuffer(capacity=8, reinit_prob=0.0, input_shape=(2,), init=UniformInit(5.0, 6.0))
+    before = buffer.samples.clone()
+    chains = Chains(nn.Identity(), SGLD(n_steps=3, step_size=0.5, noise_std=0.0), buffer)
+    from_buffer = chains.start(16)
+    assert all(any(torch.equal(row, slot) for slot in before) for row in from_buffer)
+    fresh = chains.start(16, from_buffer=False)
+    assert fresh.min() >= 5.0 and fresh.max() <= 6.0  # the initial distribution
+    torch.testing.assert_close(chains.refine(half_norm_energy, fresh, n_steps=1), fresh * 0.5)
+    torch.testing.assert_close(chains.refine(half_norm_energy, fresh), fresh * 0.125)  # the sampler's own 3 steps
+    assert torch.equal(buffer.samples, before)
+
+
+def test_the_classifier_runs_in_the_sampling_mode_and_is_restored():
+    classifier = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    seen = []
+
+    def energy(x, y=None):
+        seen.append(classifier.training)
+        return classifier(x).sum(1)
+
+    chains = Chains(classifier, SGLD(n_steps=2), ReplayBuffer(capacity=4, input_shape=(2,)))
+    with torch.inference_mode():  # validation callbacks sample inside inference mode
+        chains.draw(energy, 3)
+    assert seen == [False, False] and classifier.training
+    seen.clear()
+    Chains(classifier, SGLD(n_steps=1), ReplayBuffer(capacity=4, input_shape=(2,)), sampling_mode="train").draw(
+        energy, 3
+    )
+    assert seen == [True]
+
+
+def test_chains_errors():
+    with pytest.raises(ValueError, match="sampling_mode must be 'eval' or 'train'"):
+        Chains(nn.Identity(), sampling_mode="batch")
+    with pytest.raises(RuntimeError, match=r"no input shape yet: .*ReplayBuffer\(input_shape=...\)"):
+        Chains(nn.Identity()).start(4)
