@@ -12,7 +12,7 @@ from jemkit.data import DigitsDataModule, GaussianMixtureDataModule
 from jemkit.divergence import DivergenceError
 from jemkit.energy import energy_matrix, joint_energy, log_px, log_py_given_x, marginal_energy
 from jemkit.module import JEM
-from jemkit.sampling import MALA, SGLD, Chains, GaussianInit, ReplayBuffer, UniformInit
+from jemkit.sampling import MALA, PYLD, SGLD, Chains, GaussianInit, ReplayBuffer, UniformInit
 
 __all__ = [
     "JEM",
@@ -23,6 +23,7 @@ __all__ = [
     "OODMonitor",
     "SampleGrid",
     "MALA",
+    "PYLD",
     "SGLD",
     "DigitsDataModule",
     "DivergenceError",

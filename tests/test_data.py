@@ -377,3 +377,20 @@ def test_digits_shift_augmentation_translates_training_images_only():
     assert len(seen) > 3  # the translation is random
     with pytest.raises(ValueError, match="shift must be"):
         DigitsDataModule(shift=5)
+
+
+def test_digits_open_set_split_keeps_given_classes_and_holds_out_the_rest():
+    full, open_set = DigitsDataModule(), DigitsDataModule(classes=[7, 0, 3])
+    full.setup("fit")
+    open_set.setup("fit")
+    assert open_set.num_classes == 3
+    _, y_full = full.test_dataset.tensors
+    x, y = open_set.test_dataset.tensors
+    assert set(y.tolist()) == {0, 1, 2}  # 7 -> 0, 0 -> 1, 3 -> 2
+    assert len(y) == int(torch.isin(y_full, torch.tensor([7, 0, 3])).sum())
+    kept_images = full.test_dataset.tensors[0][y_full == 7]
+    torch.testing.assert_close(x[y == 0], kept_images)
+    held_x, held_y = open_set.heldout_dataset.tensors
+    assert set(held_y.tolist()) == set(range(10)) - {7, 0, 3} and len(held_y) + len(y) == len(y_full)
+    with pytest.raises(ValueError, match="classes must be 2 to 10 distinct digits"):
+        DigitsDataModule(classes=[1, 1])

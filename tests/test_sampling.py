@@ -199,3 +199,32 @@ def test_buffer_config_round_trips_with_its_initial_distribution():
     rebuilt = from_config(config, ReplayBuffer)
     assert (rebuilt.capacity, rebuilt.reinit_prob, rebuilt.input_shape) == (40, 0.2, (2,))
     assert isinstance(rebuilt.init, GaussianInit) and (rebuilt.init.low, rebuilt.init.fit_batches) == (-2.0, 7)
+
+
+def test_pyld_moves_each_coordinate_at_most_step_times_eps_and_stays_in_range():
+    from jemkit.sampling import PYLD
+
+    steep = lambda x: 100.0 * (x**2).sum(1)  # noqa: E731  gradients up to 200: clipped to eps
+    x0 = torch.rand(256, 4) * 2 - 1
+    one = PYLD(n_steps=1, step_size=0.1, eps=0.5).sample(steep, x0)
+    moved = (one - x0).abs()
+    assert moved.max() <= 0.05 + 1e-6 and (moved > 0.049).float().mean() > 0.9  # the full clipped step, mostly
+    far = x0.abs() >= 0.05
+    assert torch.all(one[far].sign() == x0[far].sign()) and torch.all(one[far].abs() < x0[far].abs())  # toward 0
+    # Toward a minimum outside the range: chains stop at the boundary
+    outside = PYLD(n_steps=50, step_size=0.2).sample(lambda x: ((x - 3.0) ** 2).sum(1), x0)
+    assert torch.equal(outside, torch.ones_like(x0))
+    # Toward a minimum inside the range: chains settle within one step of it
+    inside = PYLD(n_steps=400, step_size=0.01).sample(quadratic_energy, torch.zeros(64, 2))
+    torch.testing.assert_close(inside, MU.clamp(-1, 1).expand(64, 2), atol=0.011, rtol=0)
+
+
+def test_pyld_noise_and_errors():
+    from jemkit.sampling import PYLD
+
+    x = PYLD(n_steps=1, step_size=0.1, noise_std=0.1).sample(lambda x: 0 * x.sum(1), torch.zeros(4000, 1))
+    assert abs(float(x.std()) - 0.1) < 0.01  # flat energy: the noise alone
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        PYLD(eps=0.0)
+    with pytest.raises(ValueError, match="needs the data range"):
+        PYLD(clip=None)

@@ -8,6 +8,7 @@ to the same ``[-1, 1]`` range as every other jemkit data module, so samplers can
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -54,6 +55,8 @@ class DigitsDataModule(SplitDataModule):
         seed: seed of the split (not of the training run).
         num_workers: ``DataLoader`` worker processes; 0 loads in the main process, which is fastest here.
         shift: training images are randomly translated by up to this many pixels (0: no augmentation).
+        classes: keep only these digits (relabelled ``0..k-1`` in the given order) for an open-set split; the other
+            digits' test images become ``heldout_dataset``, near-OOD inputs for the model trained on the rest.
 
     Example::
 
@@ -62,7 +65,7 @@ class DigitsDataModule(SplitDataModule):
         x, y = next(iter(dm.train_dataloader()))  # x: [32, 1, 8, 8] in [-1, 1], y: [32] int64
     """
 
-    num_classes: ClassVar[int] = 10
+    num_classes: int = 10
     input_shape: ClassVar[tuple[int, ...]] = (1, 8, 8)
     data_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
 
@@ -74,6 +77,7 @@ class DigitsDataModule(SplitDataModule):
         seed: int = 0,
         num_workers: int = 0,
         shift: int = 0,
+        classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         check_batch_size(batch_size)
@@ -82,7 +86,14 @@ class DigitsDataModule(SplitDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
         if not 0 <= shift <= 3:
             raise ValueError(f"shift must be an integer number of pixels in [0, 3], got {shift!r}")
+        if classes is not None:
+            classes = [int(c) for c in classes]
+            if len(set(classes)) != len(classes) or not 2 <= len(classes) <= 10 or not set(classes) <= set(range(10)):
+                raise ValueError(f"classes must be 2 to 10 distinct digits in 0..9, got {classes!r}")
         self.save_hyperparameters()
+        self.classes = classes
+        self.num_classes = len(classes) if classes is not None else 10
+        self.heldout_dataset: TensorDataset | None = None
         self.shift = shift
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -110,6 +121,13 @@ class DigitsDataModule(SplitDataModule):
             random_state=self.seed,
         )
         train, val, test = (torch.from_numpy(np.sort(i)) for i in (train, val, test))
+        if self.classes is not None:  # open set: the kept classes, relabelled 0..k-1; the others' test images held out
+            kept = torch.isin(y, torch.tensor(self.classes))
+            self.heldout_dataset = TensorDataset(x[test[~kept[test]]], y[test[~kept[test]]])
+            train, val, test = (i[kept[i]] for i in (train, val, test))
+            relabel = torch.full((10,), -1, dtype=torch.long)
+            relabel[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+            y = relabel[y]
         self.train_dataset = (
             RandomShiftDataset(x[train], y[train], self.shift) if self.shift else TensorDataset(x[train], y[train])
         )

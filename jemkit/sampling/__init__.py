@@ -3,10 +3,11 @@
 from jemkit.sampling.buffer import ReplayBuffer
 from jemkit.sampling.chains import Chains
 from jemkit.sampling.init import GaussianInit, InitialDistribution, UniformInit
-from jemkit.sampling.langevin import MALA, SGLD, EnergyFn, Sampler
+from jemkit.sampling.langevin import MALA, PYLD, SGLD, EnergyFn, Sampler
 
 __all__ = [
     "MALA",
+    "PYLD",
     "Chains",
     "SGLD",
     "EnergyFn",
