@@ -390,7 +390,7 @@ def test_digits_open_set_split_keeps_given_classes_and_holds_out_the_rest():
     assert len(y) == int(torch.isin(y_full, torch.tensor([7, 0, 3])).sum())
     kept_images = full.test_dataset.tensors[0][y_full == 7]
     torch.testing.assert_close(x[y == 0], kept_images)
-    held_x, held_y = open_set.heldout_dataset.tensors
+    _, held_y = open_set.heldout_dataset.tensors
     assert set(held_y.tolist()) == set(range(10)) - {7, 0, 3} and len(held_y) + len(y) == len(y_full)
     with pytest.raises(ValueError, match="classes must be 2 to 10 distinct digits"):
         DigitsDataModule(classes=[1, 1])
