@@ -74,23 +74,27 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-def save_hparams_as_configs(module: Any, frame: FrameType | None, objects: tuple[type, ...]) -> None:
+def save_hparams_as_configs(
+    module: Any, frame: FrameType | None, objects: tuple[type, ...], values: dict[str, Any] | None = None
+) -> None:
     """``module.save_hyperparameters()`` from the ``__init__`` whose ``frame`` is given, kept to plain data.
 
     Under LightningCLI the classifier arrives as a config (class_path/init_args), which is what makes
     ``load_from_checkpoint(path)`` work without arguments; an ``nn.Module`` passed from Python is left out (its weights
     are in the state dict) and must be passed again when loading, as must optimiser factories. Instances of
     ``objects`` (samplers, buffers) become ``{"class_path", "init_args"}`` configs, so that checkpoints load with
-    ``weights_only=True``.
+    ``weights_only=True``. ``values`` replace what the frame gave (e.g. settings resolved from a preset).
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
         module.save_hyperparameters(frame=frame)
-    for key, value in list(module.hparams.items()):
+    for key, value in {**module.hparams, **(values or {})}.items():
         if isinstance(value, objects):
             module.hparams[key] = to_config(value)
         elif value is None or not is_plain(value):
             # None is every such argument's default: dropping it loses nothing, and avoids a clash with a
             # datamodule's hparams (e.g. its num_classes) when Lightning merges them for the logger.
-            del module.hparams[key]
+            module.hparams.pop(key, None)
+        else:
+            module.hparams[key] = value
     module._hparams_initial = copy.deepcopy(module._hparams)  # what loggers and checkpoints record

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "EBM_LOSSES",
+    "classification_loss",
     "contrastive_divergence_loss",
     "energy_l2_regularization",
     "energy_loss",
@@ -232,3 +234,34 @@ def energy_l2_regularization(e_data: Tensor, e_sample: Tensor) -> Tensor:
     """
     _check_sample_energies(e_data, e_sample)
     return e_data.square().mean() + e_sample.square().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the classification term of a JEM
+
+
+def classification_loss(spec: str | dict[str, Any] = "ce") -> Callable[[Tensor, Tensor], Tensor]:
+    """The JEM's classification term as a function ``(energies [B, C], y [B]) -> scalar``.
+
+    ``spec`` is ``"ce"`` (cross-entropy, JEM's ``-log p(y|x)``; the same as ``"nll"`` at ``beta = 1``), a name of
+    :data:`EBM_LOSSES`, or a dict with ``name`` and the loss's parameters, e.g. ``{"name": "hinge", "margin": 0.5}``.
+    """
+    if isinstance(spec, dict):
+        if "name" not in spec:
+            raise ValueError(f"a classification_loss dict needs a 'name' key, got {spec!r}")
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        name = spec["name"]
+    else:
+        name, kwargs = spec, {}
+    if not isinstance(name, str):
+        raise ValueError(f"classification_loss must be a loss name or a dict with 'name', got {spec!r}")
+    if name.strip().lower() in ("ce", "cross_entropy", "cross-entropy"):
+        if kwargs:
+            raise ValueError(f"cross-entropy takes no parameters, got {sorted(kwargs)}")
+        return _cross_entropy_of_energies
+    return get_ebm_loss(name, **kwargs)
+
+
+def _cross_entropy_of_energies(energies: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy on logits ``-energies``, without the per-call label range check (a host sync)."""
+    return F.cross_entropy(-energies, y)

@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -29,13 +28,17 @@ from jemkit.callbacks.divergence import DivergenceGuard
 from jemkit.checkpoint import check_finite_parameters, check_jemkit_section, jemkit_section
 from jemkit.checks import check_first_batch, check_input_shape, warn_if_outside_range
 from jemkit.divergence import DivergenceError
-from jemkit.energy import joint_energy, marginal_energy
+from jemkit.energy import energy_matrix, joint_energy, marginal_energy
+from jemkit.losses import classification_loss as classification_loss_fn
 from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
 from jemkit.metrics.calibration import CalibrationMetrics
 from jemkit.optim import configure_optimizer, scaled_learning_rates
+from jemkit.presets import resolve_preset
 from jemkit.sampling import Chains, InitialDistribution, ReplayBuffer, Sampler
 
 __all__ = ["JEM", "DivergenceError"]
+
+_CONFIG_OBJECTS = (Sampler, InitialDistribution, ReplayBuffer)  # recorded in hparams as class_path/init_args configs
 
 
 class JEM(pl.LightningModule):
@@ -47,8 +50,14 @@ class JEM(pl.LightningModule):
 
     Args:
         classifier: any ``nn.Module`` mapping a batch of inputs to logits (see ``output_key`` for tuple/dict outputs).
+        preset: named settings of a published method (``"jem"``, ``"jempp"``, ``"sada"``, see :mod:`jemkit.presets`)
+            for every argument left at its default; the resolved values are recorded in ``hparams``.
         num_classes: number of classes; inferred from the first batch's logits when ``None``.
-        ce_weight: weight of the cross-entropy term ``-log p(y|x)``.
+        classification_loss: the classification term on the energies ``E(x, .)``: ``"ce"`` (cross-entropy,
+            ``-log p(y|x)`` at the module's temperature; logged as ``train/ce``), or an EBM loss of
+            :mod:`jemkit.losses` by name (``"hinge"``, ``"log"``, ``"square_square"``, ...) or as
+            ``{"name": "hinge", "margin": 0.5}``.
+        ce_weight: weight of the classification term.
         px_weight: weight of the unconditional generative term (``log p(x)``); 0 trains a plain classifier.
         pxy_weight: weight of the class-conditional generative term (``log p(x|y)``), sampled with random labels
             from a class-conditional buffer.
@@ -81,7 +90,9 @@ class JEM(pl.LightningModule):
     def __init__(
         self,
         classifier: nn.Module,
+        preset: str | None = None,
         num_classes: int | None = None,
+        classification_loss: str | dict[str, Any] = "ce",
         ce_weight: float = 1.0,
         px_weight: float = 1.0,
         pxy_weight: float = 0.0,
@@ -99,7 +110,15 @@ class JEM(pl.LightningModule):
         compile: bool | str = False,
         channels_last: bool = False,
     ) -> None:
+        if preset is not None:  # fill in what the caller left at its default, then build as if it had been given
+            args = {k: v for k, v in locals().items() if k not in ("self", "__class__", "preset")}
+            resolved = resolve_preset(preset, args, _DEFAULTS)
+            self.__init__(**resolved)
+            self.preset = preset
+            save_hparams_as_configs(self, inspect.currentframe(), _CONFIG_OBJECTS, resolved | {"preset": preset})
+            return
         super().__init__()
+        self.preset = None
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
         nonnegative = dict(ce_weight=ce_weight, px_weight=px_weight, pxy_weight=pxy_weight)
@@ -113,7 +132,7 @@ class JEM(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
         if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {lr_warmup_steps!r}")
-        save_hparams_as_configs(self, inspect.currentframe(), (Sampler, InitialDistribution, ReplayBuffer))
+        save_hparams_as_configs(self, inspect.currentframe(), _CONFIG_OBJECTS)
         sampler = from_config(sampler, Sampler) if isinstance(sampler, dict) else sampler
         buffer = from_config(buffer, ReplayBuffer) if isinstance(buffer, dict) else buffer
         if buffer is None:
@@ -126,6 +145,7 @@ class JEM(pl.LightningModule):
         self.buffer = buffer  # registered here, so that checkpoints carry it as `buffer.*`
         self.chains = Chains(classifier, sampler, buffer, sampling_mode, compile)
         self.num_classes = num_classes
+        self.classification_loss = classification_loss_fn(classification_loss)
         self.ce_weight, self.px_weight, self.pxy_weight = ce_weight, px_weight, pxy_weight
         self.energy_l2_weight = energy_l2_weight
         self.data_noise = data_noise
@@ -141,6 +161,7 @@ class JEM(pl.LightningModule):
         self.step_stats: dict[str, Tensor] = {}  # the last training step's loss terms and energies (detached)
         self.val_metrics, self.test_metrics = CalibrationMetrics(), CalibrationMetrics()
         self._checked_stages: set[str] = set()
+        self._drawn: tuple[tuple[int, int], tuple[Tensor | None, ...]] | None = None  # this step's data and samples
 
     @property
     def sampler(self) -> Sampler:
@@ -176,19 +197,24 @@ class JEM(pl.LightningModule):
         x, y = unpack_batch(batch)
         self._check_batch(x, y, "train")
         n, temperature = x.shape[0], self.temperature
-        x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
 
         # 1. Sample: continue chains from the replay buffer (unconditional, and class-conditional with random labels).
-        x_q = self.chains.draw(self.energy, n) if self.px_weight > 0 else None
-        y_q = torch.randint(0, self.num_classes, (n,), device=x.device) if self.pxy_weight > 0 else None
-        x_qy = self.chains.draw(self.energy, n, y_q) if y_q is not None else None
+        #    An optimiser that evaluates a step twice (SAM) gets the same noisy data and samples again.
+        if self._drawn is None or self._drawn[0] != (self.global_step, batch_idx):
+            x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
+            x_q = self.chains.draw(self.energy, n) if self.px_weight > 0 else None
+            y_q = torch.randint(0, self.num_classes, (n,), device=x.device) if self.pxy_weight > 0 else None
+            x_qy = self.chains.draw(self.energy, n, y_q) if y_q is not None else None
+            self._drawn = ((self.global_step, batch_idx), (x_data, x_q, y_q, x_qy))
+        x_data, x_q, y_q, x_qy = self._drawn[1]
 
         # 2. Logits of data and samples, each half of a contrast computed by the same function of its input.
         logits_data, logits_q, logits_qy = self._logits(x_data, x_q, x_qy)
 
         # 3. Losses (in float32 whatever the autocast precision).
         e_data = marginal_energy(logits_data, temperature)
-        stats = {"ce": F.cross_entropy(logits_data, y), "energy_data": e_data.mean()}
+        ce = self.classification_loss(energy_matrix(logits_data, temperature), y)  # cross-entropy unless chosen
+        stats = {"ce": ce, "energy_data": e_data.mean()}
         loss = self.ce_weight * stats["ce"]
         if logits_q is not None:
             e_q = marginal_energy(logits_q, temperature)
@@ -333,3 +359,6 @@ class JEM(pl.LightningModule):
                 f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file "
                 "written by Trainer.fit / ModelCheckpoint or `jemkit fit`"
             ) from err
+
+
+_DEFAULTS = {k: p.default for k, p in inspect.signature(JEM.__init__).parameters.items() if k != "self"}

@@ -1,4 +1,4 @@
-"""Optimiser helpers for the JEM: its default optimiser and schedule, and per-step learning-rate factors."""
+"""Optimisation for the JEM: its default optimiser and schedule, per-step learning-rate factors, and SAM."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-__all__ = ["configure_optimizer", "scaled_learning_rates"]
+__all__ = ["SAM", "configure_optimizer", "scaled_learning_rates"]
 
 
 def configure_optimizer(
@@ -46,3 +46,107 @@ def scaled_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> It
     finally:
         for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
             group["lr"] = lr
+
+
+_BASES: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimisation (Foret et al. 2021), the optimiser of SADA-JEM (Yang, Su & Ji 2023).
+
+    Each step evaluates the loss twice: at the weights ``w`` for the gradient ``g``, then at the ascent point
+    ``w + rho * g / ||g||`` (per-parameter scaled by ``|w|`` when ``adaptive``), whose gradient the base optimiser then
+    applies at ``w``. It needs the closure Lightning passes to ``optimizer.step`` in automatic optimisation (as LBFGS
+    does); a JEM draws its SGLD samples once per step and reuses them for the second evaluation. Under DDP the
+    gradients of both evaluations are averaged across ranks by the backward passes, so every rank perturbs alike.
+    Works in 32-bit and bf16-mixed precision; float16 with a gradient scaler is not supported.
+
+    Args:
+        params: the parameters (or parameter groups) to optimise.
+        base: the base optimiser, ``"sgd"``, ``"adam"`` or ``"adamw"`` (or an optimiser class).
+        rho: radius of the ascent step (SAM: 0.05; SADA-JEM: larger, e.g. 2.0 with adaptive).
+        adaptive: ASAM's scale-invariant ascent step, ``rho * |w|^2 g / || |w| g ||``.
+        lr: learning rate of the base optimiser.
+        momentum: SGD momentum (``base="sgd"`` only).
+        weight_decay: weight decay of the base optimiser.
+
+    Example (YAML, LightningCLI)::
+
+        optimizer:
+          class_path: jemkit.optim.SAM
+          init_args: {base: sgd, rho: 0.05, lr: 0.1, momentum: 0.9}
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: str | type[torch.optim.Optimizer] = "sgd",
+        rho: float = 0.05,
+        adaptive: bool = False,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho!r}")
+        if isinstance(base, str):
+            if base.lower() not in _BASES:
+                raise ValueError(f"unknown base optimiser {base!r}; expected one of {', '.join(_BASES)}")
+            base = _BASES[base.lower()]
+        kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+        if momentum:
+            if base is not torch.optim.SGD:
+                raise ValueError(f"momentum is an SGD setting, got momentum={momentum!r} with {base.__name__}")
+            kwargs["momentum"] = momentum
+        super().__init__(params, {"rho": rho, "adaptive": adaptive, **kwargs})
+        self.base = base(self.param_groups, **kwargs)  # shares the groups: schedulers see one set of rates
+        self.defaults.update(self.base.defaults)
+
+    @torch.no_grad()
+    def _ascent(self) -> None:
+        grads = [
+            ((p.abs() if group["adaptive"] else 1.0) * p.grad).norm(p=2)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not grads:
+            return
+        norm = torch.stack(grads).norm(p=2).clamp_min(1e-12)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                e_w = (p.square() if group["adaptive"] else 1.0) * p.grad * (group["rho"] / norm)
+                p.add_(e_w)
+                self.state[p]["e_w"] = e_w
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One SAM step; ``closure`` re-evaluates the loss with gradients (Lightning passes it)."""
+        if closure is None:
+            raise ValueError("SAM evaluates the loss twice per step and needs a closure: optimizer.step(closure)")
+        with torch.enable_grad():
+            loss = closure()
+        self._ascent()
+        with torch.enable_grad():
+            closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                e_w = self.state[p].pop("e_w", None)
+                if e_w is not None:
+                    p.sub_(e_w)
+        self.base.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sam": super().state_dict(), "base": self.base.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict["sam"])
+        self.base.load_state_dict(state_dict["base"])
+        self.base.param_groups = self.param_groups

@@ -479,7 +479,7 @@ def test_the_loss_is_the_weighted_sum_of_its_terms_on_fixed_samples(ce_weight, p
     e_data = -temperature * torch.logsumexp(logits / temperature, 1)
     e_sample = torch.full((6,), -temperature * math.log(3.0))
     terms = {
-        "ce": torch.nn.functional.cross_entropy(logits, y),
+        "ce": torch.nn.functional.cross_entropy(logits / temperature, y),  # p(y|x) at the module's temperature
         "px": e_data.mean() - e_sample.mean(),
         "pxy": (-logits.gather(1, y[:, None]) / temperature).mean() - 0.0,
         "l2": e_data.square().mean() + e_sample.square().mean(),
@@ -498,3 +498,29 @@ def test_the_loss_is_the_weighted_sum_of_its_terms_on_fixed_samples(ce_weight, p
         torch.testing.assert_close(stats["sample_norm"], torch.tensor(0.0))
     if pxy_weight > 0:
         torch.testing.assert_close(stats["pxy"], terms["pxy"])
+
+
+@pytest.mark.parametrize("spec", ["hinge", {"name": "hinge", "margin": 0.5}, {"name": "square-square"}, "log"])
+def test_an_ebm_loss_can_be_the_classification_term(spec):
+    from jemkit.losses import get_ebm_loss
+
+    classifier = nn.Linear(2, 3)
+    jem = JEM(classifier, classification_loss=spec, px_weight=0.0, data_noise=0.0, temperature=0.5)
+    x, y = torch.randn(8, 2), torch.arange(8) % 3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        loss = jem.training_step((x, y), 0)
+    name, kwargs = (
+        (spec, {}) if isinstance(spec, str) else (spec["name"], {k: v for k, v in spec.items() if k != "name"})
+    )
+    expected = get_ebm_loss(name, **kwargs)(-classifier(x) / 0.5, y)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_classification_loss_errors():
+    with pytest.raises(ValueError, match=r"unknown EBM loss 'hinj'; valid names: .*hinge"):
+        JEM(TinyMLP(), classification_loss="hinj")
+    with pytest.raises(ValueError, match="needs a 'name' key"):
+        JEM(TinyMLP(), classification_loss={"margin": 1.0})
+    with pytest.raises(ValueError, match="loss 'hinge' got unexpected argument"):
+        JEM(TinyMLP(), classification_loss={"name": "hinge", "beta": 2.0})

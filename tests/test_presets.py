@@ -1,0 +1,138 @@
+import copy
+from functools import partial
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from jemkit import JEM, PYLD, SGLD, GaussianInit, ReplayBuffer
+from jemkit.optim import SAM
+from jemkit.presets import PRESETS, preset_settings
+from tests.conftest import TinyMLP
+from tests.test_module import toy_loader, trainer
+
+
+def test_a_preset_fills_what_was_left_at_its_default_and_explicit_values_win():
+    jem = JEM(TinyMLP(), preset="jempp")
+    assert isinstance(jem.sampler, PYLD) and isinstance(jem.buffer.init, GaussianInit)
+    assert jem.preset == "jempp" and jem.hparams.preset == "jempp"
+    assert jem.hparams.sampler["class_path"] == "jemkit.sampling.langevin.PYLD"  # the resolved settings are recorded
+    mine = JEM(TinyMLP(), preset="jempp", sampler=SGLD(n_steps=3), data_noise=0.0)
+    assert isinstance(mine.sampler, SGLD) and mine.sampler.n_steps == 3 and mine.data_noise == 0.0
+    assert isinstance(mine.buffer.init, GaussianInit)  # what was not given still comes from the preset
+    paper = JEM(TinyMLP(), preset="jem")
+    assert (paper.sampler.n_steps, paper.lr, paper.lr_warmup_steps, paper.data_noise) == (20, 1e-4, 1000, 0.03)
+
+
+def test_presets_give_fresh_objects_and_unknown_names_are_refused():
+    first, second = preset_settings("jempp"), preset_settings("jempp")
+    assert first["sampler"] is not second["sampler"] and first["buffer"] is not second["buffer"]
+    with pytest.raises(ValueError, match="unknown preset 'jem\\+\\+'; expected one of jem, jempp, sada"):
+        JEM(TinyMLP(), preset="jem++")
+    assert set(PRESETS) >= {"jem", "jempp", "sada"}
+
+
+def test_a_preset_run_reloads_from_its_checkpoint_with_the_same_settings(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    jem = JEM(TinyMLP(), preset="jempp", buffer=ReplayBuffer(capacity=30, init=GaussianInit(fit_batches=2)))
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(jem, toy_loader())
+    loaded = JEM.load_from_checkpoint(tmp_path / "last.ckpt", classifier=TinyMLP())
+    assert loaded.preset == "jempp" and repr(loaded.sampler) == repr(jem.sampler)
+    assert loaded.buffer.capacity == 30 and torch.equal(loaded.buffer.init.means, jem.buffer.init.means)
+
+
+class CountDraws(Callback):
+    def __init__(self):
+        self.draws, self.steps = 0, 0
+
+    def on_train_start(self, trainer, pl_module):
+        draw = pl_module.chains.draw
+
+        def counted(*args, **kwargs):
+            self.draws += 1
+            return draw(*args, **kwargs)
+
+        pl_module.chains.draw = counted
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.steps += 1
+
+
+def test_sam_evaluates_each_step_twice_on_the_same_samples_and_trains(tmp_path):
+    torch.manual_seed(0)
+    count = CountDraws()
+    jem = JEM(
+        TinyMLP(),
+        sampler=SGLD(n_steps=2, step_size=0.1),
+        buffer=ReplayBuffer(capacity=32),
+        optimizer=partial(SAM, base="adam", rho=0.05, lr=1e-2),
+    )
+    calls = []
+    original = jem.training_step
+
+    def recorded(batch, batch_idx):
+        loss = original(batch, batch_idx)
+        calls.append(float(jem.step_stats["ce"]))
+        return loss
+
+    jem.training_step = recorded
+    trainer(tmp_path, max_steps=40, callbacks=[count]).fit(jem, toy_loader())
+    assert count.steps == 40 and count.draws == 40  # one draw per step, reused by SAM's second evaluation
+    assert len(calls) == 80
+    first, last = sum(calls[:8]) / 8, sum(calls[-8:]) / 8
+    assert last < 0.7 * first, (first, last)  # the cross-entropy went down (1.08 -> 0.59 here): SAM trains
+    assert calls[1] != calls[0]  # the second evaluation is at the perturbed weights
+
+
+def test_the_sada_preset_uses_sam():
+    jem = JEM(TinyMLP(), preset="sada")
+    optimizer = jem.configure_optimizers()
+    assert isinstance(optimizer, SAM) and isinstance(optimizer.base, torch.optim.Adam)
+    assert jem.sampler.n_steps == 5
+
+
+def test_sam_step_is_the_base_step_with_the_gradient_at_the_ascent_point():
+    torch.manual_seed(0)
+    a = torch.tensor([[3.0, 0.5], [0.5, 1.0]])
+    w0 = torch.tensor([1.0, -2.0])
+    w = torch.nn.Parameter(w0.clone())
+    optimizer = SAM([w], base="sgd", rho=0.1, lr=0.05)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 0.5 * w @ a @ w
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    g = a @ w0
+    ascent = w0 + 0.1 * g / g.norm()
+    torch.testing.assert_close(w.detach(), w0 - 0.05 * (a @ ascent))
+    adaptive = torch.nn.Parameter(w0.clone())
+    optimizer = SAM([adaptive], base="sgd", rho=0.1, adaptive=True, lr=0.05)
+
+    def closure_adaptive():
+        optimizer.zero_grad()
+        loss = 0.5 * adaptive @ a @ adaptive
+        loss.backward()
+        return loss
+
+    optimizer.step(closure_adaptive)
+    scaled = w0.abs() * g
+    ascent = w0 + 0.1 * w0.square() * g / scaled.norm()
+    torch.testing.assert_close(adaptive.detach(), w0 - 0.05 * (a @ ascent))
+    state = copy.deepcopy(optimizer.state_dict())
+    optimizer.load_state_dict(state)
+    assert optimizer.base.param_groups is optimizer.param_groups
+
+
+def test_sam_errors():
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        SAM(w, rho=0.0)
+    with pytest.raises(ValueError, match="unknown base optimiser 'lion'"):
+        SAM(w, base="lion")
+    with pytest.raises(ValueError, match="momentum is an SGD setting"):
+        SAM(w, base="adam", momentum=0.9)
+    with pytest.raises(ValueError, match="needs a closure"):
+        SAM(w).step()
