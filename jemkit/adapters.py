@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
@@ -79,8 +78,9 @@ def is_mode_sensitive(module: nn.Module) -> bool:
 
 
 def can_share_forward(module: nn.Module, mode: SamplingMode) -> bool:
-    """Whether one forward over data and samples together gives each its own energy exactly: the classifier must
-    treat samples independently and in the same mode (no BatchNorm; no Dropout either when sampling in eval mode)."""
+    """Whether the training forward of the data (train mode, for the classification term) also gives the energies of
+    the generative contrast: only when the classifier computes the same function in the sampling mode (no BatchNorm;
+    no Dropout either when sampling in eval mode)."""
     return not (is_mode_sensitive(module) if mode == "eval" else has_batchnorm(module))
 
 
@@ -90,26 +90,24 @@ def sampling_context(module: nn.Module, mode: SamplingMode = "eval") -> Iterator
 
     - ``"eval"`` (default): eval mode, so BatchNorm uses its running statistics (each sample's energy does not
       depend on the rest of the batch) and Dropout is off; every submodule's own train flag is restored afterwards.
-    - ``"train"``: keep train mode (BatchNorm uses batch statistics, as the JEM reference code does), but restore the
-      running statistics afterwards so that samples never leak into them.
+    - ``"train"``: keep train mode (BatchNorm normalises with the statistics of the batch it is given, as the JEM
+      reference code does) but stop BatchNorm layers from tracking running statistics, so that samples never leak
+      into them. Nothing is copied back in place afterwards, so a graph built inside the context stays valid for its
+      backward pass (the running statistics are inputs that BatchNorm's backward checks).
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"sampling mode must be 'eval' or 'train', got {mode!r}")
-    flags = [(m, m.training) for m in module.modules()]
-    stats = []
+    flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in module.modules()]
     if mode == "eval":
         module.eval()
     else:
         for m in module.modules():
-            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
-                stats.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+            if isinstance(m, _BatchNorm):
+                m.track_running_stats = False  # batch statistics, and no update of the running ones
     try:
         yield
     finally:
-        for m, training in flags:
+        for m, training, tracks in flags:
             m.training = training
-        with torch.no_grad():
-            for m, mean, var, count in stats:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+            if tracks is not None:
+                m.track_running_stats = tracks
