@@ -9,6 +9,7 @@ Lightning relaunches this script once per extra rank. Each rank writes what the 
 """
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jemkit import JEM, SGLD, ReplayBuffer
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
 from jemkit.checkpoint import AtomicCheckpointIO
+from jemkit.optim import SAM
 from tests.conftest import TinyMLP
 
 
@@ -72,7 +74,10 @@ def main(mode: str, out: str, devices: int, max_steps: int) -> None:
     y = torch.arange(3).repeat(22)
     x = torch.randn(66, 2, generator=generator) * 0.1 + torch.stack([torch.cos(y * 2.0), torch.sin(y * 2.0)], 1) * 0.6
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.01), buffer=ReplayBuffer(capacity=40), lr=1e-2)
+    sam = partial(SAM, base="adam", rho=0.05, lr=1e-2) if mode == "sam" else None  # two evaluations per step
+    jem = JEM(
+        TinyMLP(), sampler=SGLD(n_steps=2, step_size=0.01), buffer=ReplayBuffer(capacity=40), lr=1e-2, optimizer=sam
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,

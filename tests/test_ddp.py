@@ -63,3 +63,11 @@ def test_ddp_ranks_agree_to_roll_back_when_one_rank_diverges(tmp_path):
     assert [r["rollbacks"] for r in ranks] == [1, 1]
     assert all(r["step"] == 6 and r["buffer"].shape == (20, 2) for r in ranks)
     assert torch.equal(ranks[0]["weight"], ranks[1]["weight"]) and torch.isfinite(ranks[0]["weight"]).all()
+
+
+def test_sam_under_ddp_keeps_ranks_in_step(tmp_path):
+    run("sam", tmp_path, 2, 4)
+    ranks = [torch.load(tmp_path / f"sam2_end_rank{r}.pt") for r in (0, 1)]
+    assert all(r["step"] == 4 for r in ranks)
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"]) and torch.isfinite(ranks[0]["weight"]).all()
+    assert not torch.equal(ranks[0]["buffer"], ranks[1]["buffer"])
