@@ -16,9 +16,11 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-from jemkit.module import JEM
+from jemkit.module import _DEFAULTS, JEM
+from jemkit.presets import _is_default, preset_config
 
 __all__ = ["JEMCLI", "main"]
 
@@ -35,6 +37,30 @@ class JEMCLI(LightningCLI):
         # Checkpoints are written atomically unless the config names other plugins.
         kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "jemkit.checkpoint.AtomicCheckpointIO"}]})
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """LightningCLI's parsing, except that ``--print_config`` shows the model with its preset filled in."""
+        argv = sys.argv[1:] if args is None else args
+        if not isinstance(argv, list) or "--print_config" not in argv:
+            return super().parse_arguments(parser, args)
+        super().parse_arguments(parser, [a for a in argv if a != "--print_config"])
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        model = config.get("model")
+        if model is not None and model.get("preset"):
+            for key, value in preset_config(model.preset).items():
+                if _is_default(model.get(key), _DEFAULTS.get(key)):
+                    model[key] = _namespace(value)
+        sub_parser = parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
+        print(sub_parser.dump(config, skip_none=False, skip_validation=True), end="")
+        sys.exit(0)
+
+
+def _namespace(value: Any) -> Any:
+    """Nested dicts as jsonargparse Namespaces, the form a parsed config holds."""
+    if isinstance(value, dict):
+        return Namespace(**{k: _namespace(v) for k, v in value.items()})
+    return value
 
 
 def main(args: list[str] | None = None) -> None:

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from jemkit._config import is_plain, to_config
 from jemkit.optim import SAM
 from jemkit.sampling import PYLD, SGLD, GaussianInit, ReplayBuffer
 
-__all__ = ["PRESETS", "preset_settings", "resolve_preset"]
+__all__ = ["PRESETS", "preset_config", "preset_settings", "resolve_preset"]
 
 
 def _jem() -> dict[str, Any]:
@@ -68,6 +69,19 @@ def resolve_preset(name: str, args: dict[str, Any], defaults: dict[str, Any]) ->
     """``args`` with every argument the preset sets and the caller left at its default replaced by the preset's."""
     settings = preset_settings(name)
     return {k: settings[k] if k in settings and _is_default(v, defaults.get(k)) else v for k, v in args.items()}
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """The settings of preset ``name`` as plain config (``class_path``/``init_args`` dicts), as YAML would give them."""
+    config = {}
+    for key, value in preset_settings(name).items():
+        if isinstance(value, partial):
+            path = f"{value.func.__module__}.{value.func.__qualname__}"
+            value = {"class_path": path, "init_args": dict(value.keywords)}
+        elif not is_plain(value):
+            value = to_config(value)
+        config[key] = value
+    return config
 
 
 def _describe(value: Any) -> str:

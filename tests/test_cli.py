@@ -40,3 +40,16 @@ def test_fit_then_test_then_load_without_arguments(tmp_path, monkeypatch):
     assert type(jem.classifier).__name__ == "SmallCNN"
     assert jem.buffer.samples.shape == (100, 1, 8, 8)
     assert jem(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_print_config_fills_in_the_preset_and_keeps_what_was_given(capsys):
+    import yaml
+
+    base = ["fit", "--model.classifier=jemkit.models.SmallCNN", "--data=jemkit.data.DigitsDataModule"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--model.preset=jempp", "--model.data_noise=0.0", "--print_config"])
+    assert exit_info.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["preset"] == "jempp" and model["data_noise"] == 0.0  # given: kept
+    assert model["sampler"]["class_path"].endswith("PYLD") and model["sampler"]["init_args"]["n_steps"] == 5
+    assert model["buffer"]["init_args"]["init"]["class_path"].endswith("GaussianInit")
