@@ -185,8 +185,8 @@ def markdown(summary: dict[str, dict[str, Any]], steps: int, seeds: list[int], b
     ]
     for scenario, configs in summary.items():
         sets = [s for s in OOD_SETS if any(s in c.get("auroc", {}) for c in configs.values())]
-        lines += [f"**{scenario}**", "", "| config | acc % | NLL | ECE % | " + " | ".join(f"logpx vs {s}" for s in sets)]
-        lines[-1] += " | ms/step |"
+        header = "| config | acc % | NLL | ECE % | " + " | ".join(f"logpx vs {s}" for s in sets) + " | ms/step |"
+        lines += [f"**{scenario}**", "", header]
         lines.append("|---" * (5 + len(sets)) + "|")
         for name, c in configs.items():
             if "acc" not in c:
