@@ -10,6 +10,7 @@ and Windows), so the target is always either the old complete checkpoint or the 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,13 @@ from typing_extensions import override
 
 from jemkit.divergence import DivergenceError
 
-__all__ = ["AtomicCheckpointIO", "check_jemkit_section", "check_finite_parameters", "jemkit_section"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "check_finite_parameters",
+    "check_jemkit_section",
+    "is_unreadable_checkpoint",
+    "jemkit_section",
+]
 
 
 def jemkit_section(classifier: nn.Module, num_classes: int | None, input_shape: tuple[int, ...] | None) -> dict:
@@ -51,6 +58,15 @@ def check_jemkit_section(checkpoint: dict[str, Any], classifier: nn.Module, num_
     if saved is not None and num_classes is not None and saved != num_classes:
         raise ValueError(f"the checkpoint has {saved} classes but this JEM was built with {num_classes}")
     return saved
+
+
+def is_unreadable_checkpoint(path: Any) -> bool:
+    """Whether ``path`` is a local file that is not a complete zip archive (``torch.save``'s format): truncated or
+    corrupted, as a run killed while writing it leaves it."""
+    try:
+        return Path(path).is_file() and not zipfile.is_zipfile(path)
+    except (TypeError, OSError):
+        return False
 
 
 def check_finite_parameters(module: nn.Module) -> None:

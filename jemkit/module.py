@@ -15,6 +15,7 @@ divergence handling in :class:`~jemkit.callbacks.DivergenceGuard`, which reads :
 from __future__ import annotations
 
 import inspect
+import pickle
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +26,12 @@ from torch import Tensor, nn
 from jemkit._config import from_config, save_hparams_as_configs
 from jemkit.adapters import OutputKey, SamplingMode, can_share_forward, sampling_context, select_logits, unpack_batch
 from jemkit.callbacks.divergence import DivergenceGuard
-from jemkit.checkpoint import check_finite_parameters, check_jemkit_section, jemkit_section
+from jemkit.checkpoint import (
+    check_finite_parameters,
+    check_jemkit_section,
+    is_unreadable_checkpoint,
+    jemkit_section,
+)
 from jemkit.checks import check_first_batch, check_input_shape, warn_if_outside_range
 from jemkit.divergence import DivergenceError
 from jemkit.energy import energy_matrix, joint_energy, marginal_energy
@@ -368,6 +374,10 @@ class JEM(pl.LightningModule):
         """Lightning's ``load_from_checkpoint``, with a clear error for files that are not Lightning checkpoints."""
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            if not is_unreadable_checkpoint(checkpoint_path):
+                raise
+            raise ValueError(f"{checkpoint_path} is truncated or corrupted: it cannot be read as a checkpoint") from err
         except KeyError as err:
             raise ValueError(
                 f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file "

@@ -185,3 +185,11 @@ def test_skip_drops_the_diverged_update_and_goes_on():
     assert torch.equal(seen["before"], seen["after"])  # no update at the diverged step
     assert torch.equal(seen["adam"], seen["adam_after"])
     assert torch.isfinite(jem.buffer.samples).all()  # the poisoned chains were re-initialised
+
+
+def test_nan_inputs_are_named_as_bad_data_not_a_diverged_model():
+    x, y = torch.randn(16, 2), torch.arange(16) % 3
+    x[5, 1] = float("nan")
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    with pytest.raises(DivergenceError, match=r"the input batch 1 contains NaN \(in samples \[1\]\) .*clean the data"):
+        trainer(None, max_steps=4).fit(small_jem(), data)

@@ -524,3 +524,20 @@ def test_classification_loss_errors():
         JEM(TinyMLP(), classification_loss={"margin": 1.0})
     with pytest.raises(ValueError, match="loss 'hinge' got unexpected argument"):
         JEM(TinyMLP(), classification_loss={"name": "hinge", "beta": 2.0})
+
+
+def test_untrustworthy_checkpoints_are_named(tmp_path):
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[ckpt_cb]).fit(
+        JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10)), toy_loader()
+    )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved["state_dict"]["buffer.samples"][[2, 7], 0] = float("nan")
+    torch.save(saved, tmp_path / "poisoned.ckpt")
+    with pytest.warns(RuntimeWarning, match=r"buffer.samples held 2 non-finite chains .* re-initialised"):
+        loaded = JEM.load_from_checkpoint(tmp_path / "poisoned.ckpt", classifier=TinyMLP())
+    assert torch.isfinite(loaded.buffer.samples).all()
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated.ckpt is truncated or corrupted"):
+        JEM.load_from_checkpoint(tmp_path / "truncated.ckpt", classifier=TinyMLP())

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from jemkit.adapters import unpack_batch
 from jemkit.divergence import DivergenceError, divergence_reasons
 
 __all__ = ["DivergenceGuard"]
@@ -39,6 +40,24 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return copy.deepcopy(obj)
+
+
+def _bad_input(batch: Any, batch_idx: int) -> list[str]:
+    """``["the input batch N contains NaN/inf ..."]`` when a training batch holds non-finite inputs, else ``[]``."""
+    try:
+        x, _ = unpack_batch(batch)
+    except (TypeError, KeyError):
+        return []
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return []
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return []
+    samples = bad.flatten(1).any(1).nonzero().flatten().tolist()
+    kinds = "/".join(k for k, present in (("NaN", x.isnan().any()), ("inf", x.isinf().any())) if bool(present))
+    return [
+        f"the input batch {batch_idx} contains {kinds} (in samples {samples[:5]}{' ...' if len(samples) > 5 else ''})"
+    ]
 
 
 class DivergenceGuard(Callback):
@@ -115,6 +134,7 @@ class DivergenceGuard(Callback):
         self._snapshot: dict[str, Any] | None = None
         self._pending: str | None = None  # why the current step diverged, until its update is dropped
         self._dropped = False  # the pending step's gradients were dropped: act on it at the batch end
+        self._batch: tuple[Any, int] = (None, -1)
 
     @property
     def state_key(self) -> str:
@@ -144,8 +164,16 @@ class DivergenceGuard(Callback):
             self._take_snapshot(trainer, pl_module)
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = (batch, batch_idx)  # looked at only when the step diverges: no cost on healthy steps
+
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         reasons = divergence_reasons(pl_module.step_stats, self.limits(pl_module))
+        if reasons:
+            reasons = _bad_input(*self._batch) or reasons  # a NaN in the data is not a divergence of the model
         diverged = bool(reasons)
         if trainer.world_size > 1:  # every rank calls this hook every step: the ranks agree, so all act alike
             diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
@@ -154,6 +182,8 @@ class DivergenceGuard(Callback):
         where = ", ".join(reasons) if reasons else "on another rank"
         reason = f"training diverged at global step {trainer.global_step}: {where}"
         if self.action == "raise":
+            if reasons and reasons[0].startswith("the input"):
+                raise DivergenceError(f"{reasons[0]} (global step {trainer.global_step}): clean the data")
             raise DivergenceError(f"{reason}. {_HINT}")
         self._pending = reason
 

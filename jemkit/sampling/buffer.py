@@ -8,6 +8,7 @@ from the initial distribution so that the buffer never collapses) and takes back
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -298,6 +299,14 @@ class ReplayBuffer(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if self.is_initialized:
+            replaced = self.reinit_nonfinite()
+            if replaced:
+                warnings.warn(
+                    f"{prefix}samples held {replaced} non-finite chains (NaN/inf) in the checkpoint; they were "
+                    "re-initialised from the initial distribution",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             self.capacity = int(self.samples.shape[0])
             if stored["samples"] is not None and stored["samples"].numel() > 0:
                 self.total_capacity = self.capacity * world_size
