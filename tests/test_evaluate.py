@@ -166,3 +166,21 @@ def test_evaluate_command_errors(tmp_path):
     torch.save({"weights": torch.zeros(3)}, not_a_ckpt)
     with pytest.raises(ValueError, match="not a Lightning checkpoint of a JEM"):
         main(["evaluate", "--ckpt", str(not_a_ckpt), "--out", str(tmp_path)])
+
+
+def test_scores_that_point_the_wrong_way_are_flagged():
+    report = {
+        "data": "D",
+        "num_test": 4,
+        "calibration": {"accuracy": 1.0, "nll": 0.1, "brier": 0.1, "ece": 0.0, "mce": 0.0},
+        "ood": {
+            "noise": {
+                "logpx": {"auroc": 0.99, "aupr_in": 1, "aupr_out": 1, "fpr95": 0},
+                "grad_norm": {"auroc": 0.21, "aupr_in": 0.4, "aupr_out": 0.5, "fpr95": 1.0},
+            }
+        },
+        "figures": {},
+    }
+    text = format_report(report)
+    assert "! grad_norm points the wrong way on noise: AUROC 0.210 < 0.5 (the negated score would give 0.790)" in text
+    assert "logpx points the wrong way" not in text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
@@ -127,6 +127,12 @@ class OODMonitor(Callback):
                             metric.update(share, is_in)
                     values = metric.compute()  # gathers every rank's scores
                     results[name][score] = {k: float(v) for k, v in values.items()}
+                    if results[name][score]["auroc"] < 0.5 and trainer.is_global_zero:
+                        auroc = results[name][score]["auroc"]
+                        rank_zero_warn(
+                            f"OODMonitor: {score} points the wrong way on {name} (AUROC {auroc:.3f} < 0.5; the negated "
+                            f"score would give {1 - auroc:.3f})"
+                        )
                     for key, value in values.items():
                         pl_module.log(f"val/ood/{name}/{score}/{key}", value.float(), on_epoch=True)
                     histograms[score][name] = out_scores[score]

@@ -209,6 +209,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _reversed_scores(ood: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """A warning line for every score that ranks an OOD set as *more* in-distribution than the test data."""
+    return [
+        f"! {score} points the wrong way on {name}: AUROC {values['auroc']:.3f} < 0.5 (the negated score would give "
+        f"{1 - values['auroc']:.3f}); the model gives these inputs the values it gives data"
+        for name, scores in ood.items()
+        for score, values in scores.items()
+        if values["auroc"] < 0.5
+    ]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A readable text rendering of :func:`evaluate`'s report."""
     cal = report["calibration"]
@@ -230,6 +241,7 @@ def format_report(report: dict[str, Any]) -> str:
         parts += [
             "OOD detection (in-distribution = positive)",
             _table(["OOD set", "score", "AUROC", "AUPR-in", "AUPR-out", "FPR95"], rows),
+            *_reversed_scores(report["ood"]),
             "",
         ]
     if "robustness" in report:
