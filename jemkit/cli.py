@@ -38,6 +38,15 @@ class JEMCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "jemkit.checkpoint.AtomicCheckpointIO"}]})
         super().__init__(*args, **kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``{default_root_dir}`` in any string of the config (logger ``save_dir``, checkpoint ``dirpath``):
+        recipes write every output under the Trainer's ``default_root_dir``, so one override moves them all."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        root = config.get("trainer", {}).get("default_root_dir") or "."
+        for key in config.keys():  # dotted keys of every leaf, lists included as whole values
+            config[key] = _with_root(config[key], str(root))
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """LightningCLI's parsing, except that ``--print_config`` shows the model with its preset filled in."""
         argv = sys.argv[1:] if args is None else args
@@ -54,6 +63,19 @@ class JEMCLI(LightningCLI):
         sub_parser = parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
         print(sub_parser.dump(config, skip_none=False, skip_validation=True), end="")
         sys.exit(0)
+
+
+def _with_root(value: Any, root: str) -> Any:
+    """``value`` with ``{default_root_dir}`` replaced by ``root`` in every string it holds (lists, Namespaces)."""
+    if isinstance(value, str):
+        return value.replace("{default_root_dir}", root)
+    if isinstance(value, list):
+        return [_with_root(v, root) for v in value]
+    if isinstance(value, Namespace):
+        return Namespace(**{k: _with_root(v, root) for k, v in vars(value).items()})
+    if isinstance(value, dict):
+        return {k: _with_root(v, root) for k, v in value.items()}
+    return value
 
 
 def _namespace(value: Any) -> Any:

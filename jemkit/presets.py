@@ -24,6 +24,7 @@ def _jem() -> dict[str, Any]:
     return {
         "sampler": SGLD(n_steps=20, step_size=1.0, noise_std=0.01),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05),
+        "px_weight": 1.0,
         "data_noise": 0.03,
         "lr": 1e-4,
         "lr_warmup_steps": 1000,
@@ -32,11 +33,14 @@ def _jem() -> dict[str, Any]:
 
 def _jempp() -> dict[str, Any]:
     """Yang & Ji 2021: proximal SGLD (PYLD) with few steps, chains started from per-class Gaussians fitted to the
-    data (informative initialisation), samples kept in the data range."""
+    data (informative initialisation), samples kept in the data range, the full log p(x) term. The paper trains a
+    WideResNet with SGD at 0.1; with jemkit's Adam, 1e-3 is the rate that keeps the classifier's accuracy."""
     return {
         "sampler": PYLD(n_steps=5, step_size=0.2, eps=1.0),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=GaussianInit()),
+        "px_weight": 1.0,
         "data_noise": 0.03,
+        "lr": 1e-3,
     }
 
 
@@ -46,6 +50,7 @@ def _sada() -> dict[str, Any]:
         "sampler": SGLD(n_steps=5, step_size=1.0, noise_std=0.01, clip=(-1.0, 1.0)),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=GaussianInit()),
         "optimizer": partial(SAM, base="adam", rho=0.05, adaptive=False, lr=1e-3),
+        "px_weight": 1.0,
         "data_noise": 0.03,
     }
 

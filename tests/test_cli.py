@@ -53,3 +53,23 @@ def test_print_config_fills_in_the_preset_and_keeps_what_was_given(capsys):
     assert model["preset"] == "jempp" and model["data_noise"] == 0.0  # given: kept
     assert model["sampler"]["class_path"].endswith("PYLD") and model["sampler"]["init_args"]["n_steps"] == 5
     assert model["buffer"]["init_args"]["init"]["class_path"].endswith("GaussianInit")
+
+
+def test_default_root_dir_moves_every_output_of_a_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "elsewhere"
+    main(
+        [
+            "fit",
+            "-c",
+            str(RECIPE),
+            f"--trainer.default_root_dir={out}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--model.buffer.capacity=50",
+        ]
+    )
+    assert not (tmp_path / "runs").exists()  # nothing under the recipe's own runs/digits
+    assert (out / "checkpoints/best.ckpt").exists() and (out / "checkpoints/last.ckpt").exists()
+    assert list((out / "logs").glob("version_*/metrics.csv")) and list((out / "logs").glob("version_*/config.yaml"))

@@ -136,3 +136,40 @@ def test_sam_errors():
         SAM(w, base="adam", momentum=0.9)
     with pytest.raises(ValueError, match="needs a closure"):
         SAM(w).step()
+
+
+def _train_on_digits(tmp_path, jem: JEM, steps: int) -> dict[str, float]:
+    """Train on digits for ``steps``; test accuracy, ECE and the log p(x) AUROC against uniform noise."""
+    from jemkit import DigitsDataModule
+    from jemkit.data.ood import UniformNoise
+    from jemkit.metrics import CalibrationMetrics, ood_metrics
+    from jemkit.scores import score_batches
+
+    dm = DigitsDataModule(batch_size=64)
+    trainer(tmp_path, max_steps=steps, limit_val_batches=0).fit(jem, dm)
+    jem.eval()
+    x, y = dm.test_dataset.tensors
+    calibration = CalibrationMetrics()
+    with torch.no_grad():
+        calibration.update(jem(x), y)
+    result = {k: float(v) for k, v in calibration.compute().items()}
+    loader = partial(torch.utils.data.DataLoader, batch_size=256)
+    data = score_batches(jem, loader(dm.test_dataset), ["logpx"])["logpx"]
+    noise = score_batches(jem, loader(UniformNoise(len(x), dm.input_shape, seed=0)), ["logpx"])["logpx"]
+    return result | {"auroc_noise": float(ood_metrics(data, noise)["auroc"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [None, "jempp"])
+def test_the_defaults_and_jempp_train_a_digits_jem_to_a_measured_level(tmp_path, preset):
+    # The comparison with the plain classifier (3 seeds, 1,500 steps) is benchmarks/quality.py. Here 400 steps, seed 0,
+    # measured: plain cross-entropy 0.956 accuracy, ECE 2.8%, AUROC 0.986 against noise; the defaults 0.963, ECE 9.3%
+    # (still under-confident this early: the gap closes by 1,500 steps), AUROC 0.999; the paper's lr gives ECE > 25%.
+    torch.manual_seed(0)
+    from jemkit.models import SmallCNN
+
+    result = _train_on_digits(tmp_path, JEM(SmallCNN(width=16), preset=preset), steps=400)
+    assert result["acc"] > 0.93, result
+    assert result["auroc_noise"] > 0.98, result
+    if preset is None:  # jempp's full log p(x) term is more under-confident than the defaults' 0.1
+        assert result["ece"] < 0.12, result

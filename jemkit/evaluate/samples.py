@@ -8,14 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import math
+
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
-from torchvision.utils import save_image
+from torch.nn import functional as F
+from torchvision.utils import make_grid, save_image
 
 from jemkit.evaluate.plots import save_figure
 
-__all__ = ["draw_samples", "energy_landscape", "save_sample_grids"]
+__all__ = ["draw_samples", "energy_landscape", "readable_grid", "save_grid", "save_sample_grids"]
+
+MIN_IMAGE_PIXELS = 48
+"""Small images (digits are 8x8) are enlarged, nearest-neighbour, to at least this many pixels a side."""
 
 
 def draw_samples(
@@ -55,6 +61,39 @@ def energy_landscape(
     return fig
 
 
+def readable_grid(
+    images: Tensor, nrow: int, value_range: tuple[float, float] = (-1.0, 1.0), min_pixels: int = MIN_IMAGE_PIXELS
+) -> Tensor:
+    """``images [N, C, H, W]`` as one grid ``[3, H', W']`` in [0, 1], each image enlarged by an integer factor
+    (nearest-neighbour: pixels stay sharp) until its longer side has at least ``min_pixels`` pixels."""
+    images = images.detach().float().cpu()
+    factor = max(1, math.ceil(min_pixels / max(images.shape[-2:])))
+    if factor > 1:
+        images = F.interpolate(images, scale_factor=factor, mode="nearest")
+    low, high = value_range
+    images = ((images - low) / (high - low)).clamp(0, 1)
+    return make_grid(images, nrow=nrow, padding=max(2, factor), pad_value=1.0)
+
+
+def save_grid(grid: Tensor, path: Path, row_labels: list[str] | None = None) -> Path:
+    """Save a grid from :func:`readable_grid`; with ``row_labels``, each row is named on the left (matplotlib)."""
+    if row_labels is None:
+        save_image(grid, path)
+        return path
+    height, width = grid.shape[1:]
+    dpi = 100
+    fig = Figure(figsize=(width / dpi + 0.9, height / dpi + 0.1), dpi=dpi)
+    ax = fig.add_axes((0.9 / (width / dpi + 0.9), 0.0, width / dpi / (width / dpi + 0.9), 1.0))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    rows = len(row_labels)
+    ax.set_yticks([(r + 0.5) * height / rows for r in range(rows)], row_labels)
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
 def save_sample_grids(
     jem: Any,
     out_dir: str | Path,
@@ -64,8 +103,8 @@ def save_sample_grids(
     value_range: tuple[float, float] = (-1.0, 1.0),
     suffix: str = "",
 ) -> dict[str, Path]:
-    """Draw samples and save them: image grids (``buffer_<suffix>.png``, ``class_<suffix>.png``, one row per class)
-    for image data, an energy landscape (``landscape_<suffix>.png``) for 2-D data. Returns ``{name: path}``."""
+    """Draw samples and save them: image grids (``buffer_<suffix>.png``, ``class_<suffix>.png``, one labelled row
+    per class; small images enlarged to :data:`MIN_IMAGE_PIXELS`) for image data, an energy landscape (``landscape_<suffix>.png``) for 2-D data. Returns ``{name: path}``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = jem.buffer.input_shape
@@ -79,6 +118,7 @@ def save_sample_grids(
     elif shape is not None and len(shape) == 3:
         for name, images in samples.items():
             nrow = per_class if name == "class" else max(1, int(len(images) ** 0.5))
-            paths[name] = out / f"{name}{tag}.png"
-            save_image(images.float().cpu(), paths[name], nrow=nrow, normalize=True, value_range=value_range)
+            labels = [f"class {c}" for c in range(len(images) // per_class)] if name == "class" else None
+            grid = readable_grid(images, nrow, value_range)
+            paths[name] = save_grid(grid, out / f"{name}{tag}.png", labels)
     return paths
