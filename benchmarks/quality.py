@@ -76,6 +76,12 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "pyld5-px0.1": lambda: _pyld5() | {"px_weight": 0.1},
     "pyld5-clean": lambda: _pyld5() | {"px_weight": 1.0, "data_noise": 0.0},
     "pyld5-px0.3-clean": lambda: _pyld5() | {"px_weight": 0.3, "data_noise": 0.0},
+    # fine-tuning candidates (--finetune): start from the pre-trained classifier
+    "finetune": lambda: {"preset": "finetune"},
+    "ft-default-lr1e-4": lambda: {"lr": 1e-4},
+    "ft-px1-lr1e-4": lambda: {"lr": 1e-4, "px_weight": 1.0},
+    "ft-margin-samples": lambda: {"lr": 1e-4, "px_weight": 0.0, "margin_weight": 0.1},
+    "ft-margin-px": lambda: {"lr": 1e-4, "margin_weight": 0.1},
 }
 
 
@@ -109,8 +115,25 @@ def _ood_sets(dm: DigitsDataModule, seed: int) -> dict[str, torch.utils.data.Dat
     return sets
 
 
-def run_one(scenario: str, config: str, seed: int, steps: int, batchnorm: bool, width: int) -> dict[str, Any]:
-    """Train one configuration with one seed and measure it; one torch thread, no logger, no checkpoints."""
+def _pretrained_path(cache: Path, scenario: str, seed: int, batchnorm: bool, width: int) -> Path:
+    return cache / f"{scenario}-seed{seed}-{'bn' if batchnorm else 'nonorm'}-w{width}.pt"
+
+
+def run_one(
+    scenario: str,
+    config: str,
+    seed: int,
+    steps: int,
+    batchnorm: bool,
+    width: int,
+    pretrained: Path | None = None,
+    save_to: Path | None = None,
+) -> dict[str, Any]:
+    """Train one configuration with one seed and measure it; one torch thread, no logger, no checkpoints.
+
+    ``pretrained``: start from these classifier weights (the fine-tuning scenario; ``steps=0`` measures them as they
+    are). ``save_to``: write the trained classifier's weights there.
+    """
     import lightning.pytorch as pl
 
     torch.set_num_threads(1)
@@ -118,7 +141,10 @@ def run_one(scenario: str, config: str, seed: int, steps: int, batchnorm: bool, 
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = DigitsDataModule(batch_size=64, classes=SCENARIOS[scenario])
     dm.setup("fit")
-    jem = JEM(build_model(dm.num_classes, batchnorm, width), **CONFIGS[config]())
+    classifier = build_model(dm.num_classes, batchnorm, width)
+    if pretrained is not None:
+        classifier.load_state_dict(torch.load(pretrained, map_location="cpu"))
+    jem = JEM(classifier, **CONFIGS[config]())
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -130,8 +156,11 @@ def run_one(scenario: str, config: str, seed: int, steps: int, batchnorm: bool, 
         num_sanity_val_steps=0,
     )
     start = time.perf_counter()
-    trainer.fit(jem, dm)
+    if steps > 0:
+        trainer.fit(jem, dm)
     seconds = time.perf_counter() - start
+    if save_to is not None:
+        torch.save(classifier.state_dict(), save_to)
     jem.eval()
     x_test, y_test = dm.test_dataset.tensors
     with torch.no_grad():
@@ -145,7 +174,11 @@ def run_one(scenario: str, config: str, seed: int, steps: int, batchnorm: bool, 
     for name, dataset in _ood_sets(dm, seed).items():
         scores_out = score_batches(jem, loader(dataset), SCORES, jem.temperature)
         auroc[name] = {s: float(ood_metrics(scores_in[s], scores_out[s])["auroc"]) for s in SCORES}
-    result |= {"auroc": auroc, "ms_per_step": 1000.0 * seconds / steps, "diverged": not math.isfinite(result["nll"])}
+    result |= {
+        "auroc": auroc,
+        "ms_per_step": 1000.0 * seconds / max(steps, 1),
+        "diverged": not math.isfinite(result["nll"]),
+    }
     return {"scenario": scenario, "config": config, "seed": seed, **result}
 
 
@@ -185,10 +218,17 @@ def _cell(pair: tuple[float, float], scale: float = 1.0, digits: int = 3) -> str
     return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
 
 
-def markdown(summary: dict[str, dict[str, Any]], steps: int, seeds: list[int], batchnorm: bool) -> str:
+def markdown(
+    summary: dict[str, dict[str, Any]], steps: int, seeds: list[int], batchnorm: bool, pretrain_steps: int | None = None
+) -> str:
     """Two tables per scenario: accuracy, NLL, ECE and log p(x) AUROC; then the best score's AUROC per OOD set."""
+    what = f"{steps} steps of batch 64"
+    if pretrain_steps is not None:
+        what = (
+            f"pre-trained with cross-entropy for {pretrain_steps} steps (row `pretrained`), then fine-tuned for " + what
+        )
     lines = [
-        f"Digits, SmallCNN{' with BatchNorm' if batchnorm else ''}, {steps} steps of batch 64, seeds {seeds}; "
+        f"Digits, SmallCNN{' with BatchNorm' if batchnorm else ''}, {what}, seeds {seeds}; "
         "mean ± sd over seeds. AUROC: in-distribution test digits positive.",
         "",
     ]
@@ -218,6 +258,13 @@ def markdown(summary: dict[str, dict[str, Any]], steps: int, seeds: list[int], b
     return "\n".join(lines)
 
 
+def _map(fn: Callable[[tuple], dict[str, Any]], jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            return pool.map(fn, jobs, chunksize=1)
+    return [fn(job) for job in jobs]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["plain", "default", "jem", "jempp", "sada"])
@@ -226,25 +273,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=1500, help="optimiser steps for every configuration")
     parser.add_argument("--width", type=int, default=32, help="SmallCNN width (the digits recipe's: 32)")
     parser.add_argument("--batchnorm", action="store_true", help="the classifier with BatchNorm after each conv")
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="pre-train the plain classifier for --steps, then fine-tune each config for --finetune_steps from it",
+    )
+    parser.add_argument("--finetune_steps", type=int, help="fine-tuning steps (default: a fifth of --steps)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("benchmarks/results/.pretrained"), help="pre-trained weights"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {sorted(CONFIGS)}")
-    jobs = [
-        (scenario, config, seed, args.steps, args.batchnorm, args.width)
-        for seed in args.seeds
-        for scenario in args.scenarios
-        for config in args.configs
-    ]
-    if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            runs = pool.map(_run_star, jobs, chunksize=1)
+    common = (args.batchnorm, args.width)
+    if args.finetune:  # pre-train once per scenario and seed (cached), then fine-tune every config from it
+        args.cache.mkdir(parents=True, exist_ok=True)
+        paths = {
+            (sc, seed): _pretrained_path(args.cache, sc, seed, *common) for sc in args.scenarios for seed in args.seeds
+        }
+        pretrain = [(sc, "plain", seed, args.steps, *common, None, path) for (sc, seed), path in paths.items()]
+        _map(_run_star, [job for job in pretrain if not job[-1].exists()], args.workers)
+        steps = args.finetune_steps or args.steps // 5
+        jobs = [(sc, "plain", seed, 0, *common, paths[sc, seed]) for sc in args.scenarios for seed in args.seeds]
+        jobs += [
+            (sc, config, seed, steps, *common, paths[sc, seed])
+            for seed in args.seeds
+            for sc in args.scenarios
+            for config in args.configs
+        ]
     else:
-        runs = [_run_star(job) for job in jobs]
+        steps = args.steps
+        jobs = [
+            (sc, config, seed, args.steps, *common)
+            for seed in args.seeds
+            for sc in args.scenarios
+            for config in args.configs
+        ]
+    runs = _map(_run_star, jobs, args.workers)
+    if args.finetune:
+        for run in runs[: len(args.scenarios) * len(args.seeds)]:
+            run["config"] = "pretrained"
     summary = summarise(runs)
-    table = markdown(summary, args.steps, args.seeds, args.batchnorm)
+    table = markdown(summary, steps, args.seeds, args.batchnorm, args.steps if args.finetune else None)
     print(table)
     result = {"settings": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": runs}
     if args.out is not None:

@@ -44,7 +44,7 @@ class JEMCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         root = config.get("trainer", {}).get("default_root_dir") or "."
-        for key in config.keys():  # dotted keys of every leaf, lists included as whole values
+        for key in list(config.keys()):  # dotted keys of every leaf, lists included as whole values
             config[key] = _with_root(config[key], str(root))
 
     def parse_arguments(self, parser: Any, args: Any) -> None:

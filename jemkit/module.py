@@ -24,7 +24,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from jemkit._config import from_config, save_hparams_as_configs
-from jemkit.adapters import OutputKey, SamplingMode, can_share_forward, sampling_context, select_logits, unpack_batch
+from jemkit.adapters import (
+    OutputKey,
+    can_share_forward,
+    resolve_sampling_mode,
+    sampling_context,
+    select_logits,
+    split_outliers,
+    unpack_batch,
+)
 from jemkit.callbacks.divergence import DivergenceGuard
 from jemkit.checkpoint import (
     check_finite_parameters,
@@ -36,7 +44,7 @@ from jemkit.checks import check_first_batch, check_input_shape, warn_if_outside_
 from jemkit.divergence import DivergenceError
 from jemkit.energy import energy_matrix, joint_energy, marginal_energy
 from jemkit.losses import classification_loss as classification_loss_fn
-from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization
+from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization, energy_margin_loss
 from jemkit.metrics.calibration import CalibrationMetrics
 from jemkit.optim import configure_optimizer, scaled_learning_rates
 from jemkit.presets import resolve_preset
@@ -74,13 +82,20 @@ class JEM(pl.LightningModule):
         pxy_weight: weight of the class-conditional generative term (``log p(x|y)``), sampled with random labels
             from a class-conditional buffer.
         energy_l2_weight: weight of the L2 regulariser on data and sample energies (keeps energies near 0).
+        margin_weight: weight of the energy-margin term of Liu et al. 2020 (:func:`jemkit.losses.energy_margin_loss`,
+            paper: 0.1): data energies below ``margins[0]``, outliers' above ``margins[1]``. Outliers come with the
+            training batch (``{"data": (x, y), "outliers": x_out}``, e.g. :class:`jemkit.data.WithOutliers`), or
+            else are this step's samples from the replay buffer.
+        margins: ``(margin_in, margin_out)`` of the energy-margin term (paper, CIFAR-10: ``(-23, -5)``).
         data_noise: std of the Gaussian noise added to training inputs (JEM: 0.03).
         temperature: temperature ``T`` of the energies (``beta = 1/T``); 1 is the classifier's own softmax.
         sampler: the sampler; default ``PYLD(n_steps=5, step_size=0.2)`` (samples clamped to [-1, 1]).
         buffer: the replay buffer; default ``ReplayBuffer(init=GaussianInit())`` (10,000 chains, 5% restarts from
             per-class Gaussians fitted to the first training batches), class-conditional when ``pxy_weight > 0``.
-        sampling_mode: how BatchNorm/Dropout behave while sampling: ``"eval"`` (running statistics, default) or
-            ``"train"`` (batch statistics, the reference code's behaviour; running statistics are protected).
+        sampling_mode: how BatchNorm/Dropout behave while sampling and in the p(x) contrast: ``"train"`` (batch
+            statistics, the reference code's behaviour; running statistics are protected and see only data),
+            ``"eval"`` (running statistics, no Dropout) or ``"auto"`` (default: ``"train"`` with BatchNorm, ``"eval"``
+            otherwise; see :func:`jemkit.adapters.resolve_sampling_mode` for the measurement behind it).
         output_key: how to read logits from a classifier returning a tuple/dict: a key, an index or a callable.
         lr: learning rate of the default Adam optimiser (ignored when ``optimizer`` is given).
         optimizer: optimiser factory ``params -> Optimizer`` (LightningCLI: ``class_path`` in YAML).
@@ -109,11 +124,13 @@ class JEM(pl.LightningModule):
         px_weight: float = 0.1,
         pxy_weight: float = 0.0,
         energy_l2_weight: float = 0.0,
+        margin_weight: float = 0.0,
+        margins: tuple[float, float] = (-23.0, -5.0),
         data_noise: float = 0.03,
         temperature: float = 1.0,
         sampler: Sampler | None = None,
         buffer: ReplayBuffer | None = None,
-        sampling_mode: SamplingMode = "eval",
+        sampling_mode: str = "auto",
         output_key: OutputKey = None,
         lr: float = 1e-3,
         optimizer: OptimizerCallable | None = None,
@@ -157,11 +174,15 @@ class JEM(pl.LightningModule):
 
         self.classifier = classifier
         self.buffer = buffer  # registered here, so that checkpoints carry it as `buffer.*`
+        sampling_mode = resolve_sampling_mode(sampling_mode, classifier)
         self.chains = Chains(classifier, sampler, buffer, sampling_mode, compile)
         self.num_classes = num_classes
         self.classification_loss = classification_loss_fn(classification_loss)
         self.ce_weight, self.px_weight, self.pxy_weight = ce_weight, px_weight, pxy_weight
         self.energy_l2_weight = energy_l2_weight
+        self.margin_weight, self.margins = margin_weight, (float(margins[0]), float(margins[1]))
+        if self.margins[0] >= self.margins[1]:
+            raise ValueError(f"margins must be (margin_in, margin_out) with margin_in < margin_out, got {margins}")
         self.data_noise = data_noise
         self.temperature = temperature
         self.output_key = output_key
@@ -208,22 +229,29 @@ class JEM(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        batch, x_out = split_outliers(batch)
         x, y = unpack_batch(batch)
         self._check_batch(x, y, "train")
+        if x_out is not None and x_out.shape[1:] != x.shape[1:]:
+            raise ValueError(f"outlier inputs have shape {tuple(x_out.shape[1:])}, the data {tuple(x.shape[1:])}")
         n, temperature = x.shape[0], self.temperature
 
         # 1. Sample: continue chains from the replay buffer (unconditional, and class-conditional with random labels).
+        #    The energy-margin term without outliers in the batch uses the unconditional samples as outliers.
         #    An optimiser that evaluates a step twice (SAM) gets the same noisy data and samples again.
         if self._drawn is None or self._drawn[0] != (self.global_step, batch_idx):
             x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
-            x_q = self.chains.draw(self.energy, n) if self.px_weight > 0 else None
+            need_samples = self.px_weight > 0 or (self.margin_weight > 0 and x_out is None)
+            x_q = self.chains.draw(self.energy, n) if need_samples else None
             y_q = torch.randint(0, self.num_classes, (n,), device=x.device) if self.pxy_weight > 0 else None
             x_qy = self.chains.draw(self.energy, n, y_q) if y_q is not None else None
             self._drawn = ((self.global_step, batch_idx), (x_data, x_q, y_q, x_qy))
         x_data, x_q, y_q, x_qy = self._drawn[1]
+        if self.margin_weight <= 0:
+            x_out = None
 
         # 2. Logits of data and samples, each half of a contrast computed by the same function of its input.
-        logits_data, logits_contrast, logits_q, logits_qy = self._logits(x_data, x_q, x_qy)
+        logits_data, logits_contrast, logits_q, logits_qy, logits_out = self._logits(x_data, x_q, x_qy, x_out)
 
         # 3. Losses (in float32 whatever the autocast precision).
         e_data = marginal_energy(logits_contrast, temperature)
@@ -235,9 +263,15 @@ class JEM(pl.LightningModule):
             stats["px"] = contrastive_divergence_loss(e_data, e_q)
             stats |= {"energy_sample": e_q.mean(), "energy_gap": -stats["px"]}
             stats["sample_norm"] = x_q.flatten(1).norm(dim=1).mean()
-            loss = loss + self.px_weight * stats["px"]
-            if self.energy_l2_weight > 0:
-                loss = loss + self.energy_l2_weight * energy_l2_regularization(e_data, e_q)
+            if self.px_weight > 0:
+                loss = loss + self.px_weight * stats["px"]
+                if self.energy_l2_weight > 0:
+                    loss = loss + self.energy_l2_weight * energy_l2_regularization(e_data, e_q)
+        if self.margin_weight > 0:
+            e_out = marginal_energy(logits_out, temperature) if logits_out is not None else e_q
+            stats["margin"] = energy_margin_loss(e_data, e_out, *self.margins)
+            stats["energy_outlier"] = e_out.mean()
+            loss = loss + self.margin_weight * stats["margin"]
         if logits_qy is not None:
             e_joint = joint_energy(logits_contrast, y, temperature), joint_energy(logits_qy, y_q, temperature)
             stats["pxy"] = contrastive_divergence_loss(*e_joint)
@@ -263,15 +297,15 @@ class JEM(pl.LightningModule):
         serves all.
         """
         present = [s for s in samples if s is not None]
-        n = x_data.shape[0]
+        sizes = [x_data.shape[0], *(s.shape[0] for s in present)]  # outlier batches may differ in size
         if self.share_forward:
-            logits = list(self(torch.cat([x_data, *present])).split(n))
+            logits = list(self(torch.cat([x_data, *present])).split(sizes))
             logits.insert(0, logits[0])
         else:
             logits = [self(x_data)]
             with sampling_context(self.classifier, self.chains.sampling_mode):
                 if self.chains.sampling_mode == "eval":
-                    logits += list(self(torch.cat([x_data, *present])).split(n)) if present else [logits[0]]
+                    logits += list(self(torch.cat([x_data, *present])).split(sizes)) if present else [logits[0]]
                 else:
                     logits += [logits[0], *(self(s) for s in present)]
         found = iter(logits[2:])
@@ -324,7 +358,10 @@ class JEM(pl.LightningModule):
 
     def on_train_start(self) -> None:
         # An initial distribution that learns from data (GaussianInit) is fitted before the first chains start.
-        self.buffer.init.fit_loader(self.trainer.train_dataloader, self.num_classes, self.device)
+        # With outlier exposure the Trainer's train loaders are {"data": ..., "outliers": ...}: fit on the data only.
+        loaders = self.trainer.train_dataloader
+        labelled = loaders["data"] if isinstance(loaders, dict) and "data" in loaders else loaders
+        self.buffer.init.fit_loader(labelled, self.num_classes, self.device)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """A raising :class:`DivergenceGuard` unless the Trainer has one: a diverged run always stops by name."""

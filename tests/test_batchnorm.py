@@ -40,18 +40,27 @@ def test_a_full_training_step_with_batchnorm_runs_backward_and_stats_see_only_da
     assert model.net[2].num_batches_tracked == 1
 
 
+def test_auto_sampling_mode_is_train_with_batchnorm_and_eval_without():
+    assert JEM(TinyMLP(batchnorm=True)).chains.sampling_mode == "train"
+    assert JEM(TinyMLP()).chains.sampling_mode == "eval"
+    assert JEM(TinyMLP(batchnorm=True), sampling_mode="eval").chains.sampling_mode == "eval"
+    with pytest.raises(ValueError, match="sampling_mode must be 'auto', 'eval' or 'train', got 'batch'"):
+        JEM(TinyMLP(), sampling_mode="batch")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_a_batchnorm_cnn_learns_digits_as_a_jem_in_both_sampling_modes(tmp_path, mode):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # the defaults: sampling_mode="auto" resolves to "train"
+        {"sampling_mode": "eval", "px_weight": 1.0, "sampler": SGLD(n_steps=5, clip=(-1.0, 1.0))},
+    ],
+    ids=["default-train-mode", "eval-mode"],
+)
+def test_a_batchnorm_cnn_learns_digits_as_a_jem_in_both_sampling_modes(tmp_path, settings):
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=64)
-    jem = JEM(
-        SmallCNN(width=16, norm="batch"),
-        sampling_mode=mode,
-        lr=1e-3,
-        sampler=SGLD(n_steps=5, clip=(-1.0, 1.0)),
-        buffer=ReplayBuffer(capacity=2000),
-    )
+    jem = JEM(SmallCNN(width=16, norm="batch"), buffer=ReplayBuffer(capacity=2000), **settings)
     trainer(tmp_path, max_steps=300, limit_val_batches=0).fit(jem, dm)
     accuracy = trainer(tmp_path).test(jem, dm, verbose=False)[0]["test/acc"]
     assert accuracy > 0.85, accuracy  # chance is 0.1; eval-mode sampling collapsed to 0.085 before the fix

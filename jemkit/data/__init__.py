@@ -7,6 +7,7 @@ so they serve tests, tutorials and CI; the torchvision modules serve the benchma
 """
 
 from jemkit.data.digits import DigitsDataModule
+from jemkit.data.outliers import WithOutliers
 from jemkit.data.toy import GaussianMixtureDataModule
 from jemkit.data.vision import (
     CIFAR10DataModule,
@@ -26,4 +27,5 @@ __all__ = [
     "MNISTDataModule",
     "SVHNDataModule",
     "VisionDataModule",
+    "WithOutliers",
 ]

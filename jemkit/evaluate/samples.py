@@ -5,10 +5,9 @@ Shared by the :class:`~jemkit.callbacks.SampleGrid` callback and ``jemkit evalua
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
-
-import math
 
 import torch
 from matplotlib.figure import Figure
@@ -104,7 +103,8 @@ def save_sample_grids(
     suffix: str = "",
 ) -> dict[str, Path]:
     """Draw samples and save them: image grids (``buffer_<suffix>.png``, ``class_<suffix>.png``, one labelled row
-    per class; small images enlarged to :data:`MIN_IMAGE_PIXELS`) for image data, an energy landscape (``landscape_<suffix>.png``) for 2-D data. Returns ``{name: path}``."""
+    per class; small images enlarged to :data:`MIN_IMAGE_PIXELS`) for image data, an energy landscape
+    (``landscape_<suffix>.png``) for 2-D data. Returns ``{name: path}``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = jem.buffer.input_shape
