@@ -82,6 +82,11 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "ft-px1-lr1e-4": lambda: {"lr": 1e-4, "px_weight": 1.0},
     "ft-margin-samples": lambda: {"lr": 1e-4, "px_weight": 0.0, "margin_weight": 0.1},
     "ft-margin-px": lambda: {"lr": 1e-4, "margin_weight": 0.1},
+    "ft-px0.03": lambda: {"px_weight": 0.03},
+    "ft-clean": lambda: {"data_noise": 0.0},
+    "ft-lr3e-4": lambda: {"lr": 3e-4},
+    "ft-clean-lr3e-4": lambda: {"lr": 3e-4, "data_noise": 0.0},
+    "ft-margin0.01": lambda: {"margin_weight": 0.01},
 }
 
 
@@ -319,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(runs)
     table = markdown(summary, steps, args.seeds, args.batchnorm, args.steps if args.finetune else None)
     print(table)
-    result = {"settings": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": runs}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = {"settings": settings, "summary": summary, "runs": runs}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

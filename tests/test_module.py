@@ -53,8 +53,13 @@ def test_resnet18_wraps_in_one_line_and_trains_with_plain_trainer(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     classifier = torchvision.models.resnet18(num_classes=10)
     jem = JEM(classifier)
-    assert (jem.sampler.n_steps, jem.sampler.step_size, jem.sampler.noise_std) == (20, 1.0, 0.01)
-    assert (jem.buffer.capacity, jem.buffer.reinit_prob) == (10_000, 0.05)
+    assert type(jem.sampler).__name__ == "PYLD" and (jem.sampler.n_steps, jem.sampler.step_size) == (5, 0.2)
+    assert (jem.buffer.capacity, jem.buffer.reinit_prob, type(jem.buffer.init).__name__) == (
+        10_000,
+        0.05,
+        "GaussianInit",
+    )
+    assert jem.chains.sampling_mode == "train"  # "auto" with BatchNorm
     x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.arange(8)
     bn = classifier.bn1
     running_before = bn.running_mean.clone()

@@ -27,8 +27,35 @@ class FakeCIFAR10DataModule(CIFAR10DataModule):
     dataset_cls = FakeColourData
 
 
+FOLLOW_UP_RECIPES = {"cifar10_jempp.yaml": "jempp", "cifar10_sada.yaml": "sada"}
+FINETUNE_RECIPES = {"digits_finetune.yaml", "finetune_resnet18_cifar10.yaml"}  # tests/test_finetune.py
+
+
 def test_every_recipe_is_listed_here_or_tested_elsewhere():
-    assert {p.name for p in RECIPES.glob("*.yaml")} == {*GPU_RECIPES, "digits.yaml"}
+    expected = {*GPU_RECIPES, *FOLLOW_UP_RECIPES, *FINETUNE_RECIPES, "digits.yaml"}
+    assert {p.name for p in RECIPES.glob("*.yaml")} == expected
+
+
+def _printed_config(name: str, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(RECIPES / name), "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_follow_up_recipes_carry_their_papers_settings(capsys):
+    jempp = _printed_config("cifar10_jempp.yaml", capsys)["model"]
+    assert jempp["preset"] == "jempp" and jempp["classifier"]["init_args"]["norm"] == "batch"
+    assert jempp["sampler"]["class_path"] == "jemkit.sampling.PYLD"
+    assert (jempp["sampler"]["init_args"]["n_steps"], jempp["sampler"]["init_args"]["step_size"]) == (10, 0.2)
+    assert jempp["optimizer"]["class_path"] == "torch.optim.SGD" and jempp["optimizer"]["init_args"]["lr"] == 0.1
+    sada = _printed_config("cifar10_sada.yaml", capsys)["model"]
+    assert sada["preset"] == "sada" and sada["classifier"]["init_args"]["norm"] == "batch"
+    sam = sada["optimizer"]["init_args"]
+    assert sada["optimizer"]["class_path"] == "jemkit.optim.SAM" and (sam["rho"], sam["adaptive"]) == (2.0, True)
+    for name in FOLLOW_UP_RECIPES:  # each header names the paper's figures and the expected cost
+        header = (RECIPES / name).read_text().split("seed_everything")[0]
+        assert "Paper's figures" in header and "Expected cost" in header
 
 
 @pytest.mark.parametrize("name", sorted(GPU_RECIPES))
@@ -63,15 +90,35 @@ def test_gpu_recipes_parse_and_follow_the_jem_paper(name, capsys):
     assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["val_size"]) == (64, 5000)
 
 
+# Short chains and a small buffer; where the preset gives the sampler or buffer, the same classes are named again.
+SMALL_CHAINS = {
+    "cifar10.yaml": ["--model.sampler.init_args.n_steps=2", "--model.buffer.init_args.capacity=32"],
+    "cifar10_jempp.yaml": [
+        "--model.sampler.init_args.n_steps=2",
+        "--model.buffer=jemkit.sampling.ReplayBuffer",
+        "--model.buffer.init_args.capacity=32",
+        "--model.buffer.init_args.init=jemkit.sampling.GaussianInit",
+    ],
+    "cifar10_sada.yaml": [
+        "--model.sampler=jemkit.sampling.SGLD",
+        "--model.sampler.init_args.n_steps=2",
+        "--model.buffer=jemkit.sampling.ReplayBuffer",
+        "--model.buffer.init_args.capacity=32",
+        "--model.buffer.init_args.init=jemkit.sampling.GaussianInit",
+    ],
+}
+
+
 @pytest.mark.slow
-def test_cifar10_recipe_runs_end_to_end_on_fake_data(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the recipe writes under ./runs/cifar10
+@pytest.mark.parametrize("name", ["cifar10.yaml", *FOLLOW_UP_RECIPES])
+def test_cifar10_recipes_run_end_to_end_on_fake_data(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # the recipe writes under ./runs/<name>
     torch._dynamo.reset()  # compile afresh, whatever other tests of this process compiled
     main(
         [
             "fit",
             "-c",
-            str(RECIPES / "cifar10.yaml"),
+            str(RECIPES / name),
             "--data.class_path=tests.test_recipes.FakeCIFAR10DataModule",
             "--data.init_args.root=" + str(tmp_path),
             "--data.init_args.batch_size=8",
@@ -79,15 +126,15 @@ def test_cifar10_recipe_runs_end_to_end_on_fake_data(tmp_path, monkeypatch):
             "--data.init_args.val_size=8",
             "--model.classifier.init_args.depth=10",
             "--model.classifier.init_args.widen_factor=1",
-            "--model.sampler.init_args.n_steps=2",
-            "--model.buffer.init_args.capacity=32",
+            *SMALL_CHAINS[name],
             "--model.lr_warmup_steps=2",
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
         ]
     )
-    ckpt = tmp_path / "runs/cifar10/checkpoints/last.ckpt"
+    run = tmp_path / "runs" / name.removesuffix(".yaml")
+    ckpt = run / "checkpoints/last.ckpt"
     jem = JEM.load_from_checkpoint(ckpt)
     assert not jem.chains.compiled and jem.channels_last  # compile and bf16 stay opt-in until measured on a GPU
     assert jem.buffer.samples.shape == (32, 3, 32, 32)
-    assert list((tmp_path / "runs/cifar10/logs").glob("version_*/events.out.tfevents.*"))
+    assert list((run / "logs").glob("version_*/events.out.tfevents.*"))

@@ -105,8 +105,10 @@ def test_gaussian_init_fits_class_statistics():
     samples = init.sample(4000, (2,), y=torch.ones(4000, dtype=torch.long))
     torch.testing.assert_close(samples.mean(0), torch.tensor([-0.5, -0.5]), atol=0.02, rtol=0)
     torch.testing.assert_close(samples.std(0), torch.tensor([0.2, 0.2]), atol=0.02, rtol=0)
-    with pytest.raises(ValueError, match="every class"):
-        GaussianInit().fit(x[:10], y[:10], num_classes=2)
+    with pytest.warns(UserWarning, match=r"no examples of classes \[1\] in the 10 fitted inputs"):
+        init = GaussianInit().fit(x[:10], y[:10], num_classes=2)  # class 1 unseen: the pooled Gaussian
+    torch.testing.assert_close(init.means[1], x[:10].mean(0))
+    torch.testing.assert_close(init.class_probs, torch.tensor([1.0, 0.0]))  # unconditional chains never pick it
 
 
 # ----------------------------------------------------------------------------- replay buffer

@@ -2,7 +2,8 @@
 
 from jemkit.callbacks.calibration import CalibrationMonitor
 from jemkit.callbacks.divergence import DivergenceGuard
+from jemkit.callbacks.generative import GenerativeMonitor
 from jemkit.callbacks.ood import OODMonitor
 from jemkit.callbacks.samples import SampleGrid
 
-__all__ = ["CalibrationMonitor", "DivergenceGuard", "OODMonitor", "SampleGrid"]
+__all__ = ["CalibrationMonitor", "DivergenceGuard", "GenerativeMonitor", "OODMonitor", "SampleGrid"]

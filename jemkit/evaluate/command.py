@@ -18,6 +18,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import instantiate_module
 
 from jemkit.data.ood import OOD_SETS
+from jemkit.evaluate.generative import resolve_feature
 from jemkit.evaluate.report import DEFAULT_ATTACKS, evaluate, format_report
 from jemkit.module import JEM
 from jemkit.scores import SCORES
@@ -59,6 +60,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max_samples", type=int | None, default=1000, help="cap per set for OOD/robustness")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--samples_per_class", type=int, default=8, help="sample grid rows' length (0: none)")
+    parser.add_argument("--fid_samples", type=int, default=0, help="samples per source for FID/IS (0: skip)")
+    parser.add_argument(
+        "--fid_sources", type=list[str], default=["buffer", "fresh"], help="sample sources for FID/IS: buffer, fresh"
+    )
+    parser.add_argument(
+        "--fid_feature",
+        type=str,
+        default="self",
+        help="FID features: self (the JEM's penultimate layer, offline), inception (needs jemkit[fid]), or a dotted "
+        "path module.attr to an nn.Module or a callable returning one",
+    )
+    parser.add_argument("--fid_steps", type=int | None, default=None, help="steps of fresh chains (default 5x)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", type=bool, default=True)
@@ -106,6 +119,14 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     for ood_module in init.get("ood_data") or []:
         ood_module.setup("test")
         ood_datasets[type(ood_module).__name__] = ood_module.test_dataset
+    generative = None
+    if cfg.fid_samples > 0:
+        generative = {
+            "num_samples": cfg.fid_samples,
+            "sources": cfg.fid_sources,
+            "fresh_steps": cfg.fid_steps,
+            "feature": resolve_feature(cfg.fid_feature),
+        }
     report = evaluate(
         jem,
         datamodule,
@@ -120,6 +141,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         max_samples=cfg.max_samples,
         batch_size=cfg.batch_size,
         num_sample_images=cfg.samples_per_class,
+        generative=generative,
         progress=cfg.progress,
     )
     print(format_report(report))

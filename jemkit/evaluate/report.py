@@ -1,4 +1,4 @@
-"""One evaluation of a trained JEM: calibration, OOD detection, robustness and samples, written as a report.
+"""One evaluation of a trained JEM: calibration, OOD detection, robustness, samples and their FID/IS, as a report.
 
 ``evaluate(jem, datamodule, out_dir)`` is what ``jemkit evaluate`` runs; it is also the Python API. It writes
 ``report.json`` and PNG figures into ``out_dir`` and returns the report as a dict.
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from jemkit.data.ood import OOD_SETS, check_ood_dataset, make_ood_dataset
+from jemkit.evaluate.generative import format_generative, generative_metrics
 from jemkit.evaluate.plots import reliability_diagram, save_figure, score_histogram
 from jemkit.evaluate.robustness import robust_accuracy
 from jemkit.evaluate.samples import save_sample_grids
@@ -97,6 +98,7 @@ def evaluate(
     max_samples: int | None = 1000,
     batch_size: int = 128,
     num_sample_images: int = 8,
+    generative: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``jem`` on ``datamodule``'s test split; write ``out_dir/report.json`` and figures; return the report.
@@ -115,6 +117,9 @@ def evaluate(
         max_samples: cap on test (and each OOD) set size for OOD and robustness; ``None`` for all.
         batch_size: evaluation batch size.
         num_sample_images: samples per class in the sample grid (0: no samples).
+        generative: keyword arguments of :func:`~jemkit.evaluate.generative_metrics` (e.g. ``{"num_samples": 1000,
+            "sources": ["buffer", "fresh"]}``) to measure FID/IS of the JEM's samples against the test split;
+            ``None`` skips it.
         progress: show progress bars.
     """
     out = Path(out_dir)
@@ -189,6 +194,13 @@ def evaluate(
         paths = save_sample_grids(jem, out, per_class=num_sample_images, suffix="eval")
         report["figures"] |= {f"samples_{k}": str(v) for k, v in paths.items()}
 
+    if generative is not None:
+        real = DataLoader(test_set, batch_size=batch_size)
+        report["generative"] = {
+            "real": "test",
+            **generative_metrics(jem, real, **({"batch_size": batch_size, "progress": progress} | generative)),
+        }
+
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -257,6 +269,8 @@ def format_report(report: dict[str, Any]) -> str:
         ]
         defended = f"defended ({rob['defense_steps']} SGLD steps)" if rob["defense_steps"] else "defended"
         parts += ["Robustness", _table(["attack", "eps/std", "accuracy", defended], rows), ""]
+    if "generative" in report:
+        parts += ["Generative quality", format_generative(report["generative"]), ""]
     if report["figures"]:
         parts += ["Figures"] + [f"  {k}: {v}" for k, v in report["figures"].items()]
     return "\n".join(parts)

@@ -10,10 +10,11 @@ from typing import Any
 
 from torch import nn
 
+from jemkit.models.pretrained import with_weights
 from jemkit.models.small_cnn import SmallCNN
 from jemkit.models.wide_resnet import WideResNet
 
-__all__ = ["MODELS", "SmallCNN", "WideResNet", "create_model", "wrn28_10"]
+__all__ = ["MODELS", "SmallCNN", "WideResNet", "create_model", "with_weights", "wrn28_10"]
 
 
 def wrn28_10(**kwargs: Any) -> WideResNet:

@@ -8,6 +8,7 @@ data ("informative" initialisation), which shortens the chains needed. Both are 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -100,14 +101,23 @@ class GaussianInit(InitialDistribution):
             raise ValueError(f"x and y disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}")
         y = y.long()
         counts = torch.bincount(y, minlength=num_classes).to(x.dtype)
-        if (counts == 0).any():
-            missing = torch.nonzero(counts == 0).flatten().tolist()
-            raise ValueError(f"GaussianInit.fit needs examples of every class; none for classes {missing}")
         flat = x.reshape(x.shape[0], -1)
         sums = torch.zeros(num_classes, flat.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, flat)
-        means = sums / counts[:, None]
         sq = torch.zeros_like(sums).index_add_(0, y, flat**2)
-        var = (sq / counts[:, None] - means**2).clamp_min(1e-8)
+        seen = counts > 0
+        if not seen.all():  # a class absent from the fitted batches starts its chains from all the data's Gaussian
+            missing = torch.nonzero(~seen).flatten().tolist()
+            warnings.warn(
+                f"GaussianInit: no examples of classes {missing} in the {x.shape[0]} fitted inputs; their chains start "
+                "from the Gaussian of all classes (raise fit_batches to see every class)",
+                stacklevel=2,
+            )
+            sums[~seen], sq[~seen], counts_fill = flat.sum(0), (flat**2).sum(0), counts.clone()
+            counts_fill[~seen] = x.shape[0]
+        else:
+            counts_fill = counts
+        means = sums / counts_fill[:, None]
+        var = (sq / counts_fill[:, None] - means**2).clamp_min(1e-8)
         self.means = means.reshape(num_classes, *x.shape[1:])
         self.stds = var.sqrt().reshape(num_classes, *x.shape[1:])
         self.class_probs = counts / counts.sum()
