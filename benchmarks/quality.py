@@ -87,6 +87,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "ft-lr3e-4": lambda: {"lr": 3e-4},
     "ft-clean-lr3e-4": lambda: {"lr": 3e-4, "data_noise": 0.0},
     "ft-margin0.01": lambda: {"margin_weight": 0.01},
+    "ft-px0.03-margin0.01": lambda: {"px_weight": 0.03, "margin_weight": 0.01},
 }
 
 

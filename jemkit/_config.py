@@ -97,4 +97,17 @@ def save_hparams_as_configs(
             module.hparams.pop(key, None)
         else:
             module.hparams[key] = value
+    if "classifier" in module.hparams:
+        module.hparams["classifier"] = _without_weight_loading(module.hparams["classifier"])
     module._hparams_initial = copy.deepcopy(module._hparams)  # what loggers and checkpoints record
+
+
+def _without_weight_loading(config: Any) -> Any:
+    """A classifier config built by ``jemkit.models.with_weights`` recorded as the classifier inside it: a checkpoint
+    holds the trained weights itself, and must load where the original weights file is gone."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    if str(get("class_path", "")).endswith("with_weights"):
+        init_args = get("init_args") or {}
+        inner = init_args.get("classifier") if isinstance(init_args, dict) else getattr(init_args, "classifier", None)
+        return _without_weight_loading(inner) if inner is not None else config
+    return config

@@ -13,6 +13,7 @@ hyper-parameters, ``JEM.load_from_checkpoint(path)`` rebuilds the classifier wit
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,7 +53,9 @@ class JEMCLI(LightningCLI):
         argv = sys.argv[1:] if args is None else args
         if not isinstance(argv, list) or "--print_config" not in argv:
             return super().parse_arguments(parser, args)
-        super().parse_arguments(parser, [a for a in argv if a != "--print_config"])
+        with warnings.catch_warnings():  # the stripped argv is passed on; Lightning would warn that argv is set too
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            super().parse_arguments(parser, [a for a in argv if a != "--print_config"])
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         model = config.get("model")

@@ -144,7 +144,9 @@ class JEM(pl.LightningModule):
             resolved = resolve_preset(preset, args, _DEFAULTS)
             self.__init__(**resolved)
             self.preset = preset
-            save_hparams_as_configs(self, inspect.currentframe(), _CONFIG_OBJECTS, resolved | {"preset": preset})
+            # the classifier stays as Lightning recorded it (under LightningCLI: its config, so checkpoints load alone)
+            settings = {k: v for k, v in resolved.items() if k != "classifier"}
+            save_hparams_as_configs(self, inspect.currentframe(), _CONFIG_OBJECTS, settings | {"preset": preset})
             return
         super().__init__()
         self.preset = None

@@ -55,7 +55,20 @@ def _sada() -> dict[str, Any]:
     }
 
 
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"jem": _jem, "jempp": _jempp, "sada": _sada}
+def _finetune() -> dict[str, Any]:
+    """jemkit's settings for a classifier that is already trained (measured in ``benchmarks/quality.py --finetune``):
+    chains that start from per-class Gaussians of the data, never from uniform noise, a small generative weight so
+    that the pretrained decision function is kept, and short proximal chains."""
+    return {
+        "sampler": PYLD(n_steps=5, step_size=0.2, eps=1.0),
+        "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=GaussianInit()),
+        "px_weight": 0.03,
+        "data_noise": 0.03,
+        "lr": 1e-3,
+    }
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"jem": _jem, "jempp": _jempp, "sada": _sada, "finetune": _finetune}
 """Preset name -> a function returning fresh settings (new sampler and buffer objects on every call)."""
 
 
