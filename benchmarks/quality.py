@@ -76,6 +76,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "pyld5-px0.1": lambda: _pyld5() | {"px_weight": 0.1},
     "pyld5-clean": lambda: _pyld5() | {"px_weight": 1.0, "data_noise": 0.0},
     "pyld5-px0.3-clean": lambda: _pyld5() | {"px_weight": 0.3, "data_noise": 0.0},
+    "default-evalmode": lambda: {"sampling_mode": "eval"},  # BatchNorm: the sampling mode "auto" does not choose
     # fine-tuning candidates (--finetune): start from the pre-trained classifier
     "finetune": lambda: {"preset": "finetune"},
     "ft-default-lr1e-4": lambda: {"lr": 1e-4},

@@ -56,9 +56,9 @@ def _sada() -> dict[str, Any]:
 
 
 def _finetune() -> dict[str, Any]:
-    """jemkit's settings for a classifier that is already trained (measured in ``benchmarks/quality.py --finetune``):
-    chains that start from per-class Gaussians of the data, never from uniform noise, a small generative weight so
-    that the pretrained decision function is kept, and short proximal chains."""
+    """jemkit's settings for a classifier that is already trained, chosen on ``benchmarks/quality.py --finetune``:
+    chains that start from per-class Gaussians of the data, never from uniform noise, short proximal chains, and a
+    small generative weight (0.03; 0.1 left the fine-tuned digits CNN under-confident, ECE 3.8% against 2.2%)."""
     return {
         "sampler": PYLD(n_steps=5, step_size=0.2, eps=1.0),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=GaussianInit()),

@@ -50,7 +50,11 @@ def test_the_finetune_preset_keeps_accuracy_and_adds_ood_detection(tmp_path, nor
     trainer(tmp_path, max_steps=100, limit_val_batches=0).fit(jem, dm)  # a fifth of the pre-training
     after = _measure(jem, dm)
     assert after["acc"] > before["acc"] - 0.015, (before, after)
-    assert after["noise"] > 0.99 and after["shuffled"] > max(before["shuffled"], 0.95), (before, after)
+    # a small budget for CI (the benchmark's full-size figures are in the README): OOD detection must improve clearly
+    assert after["noise"] > max(before["noise"], 0.98) and after["shuffled"] > before["shuffled"] + 0.05, (
+        before,
+        after,
+    )
     assert after["ece"] < 0.06, (before, after)
 
 
