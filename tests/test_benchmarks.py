@@ -48,6 +48,7 @@ def test_reference_loss_equals_jemkit_objective_on_fixed_samples():
         sampler=SGLD(n_steps=0),
         buffer=ReplayBuffer(capacity=x.shape[0], reinit_prob=1.0, init=FixedInit(x_sample)),
         data_noise=0.0,
+        px_weight=1.0,  # the reference's objective
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step called without a Trainer

@@ -64,10 +64,12 @@ def test_default_root_dir_moves_every_output_of_a_recipe(tmp_path, monkeypatch):
             "-c",
             str(RECIPE),
             f"--trainer.default_root_dir={out}",
-            "--trainer.max_steps=2",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false",
-            "--model.buffer.capacity=50",
+            "--model.buffer=jemkit.sampling.ReplayBuffer",
+            "--model.buffer.init_args.capacity=50",
         ]
     )
     assert not (tmp_path / "runs").exists()  # nothing under the recipe's own runs/digits

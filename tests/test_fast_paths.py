@@ -253,7 +253,9 @@ def test_compile_options_are_checked_early():
     bn = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     with pytest.raises(ValueError, match="sampling_mode='eval' or compile=False"):
         JEM(bn, compile=True, sampling_mode="train")
-    assert JEM(bn, compile=True).chains.compile_mode == "default"
+    with pytest.raises(ValueError, match="'auto' picks 'train' for BatchNorm"):
+        JEM(bn, compile=True)
+    assert JEM(bn, compile=True, sampling_mode="eval").chains.compile_mode == "default"
     assert JEM(SmallCNN(width=8), compile="max-autotune").chains.compile_mode == "max-autotune"
     assert JEM(SmallCNN(width=8)).chains.compile_mode is None
     assert callable(JEM(SmallCNN(width=8), compile=True).compile)  # nn.Module.compile() is not shadowed

@@ -51,10 +51,8 @@ def test_the_finetune_preset_keeps_accuracy_and_adds_ood_detection(tmp_path, nor
     after = _measure(jem, dm)
     assert after["acc"] > before["acc"] - 0.015, (before, after)
     # a small budget for CI (the benchmark's full-size figures are in the README): OOD detection must improve clearly
-    assert after["noise"] > max(before["noise"], 0.98) and after["shuffled"] > before["shuffled"] + 0.05, (
-        before,
-        after,
-    )
+    assert after["noise"] > max(before["noise"], 0.98), (before, after)
+    assert after["shuffled"] > max(before["shuffled"], 0.92), (before, after)
     assert after["ece"] < 0.06, (before, after)
 
 

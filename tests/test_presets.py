@@ -27,7 +27,7 @@ def test_a_preset_fills_what_was_left_at_its_default_and_explicit_values_win():
 def test_presets_give_fresh_objects_and_unknown_names_are_refused():
     first, second = preset_settings("jempp"), preset_settings("jempp")
     assert first["sampler"] is not second["sampler"] and first["buffer"] is not second["buffer"]
-    with pytest.raises(ValueError, match="unknown preset 'jem\\+\\+'; expected one of jem, jempp, sada"):
+    with pytest.raises(ValueError, match="unknown preset 'jem\\+\\+'; expected one of finetune, jem, jempp, sada"):
         JEM(TinyMLP(), preset="jem++")
     assert set(PRESETS) >= {"jem", "jempp", "sada"}
 

@@ -67,7 +67,7 @@ def resolve_compile_mode(
     if sampling_mode == "train" and has_batchnorm(classifier):
         raise ValueError(
             "compile cannot trace BatchNorm layers that update their running statistics while sampling "
-            "(sampling_mode='train'): use sampling_mode='eval' or compile=False"
+            "(sampling_mode='train'; 'auto' picks 'train' for BatchNorm): use sampling_mode='eval' or compile=False"
         )
     return mode
 
