@@ -64,3 +64,22 @@ def test_a_batchnorm_cnn_learns_digits_as_a_jem_in_both_sampling_modes(tmp_path,
     trainer(tmp_path, max_steps=300, limit_val_batches=0).fit(jem, dm)
     accuracy = trainer(tmp_path).test(jem, dm, verbose=False)[0]["test/acc"]
     assert accuracy > 0.85, accuracy  # chance is 0.1; eval-mode sampling collapsed to 0.085 before the fix
+
+
+def test_syncbatchnorm_classifiers_train_and_keep_their_statistics_for_data(tmp_path):
+    # Lightning's sync_batchnorm=True converts BatchNorm to SyncBatchNorm. Synchronising needs GPUs under DDP (torch
+    # refuses CPU tensors there), so this runs in one process, where SyncBatchNorm normalises like BatchNorm: the
+    # "auto" mode must recognise it as BatchNorm and keep its running statistics for data.
+    torch.manual_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(TinyMLP(batchnorm=True))
+    reference = nn.SyncBatchNorm.convert_sync_batchnorm(TinyMLP(batchnorm=True))
+    reference.load_state_dict(model.state_dict())
+    assert isinstance(model.net[2], nn.SyncBatchNorm)
+    x, y = torch.randn(16, 2), torch.arange(16) % 3
+    jem = JEM(model, data_noise=0.0, sampler=SGLD(n_steps=3), buffer=ReplayBuffer(64))
+    assert jem.chains.sampling_mode == "train"
+    trainer(tmp_path, max_steps=1).fit(jem, loader(x, y, batch_size=16))
+    reference.train()
+    reference(x)
+    torch.testing.assert_close(model.net[2].running_mean, reference.net[2].running_mean)
+    assert model.net[2].num_batches_tracked == 1
