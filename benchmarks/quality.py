@@ -74,6 +74,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "sam-lr1e-3": lambda: _jem_lr1e3() | {"optimizer": partial(SAM, base="adam", rho=0.05, lr=1e-3)},
     "pyld5-px0.3": lambda: _pyld5() | {"px_weight": 0.3},
     "pyld5-px0.1": lambda: _pyld5() | {"px_weight": 0.1},
+    "pyld5-px0.03": lambda: _pyld5() | {"px_weight": 0.03},
     "pyld5-clean": lambda: _pyld5() | {"px_weight": 1.0, "data_noise": 0.0},
     "pyld5-px0.3-clean": lambda: _pyld5() | {"px_weight": 0.3, "data_noise": 0.0},
     "default-evalmode": lambda: {"sampling_mode": "eval"},  # BatchNorm: the sampling mode "auto" does not choose
