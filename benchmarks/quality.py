@@ -184,7 +184,7 @@ def run_one(
         auroc[name] = {s: float(ood_metrics(scores_in[s], scores_out[s])["auroc"]) for s in SCORES}
     result |= {
         "auroc": auroc,
-        "ms_per_step": 1000.0 * seconds / max(steps, 1),
+        "ms_per_step": 1000.0 * seconds / steps if steps else 0.0,
         "diverged": not math.isfinite(result["nll"]),
     }
     return {"scenario": scenario, "config": config, "seed": seed, **result}
@@ -331,8 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"settings": settings, "summary": summary, "runs": runs}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(table + "\n")
+        # appended, not with_suffix: a name such as "px0.03" keeps its dot
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        Path(f"{args.out}.md").write_text(table + "\n")
     return result
 
 
