@@ -12,7 +12,7 @@ from jemkit.data import DigitsDataModule, GaussianMixtureDataModule
 from jemkit.divergence import DivergenceError
 from jemkit.energy import energy_matrix, joint_energy, log_px, log_py_given_x, marginal_energy
 from jemkit.module import JEM
-from jemkit.sampling import MALA, PYLD, SGLD, Chains, GaussianInit, ReplayBuffer, UniformInit
+from jemkit.sampling import MALA, PYLD, SGLD, Chains, GaussianInit, InputDomain, ReplayBuffer, UniformInit
 
 __all__ = [
     "JEM",
@@ -29,6 +29,7 @@ __all__ = [
     "DivergenceError",
     "GaussianInit",
     "GaussianMixtureDataModule",
+    "InputDomain",
     "ReplayBuffer",
     "UniformInit",
     "__version__",

@@ -7,7 +7,6 @@ LightningCLI writes in YAML, and the JEM turns such dicts back into objects when
 
 from __future__ import annotations
 
-import copy
 import importlib
 import inspect
 import warnings
@@ -15,8 +14,9 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import torch
+from lightning.pytorch.core.mixins import HyperparametersMixin
 
-__all__ = ["from_config", "is_plain", "save_hparams_as_configs", "to_config"]
+__all__ = ["from_config", "hparams_record", "is_plain", "to_config"]
 
 T = TypeVar("T")
 
@@ -74,32 +74,31 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-def save_hparams_as_configs(
-    module: Any, frame: FrameType | None, objects: tuple[type, ...], values: dict[str, Any] | None = None
-) -> None:
-    """``module.save_hyperparameters()`` from the ``__init__`` whose ``frame`` is given, kept to plain data.
+def hparams_record(frame: FrameType | None, objects: tuple[type, ...], values: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters a module records, as plain data: what Lightning would record for the ``__init__`` whose
+    ``frame`` is given, with ``values`` (e.g. settings resolved from a preset) in place of the arguments.
 
     Under LightningCLI the classifier arrives as a config (class_path/init_args), which is what makes
     ``load_from_checkpoint(path)`` work without arguments; an ``nn.Module`` passed from Python is left out (its weights
     are in the state dict) and must be passed again when loading, as must optimiser factories. Instances of
     ``objects`` (samplers, buffers) become ``{"class_path", "init_args"}`` configs, so that checkpoints load with
-    ``weights_only=True``. ``values`` replace what the frame gave (e.g. settings resolved from a preset).
+    ``weights_only=True``. Pass the result to ``save_hyperparameters`` once.
     """
+    probe = HyperparametersMixin()  # reads the frame (or LightningCLI's given config) as a module would
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-        module.save_hyperparameters(frame=frame)
-    for key, value in {**module.hparams, **(values or {})}.items():
+        probe.save_hyperparameters(frame=frame)
+    record = {}
+    for key, value in {**probe.hparams, **values}.items():
         if isinstance(value, objects):
-            module.hparams[key] = to_config(value)
-        elif value is None or not is_plain(value):
+            record[key] = to_config(value)
+        elif value is not None and is_plain(value):
             # None is every such argument's default: dropping it loses nothing, and avoids a clash with a
             # datamodule's hparams (e.g. its num_classes) when Lightning merges them for the logger.
-            module.hparams.pop(key, None)
-        else:
-            module.hparams[key] = value
-    if "classifier" in module.hparams:
-        module.hparams["classifier"] = _without_weight_loading(module.hparams["classifier"])
-    module._hparams_initial = copy.deepcopy(module._hparams)  # what loggers and checkpoints record
+            record[key] = value
+    if "classifier" in record:
+        record["classifier"] = _without_weight_loading(record["classifier"])
+    return record
 
 
 def _without_weight_loading(config: Any) -> Any:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
@@ -17,6 +18,8 @@ from torch.nn.modules.dropout import _DropoutNd
 __all__ = [
     "SamplingMode",
     "can_share_forward",
+    "class_labels",
+    "class_logits",
     "has_batchnorm",
     "resolve_sampling_mode",
     "is_mode_sensitive",
@@ -56,16 +59,44 @@ def select_logits(output: Any, output_key: OutputKey = None) -> Tensor:
         raise TypeError(
             f"expected the classifier to return a Tensor of logits [B, C], got {type(logits).__name__}{hint}"
         )
+    return class_logits(logits)
+
+
+def class_logits(logits: Tensor) -> Tensor:
+    """Logits ``[B, C]``; a one-logit binary head ``g(x)`` (``[B]`` or ``[B, 1]``, trained with a sigmoid) is read as
+    the two logits ``[0, g(x)]``: the binary energy ``E(x, y) = -y g(x)`` with ``y`` in ``{0, 1}``, whose softmax
+    is the head's own sigmoid."""
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(1)
+    if logits.dim() == 2 and logits.shape[1] == 1:
+        return torch.cat([torch.zeros_like(logits), logits], dim=1)
     return logits
+
+
+def class_labels(y: Tensor) -> Tensor:
+    """Integer class labels ``[B]`` from labels as a classifier's loader gives them: integers ``[B]``, or the 0/1 floats
+    ``[B]`` / ``[B, 1]`` of a binary (BCE) head. Without a host sync: a float label that is not a whole number becomes
+    ``-1``, which the label checks then name."""
+    if not isinstance(y, Tensor):
+        return y
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.is_floating_point():
+        whole = y == y.round()
+        y = torch.where(whole, y, torch.full_like(y, -1.0)).long()
+    elif y.dtype == torch.bool:
+        y = y.long()
+    return y
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
     """``(inputs, labels)`` of a labelled batch: a ``(x, y, ...)`` tuple/list or a dict with ``x``/``image`` and
-    ``y``/``label`` keys."""
+    ``y``/``label`` keys; labels as :func:`class_labels` gives them."""
     if isinstance(batch, dict):
-        return batch["x"] if "x" in batch else batch["image"], batch["y"] if "y" in batch else batch["label"]
+        x = batch["x"] if "x" in batch else batch["image"]
+        return x, class_labels(batch["y"] if "y" in batch else batch["label"])
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
+        return batch[0], class_labels(batch[1])
     raise TypeError(f"expected batches of (inputs, labels), got {type(batch).__name__}")
 
 
@@ -89,9 +120,9 @@ def has_batchnorm(module: nn.Module) -> bool:
 def resolve_sampling_mode(mode: str, module: nn.Module) -> SamplingMode:
     """``"auto"``: ``"train"`` for classifiers with BatchNorm, ``"eval"`` otherwise.
 
-    Measured on digits (BatchNorm SmallCNN, defaults, 300 steps): eval-mode sampling reached 0.71 test accuracy
-    against 0.985 in train mode; the eval-mode p(x) term trains a function (running statistics) that the
-    cross-entropy never sees, and the two drift apart. Without BatchNorm, eval mode keeps Dropout out of the energy.
+    On a BatchNorm classifier eval-mode sampling costs test accuracy (figures: ``benchmarks/RESULTS.md``,
+    "BatchNorm"): the eval-mode p(x) term trains a function (running statistics) that the cross-entropy never sees,
+    and the two drift apart. Without BatchNorm, eval mode keeps Dropout out of the energy.
     """
     if mode == "auto":
         return "train" if has_batchnorm(module) else "eval"
@@ -123,8 +154,6 @@ def sampling_context(module: nn.Module, mode: SamplingMode = "eval") -> Iterator
       into them. Nothing is copied back in place afterwards, so a graph built inside the context stays valid for its
       backward pass (the running statistics are inputs that BatchNorm's backward checks).
     """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"sampling mode must be 'eval' or 'train', got {mode!r}")
     flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in module.modules()]
     if mode == "eval":
         module.eval()

@@ -9,6 +9,8 @@ and Windows), so the target is always either the old complete checkpoint or the 
 
 from __future__ import annotations
 
+import io
+
 import os
 import zipfile
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "check_finite_parameters",
     "check_jemkit_section",
     "is_unreadable_checkpoint",
+    "upgraded_checkpoint",
     "jemkit_section",
 ]
 
@@ -58,6 +61,20 @@ def check_jemkit_section(checkpoint: dict[str, Any], classifier: nn.Module, num_
     if saved is not None and num_classes is not None and saved != num_classes:
         raise ValueError(f"the checkpoint has {saved} classes but this JEM was built with {num_classes}")
     return saved
+
+
+def upgraded_checkpoint(path: Any, legacy: dict[str, str]) -> io.BytesIO:
+    """The checkpoint at ``path`` with hyper-parameters of an older jemkit renamed (``legacy``: old name -> key of the
+    ``weights`` dict), as an in-memory file for ``load_from_checkpoint``: LightningCLI rebuilds a module strictly from
+    its recorded config, so a renamed argument would otherwise make the file unloadable."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    weights = {key: hparams.pop(old) for old, key in legacy.items() if old in hparams}
+    hparams["weights"] = weights | dict(hparams.get("weights") or {})
+    upgraded = io.BytesIO()
+    torch.save(checkpoint, upgraded)
+    upgraded.seek(0)
+    return upgraded
 
 
 def is_unreadable_checkpoint(path: Any) -> bool:

@@ -20,8 +20,9 @@ import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-from jemkit.module import _DEFAULTS, JEM
-from jemkit.presets import _is_default, preset_config
+from jemkit.losses import objective_weights
+from jemkit.module import JEM
+from jemkit.presets import preset_config
 
 __all__ = ["JEMCLI", "main"]
 
@@ -61,7 +62,9 @@ class JEMCLI(LightningCLI):
         model = config.get("model")
         if model is not None and model.get("preset"):
             for key, value in preset_config(model.preset).items():
-                if _is_default(model.get(key), _DEFAULTS.get(key)):
+                if key == "weights":  # merged key by key, as the JEM does
+                    model[key] = objective_weights(model.get(key), value)
+                elif model.get(key) is None:  # not given: the preset's
                     model[key] = _namespace(value)
         sub_parser = parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
         print(sub_parser.dump(config, skip_none=False, skip_validation=True), end="")

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DivergenceError", "divergence_reasons"]
+__all__ = ["DivergenceError", "Guarded", "divergence_reasons"]
+
+
+@runtime_checkable
+class Guarded(Protocol):
+    """What :class:`~jemkit.callbacks.DivergenceGuard` needs of the module it guards (a JEM is one).
+
+    ``step_stats``: the last training step's statistics (detached scalars); ``lr_scale``: a factor the module applies
+    to every learning rate; ``chains``: with ``input_shape``, ``reset()`` and ``reinit_nonfinite() -> int``.
+    """
+
+    step_stats: dict[str, Tensor]
+    lr_scale: float
+    chains: Any
 
 
 class DivergenceError(RuntimeError):

@@ -57,6 +57,7 @@ def check_labels(y: Tensor, batch_size: int, num_classes: int | None = None) -> 
             raise ValueError(
                 f"labels must lie in [0, {num_classes}) for a classifier with {num_classes} outputs, "
                 f"got labels in [{low}, {high}]"
+                + (" (-1 also marks a float label that is not a whole number)" if low == -1 else "")
             )
 
 

@@ -23,12 +23,19 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from jemkit.energy import check_labels, energy_matrix, joint_energy, marginal_energy
+
 __all__ = [
+    "DEFAULT_WEIGHTS",
     "EBM_LOSSES",
+    "JEMLogits",
     "classification_loss",
     "contrastive_divergence_loss",
     "energy_l2_regularization",
@@ -36,10 +43,12 @@ __all__ = [
     "energy_margin_loss",
     "get_ebm_loss",
     "hinge_loss",
+    "jem_objective",
     "log_loss",
     "lvq2_loss",
     "mce_loss",
     "nll_loss",
+    "objective_weights",
     "perceptron_loss",
     "square_exponential_loss",
     "square_square_loss",
@@ -51,23 +60,14 @@ __all__ = [
 
 
 def _check_energies_and_labels(energies: Tensor, y: Tensor, min_classes: int = 1) -> None:
-    """Check ``energies [B, C]`` and ``B`` integer labels ``y`` in ``[0, C)``; ``ValueError`` otherwise."""
+    """Check ``energies [B, C]`` and ``B`` integer labels ``y`` in ``[0, C)`` (:func:`jemkit.energy.check_labels`)."""
     if energies.dim() != 2:
         raise ValueError(f"expected energies of shape [B, C], got shape {tuple(energies.shape)}")
     batch, num_classes = energies.shape
     if num_classes < min_classes:
         why = " to compare the correct answer with an incorrect one" if min_classes >= 2 else ""
         raise ValueError(f"this loss needs at least {min_classes} classes{why}, got energies with C={num_classes}")
-    if y.shape != (batch,):
-        shapes = f"energies {tuple(energies.shape)}, got labels of shape {tuple(y.shape)}"
-        raise ValueError(f"expected labels of shape [{batch}] to match {shapes}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"expected integer class labels, got dtype {y.dtype}")
-    if batch > 0:
-        bad = (y < 0) | (y >= num_classes)
-        if bool(bad.any()):
-            value = int(y[bad][0])
-            raise ValueError(f"labels must lie in [0, C) with C={num_classes}, got label {value}")
+    check_labels(y, batch, num_classes)
 
 
 def _correct_energy(energies: Tensor, y: Tensor) -> Tensor:
@@ -279,3 +279,80 @@ def classification_loss(spec: str | dict[str, Any] = "ce") -> Callable[[Tensor, 
 def _cross_entropy_of_energies(energies: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy on logits ``-energies``, without the per-call label range check (a host sync)."""
     return F.cross_entropy(-energies, y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole JEM objective
+
+
+class JEMLogits(NamedTuple):
+    """Float32 logits ``[N, C]`` of one JEM training step; a term whose inputs are absent is ``None``.
+
+    ``data`` is the classification forward of the (noisy) data; ``contrast`` is the data's half of the generative
+    contrasts, computed by the same function of its input as the samples' half (the same tensor as ``data`` when the
+    classifier has no BatchNorm/Dropout); ``sample``/``sample_y`` are the unconditional/class-conditional samples;
+    ``outlier`` the outliers of the energy-margin term.
+    """
+
+    data: Tensor
+    contrast: Tensor
+    sample: Tensor | None = None
+    sample_y: Tensor | None = None
+    outlier: Tensor | None = None
+
+
+DEFAULT_WEIGHTS: dict[str, float] = {"ce": 1.0, "px": 0.1, "pxy": 0.0, "energy_l2": 0.0, "margin": 0.0}
+"""The objective's weights when neither the user nor a preset gives one (``px``: chosen on the quality benchmark)."""
+
+
+def objective_weights(weights: Mapping[str, float] | None, base: Mapping[str, float] | None = None) -> dict[str, float]:
+    """``weights`` over ``base`` over :data:`DEFAULT_WEIGHTS`, checked: known names, finite values ``>= 0``."""
+    merged = dict(DEFAULT_WEIGHTS) | dict(base or {}) | dict(weights or {})
+    unknown = sorted(set(merged) - set(DEFAULT_WEIGHTS))
+    if unknown:
+        raise ValueError(f"unknown objective weight(s) {unknown}; the weights are {sorted(DEFAULT_WEIGHTS)}")
+    for name, value in merged.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            raise ValueError(f"weight {name!r} must be a finite number >= 0, got {value!r}")
+    return {name: float(value) for name, value in merged.items()}
+
+
+def jem_objective(
+    logits: JEMLogits,
+    y: Tensor,
+    y_sample: Tensor | None = None,
+    weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+    temperature: float = 1.0,
+    margins: tuple[float, float] = (-23.0, -5.0),
+    classification: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The JEM loss and its terms: ``(loss, stats)``, every statistic a detached-able scalar tensor (no host sync).
+
+    ``loss = ce * CE + px * (E(data) - E(sample)) + energy_l2 * (E(data)^2 + E(sample)^2) + margin * margin_term
+    + pxy * (E(data, y) - E(sample_y, y_sample))``, each term present when its logits are and its weight is > 0.
+    ``y [B]`` are the data's labels, ``y_sample`` the labels the class-conditional samples were drawn for;
+    ``classification(energies [B, C], y)`` replaces cross-entropy (see :func:`classification_loss`).
+    """
+    classify = classification or _cross_entropy_of_energies
+    e_data = marginal_energy(logits.contrast, temperature)
+    stats = {"ce": classify(energy_matrix(logits.data, temperature), y), "energy_data": e_data.mean()}
+    if logits.sample is not None:
+        e_sample = marginal_energy(logits.sample, temperature)
+        stats["px"] = contrastive_divergence_loss(e_data, e_sample)
+        stats |= {"energy_sample": e_sample.mean(), "energy_gap": -stats["px"]}
+        stats["energy_l2"] = energy_l2_regularization(e_data, e_sample)
+    if logits.outlier is not None:
+        e_outlier = marginal_energy(logits.outlier, temperature)
+        stats["margin"] = energy_margin_loss(e_data, e_outlier, *margins)
+        stats["energy_outlier"] = e_outlier.mean()
+    if logits.sample_y is not None:
+        if y_sample is None:
+            raise ValueError("class-conditional sample logits need the labels they were drawn for (y_sample)")
+        e_joint = joint_energy(logits.contrast, y, temperature), joint_energy(logits.sample_y, y_sample, temperature)
+        stats["pxy"] = contrastive_divergence_loss(*e_joint)
+    loss = weights["ce"] * stats["ce"]
+    for term in ("px", "energy_l2", "margin", "pxy"):
+        if term in stats and weights[term] > 0:
+            loss = loss + weights[term] * stats[term]
+    stats["loss"] = loss
+    return loss, stats

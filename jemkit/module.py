@@ -1,21 +1,19 @@
 """``JEM``: the LightningModule that turns any classifier into a Joint Energy-based Model.
 
 The classifier stays the user's and is only called. The module wires a :class:`~jemkit.sampling.Chains` (sampler,
-replay buffer, sampling mode) to the losses and trains
+replay buffer, input domain, sampling mode) to :func:`~jemkit.losses.jem_objective`, which trains
 
-    loss = ce_weight * CE(f(x), y)
-         + px_weight  * (E(x_data).mean() - E(x_sample).mean())              # log p(x)
-         + pxy_weight * (E(x_data, y).mean() - E(x_sample_y, y_q).mean())    # log p(x | y), optional
-         + energy_l2_weight * (E(x_data)^2 + E(x_sample)^2).mean()          # optional regulariser
+    loss = ce * CE(f(x), y) + px * (E(x_data) - E(x_sample)) + ...        (see jem_objective for every term)
 
-where the samples come from SGLD chains continued from the buffer (Grathwohl et al. 2020). Policies live elsewhere:
-divergence handling in :class:`~jemkit.callbacks.DivergenceGuard`, which reads :attr:`JEM.step_stats`.
+where the samples come from Langevin chains continued from the buffer (Grathwohl et al. 2020). Policies live
+elsewhere: divergence handling in :class:`~jemkit.callbacks.DivergenceGuard`, which reads :attr:`JEM.step_stats`.
 """
 
 from __future__ import annotations
 
 import inspect
 import pickle
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,89 +21,88 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from jemkit._config import from_config, save_hparams_as_configs
-from jemkit.adapters import (
-    OutputKey,
-    can_share_forward,
-    resolve_sampling_mode,
-    sampling_context,
-    select_logits,
-    split_outliers,
-    unpack_batch,
-)
-from jemkit.callbacks.divergence import DivergenceGuard
+from jemkit._config import from_config, hparams_record
+from jemkit.adapters import OutputKey, can_share_forward, sampling_context, select_logits, split_outliers, unpack_batch
 from jemkit.checkpoint import (
     check_finite_parameters,
     check_jemkit_section,
     is_unreadable_checkpoint,
     jemkit_section,
+    upgraded_checkpoint,
 )
-from jemkit.checks import check_first_batch, check_input_shape, warn_if_outside_range
+from jemkit.checks import check_first_batch, check_input_shape
 from jemkit.divergence import DivergenceError
-from jemkit.energy import energy_matrix, joint_energy, marginal_energy
+from jemkit.energy import joint_energy, marginal_energy
+from jemkit.losses import DEFAULT_WEIGHTS, JEMLogits, jem_objective
 from jemkit.losses import classification_loss as classification_loss_fn
-from jemkit.losses import contrastive_divergence_loss, energy_l2_regularization, energy_margin_loss
 from jemkit.metrics.calibration import CalibrationMetrics
 from jemkit.optim import configure_optimizer, scaled_learning_rates
-from jemkit.presets import resolve_preset
-from jemkit.sampling import PYLD, Chains, GaussianInit, InitialDistribution, ReplayBuffer, Sampler
+from jemkit.presets import resolve_settings
+from jemkit.sampling import Chains, InitialDistribution, InputDomain, ReplayBuffer, Sampler
 
 __all__ = ["JEM", "DivergenceError"]
 
-_CONFIG_OBJECTS = (Sampler, InitialDistribution, ReplayBuffer)  # recorded in hparams as class_path/init_args configs
+_CONFIG_OBJECTS = (Sampler, InitialDistribution, ReplayBuffer, InputDomain)  # recorded as class_path/init_args
+_LEGACY_WEIGHTS = {f"{name}_weight": name for name in DEFAULT_WEIGHTS}  # checkpoints of jemkit 0.1: px_weight=...
+
+
+@dataclass
+class DrawnInputs:
+    """What one training step feeds the classifier besides nothing else: kept so that an optimiser that evaluates the
+    step twice (SAM) sees the same noisy data and samples again."""
+
+    key: tuple[int, int]  # (global step, batch index)
+    data: Tensor  # the data with its training noise
+    sample: Tensor | None = None  # unconditional samples
+    sample_y: Tensor | None = None  # class-conditional samples ...
+    y_sample: Tensor | None = None  # ... of these labels
+    outlier: Tensor | None = None  # outliers of the energy-margin term (None: the samples serve, if any)
 
 
 class JEM(pl.LightningModule):
     """Wrap a classifier ``f(x) -> logits [B, C]`` as a JEM and train it with ``cross-entropy + log p(x)``.
 
-    ``forward`` returns the classifier's logits, so a JEM drops in wherever the classifier was used. The defaults are
-    chosen on ``benchmarks/quality.py`` (README, "Quality"): JEM++'s proximal Langevin sampler with 5 steps
-    (``PYLD(n_steps=5, step_size=0.2)``), chains restarted from per-class Gaussians fitted to the data
-    (``GaussianInit``), a ``log p(x)`` term of weight 0.1, data noise 0.03, Adam with learning rate 1e-3. They keep
-    the classifier's accuracy and calibration and add OOD detection at about 4-5 times a plain step's cost. The
-    papers' settings are presets: ``preset="jem"`` (SGLD 20 steps, Adam 1e-4), ``"jempp"``, ``"sada"``.
+    ``forward`` returns the classifier's logits, so a JEM drops in wherever the classifier was used (a one-logit
+    binary head ``g(x)`` is read as the two logits ``[0, g(x)]``). Settings left at ``None`` come from ``preset``,
+    else from jemkit's defaults (:func:`jemkit.presets.default_settings`, chosen on ``benchmarks/quality.py``):
+    JEM++'s proximal sampler ``PYLD(n_steps=5, step_size=0.2)``, chains restarted from per-class Gaussians, ``log p(x)``
+    at weight 0.1, data noise 0.03, Adam at 1e-3. An explicit argument always wins over the preset.
 
     Args:
         classifier: any ``nn.Module`` mapping a batch of inputs to logits (see ``output_key`` for tuple/dict outputs).
-        preset: named settings of a published method (``"jem"``, ``"jempp"``, ``"sada"``, see :mod:`jemkit.presets`)
-            for every argument left at its default; the resolved values are recorded in ``hparams``. An argument
-            passed with its default value counts as left at its default (the preset's value wins).
+        preset: named settings of a published method (``"jem"``, ``"jempp"``, ``"sada"``, ``"finetune"``; see
+            :mod:`jemkit.presets`) for the arguments left at ``None``; resolved values are recorded in ``hparams``.
         num_classes: number of classes; inferred from the first batch's logits when ``None``.
-        classification_loss: the classification term on the energies ``E(x, .)``: ``"ce"`` (cross-entropy,
-            ``-log p(y|x)`` at the module's temperature; logged as ``train/ce``), or an EBM loss of
-            :mod:`jemkit.losses` by name (``"hinge"``, ``"log"``, ``"square_square"``, ...) or as
-            ``{"name": "hinge", "margin": 0.5}``.
-        ce_weight: weight of the classification term.
-        px_weight: weight of the unconditional generative term (``log p(x)``); 0 trains a plain classifier. 0.1
-            (default) keeps the classifier's calibration; 1.0 (the papers') gives a stronger density model at the
-            cost of under-confident predictions on small data.
-        pxy_weight: weight of the class-conditional generative term (``log p(x|y)``), sampled with random labels
-            from a class-conditional buffer.
-        energy_l2_weight: weight of the L2 regulariser on data and sample energies (keeps energies near 0).
-        margin_weight: weight of the energy-margin term of Liu et al. 2020 (:func:`jemkit.losses.energy_margin_loss`,
-            paper: 0.1): data energies below ``margins[0]``, outliers' above ``margins[1]``. Outliers come with the
-            training batch (``{"data": (x, y), "outliers": x_out}``, e.g. :class:`jemkit.data.WithOutliers`), or
-            else are this step's samples from the replay buffer.
-        margins: ``(margin_in, margin_out)`` of the energy-margin term (paper, CIFAR-10: ``(-23, -5)``).
-        data_noise: std of the Gaussian noise added to training inputs (JEM: 0.03).
+        classification_loss: the classification term on the energies ``E(x, .)``: ``"ce"`` (cross-entropy at the
+            module's temperature) or an EBM loss of :mod:`jemkit.losses` by name or as ``{"name": ..., **params}``.
+        weights: the objective's weights by term, merged over the preset's and the defaults
+            (:data:`~jemkit.losses.DEFAULT_WEIGHTS`): ``ce``, ``px`` (``log p(x)``; 0 trains a plain classifier),
+            ``pxy`` (``log p(x|y)``, from a class-conditional buffer), ``energy_l2`` (keeps energies near 0),
+            ``margin`` (the energy-margin term of Liu et al. 2020; paper: 0.1), e.g. ``weights={"px": 1.0}``.
+        margins: ``(margin_in, margin_out)`` of the energy-margin term; ``None`` derives them from the classifier's own
+            energies on the training data when training starts (the 10% quantile, and the 90% quantile plus the
+            spread between the two): the paper's ``(-23, -5)`` only fit CIFAR WideResNets.
+        data_noise: std of the Gaussian noise added to training inputs, in half-ranges of the input domain (JEM: 0.03).
         temperature: temperature ``T`` of the energies (``beta = 1/T``); 1 is the classifier's own softmax.
-        sampler: the sampler; default ``PYLD(n_steps=5, step_size=0.2)`` (samples clamped to [-1, 1]).
-        buffer: the replay buffer; default ``ReplayBuffer(init=GaussianInit())`` (10,000 chains, 5% restarts from
-            per-class Gaussians fitted to the first training batches), class-conditional when ``pxy_weight > 0``.
-        sampling_mode: how BatchNorm/Dropout behave while sampling and in the p(x) contrast: ``"train"`` (batch
-            statistics, the reference code's behaviour; running statistics are protected and see only data),
-            ``"eval"`` (running statistics, no Dropout) or ``"auto"`` (default: ``"train"`` with BatchNorm, ``"eval"``
-            otherwise; see :func:`jemkit.adapters.resolve_sampling_mode` for the measurement behind it).
+        sampler: the sampler, in the domain's unit coordinates (the data's box is ``[-1, 1]`` there).
+        buffer: the replay buffer (class-conditional when ``weights["pxy"] > 0``).
+        domain: where inputs live (:class:`~jemkit.sampling.InputDomain`): chains start, move and are clamped in its
+            box. Default: fitted on the training data when training starts.
+        sampling_mode: how BatchNorm/Dropout behave while sampling and in the p(x) contrast: ``"train"``, ``"eval"``
+            or ``"auto"`` (default: ``"train"`` with BatchNorm, else ``"eval"``; see
+            :func:`jemkit.adapters.resolve_sampling_mode`).
         output_key: how to read logits from a classifier returning a tuple/dict: a key, an index or a callable.
         lr: learning rate of the default Adam optimiser (ignored when ``optimizer`` is given).
         optimizer: optimiser factory ``params -> Optimizer`` (LightningCLI: ``class_path`` in YAML).
         lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler``, stepped every epoch
             (``ReduceLROnPlateau`` watches ``val/nll``).
         lr_warmup_steps: scale the learning rate by ``(step + 1) / lr_warmup_steps`` over the first optimiser steps
-            (JEM: 1000), on top of any schedule: early full-size steps are a common cause of divergence.
-        compile: experimental, unmeasured on GPUs: compile each SGLD step into one graph, ``True`` or a
+            (JEM: 1000), on top of any schedule.
+        compile: experimental, unmeasured on GPUs: compile each sampler step into one graph, ``True`` or a
             ``torch.compile`` mode (``"reduce-overhead"`` captures CUDA graphs). See :class:`~jemkit.sampling.Chains`.
         channels_last: run 4-D inputs and the classifier in channels-last memory format (faster convolutions).
+        **legacy_weights: ``ce_weight``, ``px_weight``, ... as checkpoints of jemkit 0.1 record them; folded into
+            ``weights``.
 
     Example::
 
@@ -120,85 +117,64 @@ class JEM(pl.LightningModule):
         preset: str | None = None,
         num_classes: int | None = None,
         classification_loss: str | dict[str, Any] = "ce",
-        ce_weight: float = 1.0,
-        px_weight: float = 0.1,
-        pxy_weight: float = 0.0,
-        energy_l2_weight: float = 0.0,
-        margin_weight: float = 0.0,
-        margins: tuple[float, float] = (-23.0, -5.0),
-        data_noise: float = 0.03,
+        weights: dict[str, float] | None = None,
+        margins: tuple[float, float] | None = None,
+        data_noise: float | None = None,
         temperature: float = 1.0,
         sampler: Sampler | None = None,
         buffer: ReplayBuffer | None = None,
+        domain: InputDomain | None = None,
         sampling_mode: str = "auto",
         output_key: OutputKey = None,
-        lr: float = 1e-3,
+        lr: float | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        lr_warmup_steps: int = 0,
+        lr_warmup_steps: int | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        **legacy_weights: float,
     ) -> None:
-        if preset is not None:  # fill in what the caller left at its default, then build as if it had been given
-            args = {k: v for k, v in locals().items() if k not in ("self", "__class__", "preset")}
-            resolved = resolve_preset(preset, args, _DEFAULTS)
-            self.__init__(**resolved)
-            self.preset = preset
-            # the classifier stays as Lightning recorded it (under LightningCLI: its config, so checkpoints load alone)
-            settings = {k: v for k, v in resolved.items() if k != "classifier"}
-            save_hparams_as_configs(self, inspect.currentframe(), _CONFIG_OBJECTS, settings | {"preset": preset})
-            return
         super().__init__()
-        self.preset = None
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
-        nonnegative = dict(ce_weight=ce_weight, px_weight=px_weight, pxy_weight=pxy_weight)
-        nonnegative |= dict(energy_l2_weight=energy_l2_weight, data_noise=data_noise)
-        for name, value in nonnegative.items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
-        if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {lr_warmup_steps!r}")
-        save_hparams_as_configs(self, inspect.currentframe(), _CONFIG_OBJECTS)
+        unknown = sorted(set(legacy_weights) - set(_LEGACY_WEIGHTS))
+        if unknown:
+            raise TypeError(f"JEM got unexpected keyword argument(s) {unknown}")
+        weights = {_LEGACY_WEIGHTS[k]: v for k, v in legacy_weights.items()} | dict(weights or {})
         sampler = from_config(sampler, Sampler) if isinstance(sampler, dict) else sampler
         buffer = from_config(buffer, ReplayBuffer) if isinstance(buffer, dict) else buffer
-        if sampler is None:
-            sampler = PYLD(n_steps=5, step_size=0.2)
-        if buffer is None:
-            buffer = ReplayBuffer(init=GaussianInit(), num_classes=num_classes, conditional=pxy_weight > 0)
-        elif pxy_weight > 0 and not buffer.conditional:
-            raise ValueError("pxy_weight > 0 samples per class: pass buffer=ReplayBuffer(conditional=True, ...)")
+        domain = from_config(domain, InputDomain) if isinstance(domain, dict) else domain
+        given = dict(sampler=sampler, buffer=buffer, weights=weights, data_noise=data_noise, lr=lr)
+        given |= dict(lr_warmup_steps=lr_warmup_steps, optimizer=optimizer)
+        settings = resolve_settings(preset, given)
+        _check_arguments(settings, temperature, num_classes, margins)
+        buffer = settings["buffer"]
+        if settings["weights"]["pxy"] > 0 and not buffer.conditional:
+            if given["buffer"] is not None or preset is not None:
+                raise ValueError("weights['pxy'] > 0 samples per class: pass buffer=ReplayBuffer(conditional=True)")
+            buffer.conditional = True  # jemkit's default buffer, made class-conditional
         buffer.num_classes = buffer.num_classes or num_classes
+        domain = domain if domain is not None else InputDomain()
+        record = settings | {"domain": domain, "margins": list(margins) if margins is not None else None}
+        self.save_hyperparameters(hparams_record(inspect.currentframe(), _CONFIG_OBJECTS, record))
 
         self.classifier = classifier
-        self.buffer = buffer  # registered here, so that checkpoints carry it as `buffer.*`
-        sampling_mode = resolve_sampling_mode(sampling_mode, classifier)
-        self.chains = Chains(classifier, sampler, buffer, sampling_mode, compile)
-        self.num_classes = num_classes
+        self.chains = Chains(classifier, settings["sampler"], buffer, domain, sampling_mode, compile)
+        self.buffer, self.domain = buffer, domain  # registered here, so that checkpoints carry them
+        self.preset, self.num_classes = preset, num_classes
         self.classification_loss = classification_loss_fn(classification_loss)
-        self.ce_weight, self.px_weight, self.pxy_weight = ce_weight, px_weight, pxy_weight
-        self.energy_l2_weight = energy_l2_weight
-        self.margin_weight, self.margins = margin_weight, (float(margins[0]), float(margins[1]))
-        if self.margins[0] >= self.margins[1]:
-            raise ValueError(f"margins must be (margin_in, margin_out) with margin_in < margin_out, got {margins}")
-        self.data_noise = data_noise
-        self.temperature = temperature
-        self.output_key = output_key
-        self.lr = lr
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.lr_warmup_steps = lr_warmup_steps
+        self.weights = settings["weights"]
+        self.margins = None if margins is None else (float(margins[0]), float(margins[1]))
+        self.data_noise, self.temperature, self.output_key = settings["data_noise"], temperature, output_key
+        self.lr, self.optimizer_factory, self.lr_scheduler_factory = settings["lr"], settings["optimizer"], lr_scheduler
+        self.lr_warmup_steps = settings["lr_warmup_steps"]
         self.lr_scale = 1.0  # a multiplier on every learning rate, lowered by DivergenceGuard's rollbacks
         self.channels_last = channels_last
-        self.share_forward = can_share_forward(classifier, sampling_mode)  # data and samples in one forward
+        self.share_forward = can_share_forward(classifier, self.chains.sampling_mode)  # one forward for all
         self.step_stats: dict[str, Tensor] = {}  # the last training step's loss terms and energies (detached)
         self.val_metrics, self.test_metrics = CalibrationMetrics(), CalibrationMetrics()
         self._checked_stages: set[str] = set()
-        self._drawn: tuple[tuple[int, int], tuple[Tensor | None, ...]] | None = None  # this step's data and samples
+        self._drawn: DrawnInputs | None = None
 
     @property
     def sampler(self) -> Sampler:
@@ -206,7 +182,7 @@ class JEM(pl.LightningModule):
 
     # ------------------------------------------------------------------ energies and samples
     def forward(self, x: Tensor) -> Tensor:
-        """The classifier's logits ``[B, C]``."""
+        """The classifier's logits ``[B, C]`` (``[B, 2]`` for a one-logit binary head)."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return select_logits(self.classifier(x), self.output_key)
@@ -225,95 +201,87 @@ class JEM(pl.LightningModule):
         y = y.to(self.device).long() if y is not None else None
         return self.chains.refine(self.energy, self.chains.start(n, y, from_buffer), y, n_steps)
 
-    def purify(self, x: Tensor, n_steps: int) -> Tensor:
-        """JEM's defence: ``n_steps`` of the sampler on ``log p(x)`` started at the inputs ``x``, before classifying."""
+    def purify(self, x: Tensor, n_steps: int, differentiable: bool = False) -> Tensor:
+        """JEM's defence: ``n_steps`` of the sampler on ``log p(x)`` started at the inputs ``x``, before classifying.
+
+        ``differentiable=True`` unrolls the steps so that an attack can take exact gradients through them (gradient
+        checkpointing keeps memory flat in ``n_steps``); see :func:`jemkit.evaluate.robustness.unrolled_purify`.
+        """
+        if differentiable:
+            from jemkit.evaluate.robustness import unrolled_purify  # evaluation code, loaded only when asked for
+
+            return unrolled_purify(self, x, n_steps)
         return self.chains.refine(self.energy, x, None, n_steps)
 
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch, x_out = split_outliers(batch)
         x, y = unpack_batch(batch)
         self._check_batch(x, y, "train")
         if x_out is not None and x_out.shape[1:] != x.shape[1:]:
             raise ValueError(f"outlier inputs have shape {tuple(x_out.shape[1:])}, the data {tuple(x.shape[1:])}")
-        n, temperature = x.shape[0], self.temperature
-
-        # 1. Sample: continue chains from the replay buffer (unconditional, and class-conditional with random labels).
-        #    The energy-margin term without outliers in the batch uses the unconditional samples as outliers.
-        #    An optimiser that evaluates a step twice (SAM) gets the same noisy data and samples again.
-        if self._drawn is None or self._drawn[0] != (self.global_step, batch_idx):
-            x_data = x + self.data_noise * torch.randn_like(x) if self.data_noise > 0 else x
-            need_samples = self.px_weight > 0 or (self.margin_weight > 0 and x_out is None)
-            x_q = self.chains.draw(self.energy, n) if need_samples else None
-            y_q = torch.randint(0, self.num_classes, (n,), device=x.device) if self.pxy_weight > 0 else None
-            x_qy = self.chains.draw(self.energy, n, y_q) if y_q is not None else None
-            self._drawn = ((self.global_step, batch_idx), (x_data, x_q, y_q, x_qy))
-        x_data, x_q, y_q, x_qy = self._drawn[1]
-        if self.margin_weight <= 0:
-            x_out = None
-
-        # 2. Logits of data and samples, each half of a contrast computed by the same function of its input.
-        logits_data, logits_contrast, logits_q, logits_qy, logits_out = self._logits(x_data, x_q, x_qy, x_out)
-
-        # 3. Losses (in float32 whatever the autocast precision).
-        e_data = marginal_energy(logits_contrast, temperature)
-        ce = self.classification_loss(energy_matrix(logits_data, temperature), y)  # cross-entropy unless chosen
-        stats = {"ce": ce, "energy_data": e_data.mean()}
-        loss = self.ce_weight * stats["ce"]
-        if logits_q is not None:
-            e_q = marginal_energy(logits_q, temperature)
-            stats["px"] = contrastive_divergence_loss(e_data, e_q)
-            stats |= {"energy_sample": e_q.mean(), "energy_gap": -stats["px"]}
-            stats["sample_norm"] = x_q.flatten(1).norm(dim=1).mean()
-            if self.px_weight > 0:
-                loss = loss + self.px_weight * stats["px"]
-                if self.energy_l2_weight > 0:
-                    loss = loss + self.energy_l2_weight * energy_l2_regularization(e_data, e_q)
-        if self.margin_weight > 0:
-            e_out = marginal_energy(logits_out, temperature) if logits_out is not None else e_q
-            stats["margin"] = energy_margin_loss(e_data, e_out, *self.margins)
-            stats["energy_outlier"] = e_out.mean()
-            loss = loss + self.margin_weight * stats["margin"]
-        if logits_qy is not None:
-            e_joint = joint_energy(logits_contrast, y, temperature), joint_energy(logits_qy, y_q, temperature)
-            stats["pxy"] = contrastive_divergence_loss(*e_joint)
-            loss = loss + self.pxy_weight * stats["pxy"]
-        stats["loss"] = loss
-
-        # 4. Report (DivergenceGuard judges these) and log: tensors only, so no per-step host sync.
+        drawn = self._draw(x, x_out, batch_idx)
+        logits = self._logits(drawn)
+        bad_labels = (y < 0) | (y >= self.num_classes)  # named by DivergenceGuard, without a host sync here
+        loss, stats = jem_objective(
+            logits, y.clamp(0, self.num_classes - 1), drawn.y_sample, self.weights, self.temperature,
+            self.margins or (-23.0, -5.0), self.classification_loss,
+        )  # fmt: skip
+        stats["bad_labels"] = bad_labels.sum().float()
+        if drawn.sample is not None:
+            stats["sample_norm"] = self.domain.to_unit(drawn.sample).flatten(1).norm(dim=1).mean()
         self.step_stats = {name: value.detach() for name, value in stats.items()}
-        self.log_dict({f"train/{k}": v for k, v in self.step_stats.items()}, on_step=True, on_epoch=False, batch_size=n)
-        acc = (logits_data.argmax(1) == y).float().mean()
-        self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=n)
-        self.log("train/acc_epoch", acc, on_step=False, on_epoch=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in self.step_stats.items()}, on_step=True, on_epoch=False, batch_size=len(x))
+        acc = (logits.data.argmax(1) == y).float().mean()
+        self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=len(x))
+        self.log("train/acc_epoch", acc, on_step=False, on_epoch=True, batch_size=len(x))
         return loss
 
-    def _logits(self, x_data: Tensor, *samples: Tensor | None) -> list[Tensor | None]:
-        """Float32 logits: of the data in train mode (the classification term, BatchNorm statistics), then of the
-        data and of each batch of samples for the generative contrasts (``None`` stays ``None``).
+    def _draw(self, x: Tensor, x_out: Tensor | None, batch_idx: int) -> DrawnInputs:
+        """The step's noisy data and samples, drawn once per ``(global step, batch)``."""
+        key = (self.global_step, batch_idx)
+        if self._drawn is not None and self._drawn.key == key:
+            return self._drawn
+        weights, n = self.weights, x.shape[0]
+        noise = self.data_noise * torch.randn_like(x) * self.domain.scale_like(x) if self.data_noise > 0 else None
+        drawn = DrawnInputs(key, x + noise if noise is not None else x)
+        drawn.outlier = x_out if weights["margin"] > 0 else None
+        if weights["px"] > 0 or (weights["margin"] > 0 and x_out is None):
+            drawn.sample = self.chains.draw(self.energy, n)
+        if weights["pxy"] > 0:
+            drawn.y_sample = torch.randint(0, self.num_classes, (n,), device=x.device)
+            drawn.sample_y = self.chains.draw(self.energy, n, drawn.y_sample)
+        self._drawn = drawn
+        return drawn
 
-        Both halves of a contrast are normalised alike. Eval sampling mode: data and samples go through the eval-mode
-        classifier (running statistics). Train mode: each batch is normalised by its own statistics, the data by the
-        training forward, the samples untracked (measured on digits with a BatchNorm CNN, 300 steps: 0.90 test
-        accuracy, against 0.54 when data and samples share one batch). Without BatchNorm or Dropout one forward
-        serves all.
+    def _logits(self, drawn: DrawnInputs) -> JEMLogits:
+        """Float32 logits: the data's in train mode (the classification term, BatchNorm statistics), then the data's
+        and each batch of samples' for the generative contrasts, both halves computed by the same function.
+
+        Eval sampling mode: data and samples go through the eval-mode classifier (running statistics). Train mode:
+        each batch is normalised by its own statistics, the data by the training forward, the samples untracked (one
+        shared batch of data and samples trains far worse; see benchmarks/RESULTS.md). Without BatchNorm or Dropout
+        one forward serves all.
         """
-        present = [s for s in samples if s is not None]
-        sizes = [x_data.shape[0], *(s.shape[0] for s in present)]  # outlier batches may differ in size
+        batches = [b for b in (drawn.sample, drawn.sample_y, drawn.outlier) if b is not None]
+        sizes = [drawn.data.shape[0], *(b.shape[0] for b in batches)]  # outlier batches may differ in size
         if self.share_forward:
-            logits = list(self(torch.cat([x_data, *present])).split(sizes))
-            logits.insert(0, logits[0])
+            data, *rest = self(torch.cat([drawn.data, *batches])).split(sizes)
+            contrast = data
         else:
-            logits = [self(x_data)]
+            data = self(drawn.data)
             with sampling_context(self.classifier, self.chains.sampling_mode):
-                if self.chains.sampling_mode == "eval":
-                    logits += list(self(torch.cat([x_data, *present])).split(sizes)) if present else [logits[0]]
+                if self.chains.sampling_mode == "eval" and batches:
+                    contrast, *rest = self(torch.cat([drawn.data, *batches])).split(sizes)
                 else:
-                    logits += [logits[0], *(self(s) for s in present)]
-        found = iter(logits[2:])
-        sample_logits = [next(found).float() if s is not None else None for s in samples]
-        return [logits[0].float(), logits[1].float(), *sample_logits]
+                    contrast, rest = data, [self(b) for b in batches]
+        found = iter(r.float() for r in rest)
+        sample, sample_y, outlier = (next(found) if b is not None else None for b in batches_of(drawn))
+        if outlier is None and self.weights["margin"] > 0:
+            outlier = sample  # no outliers in the batch: the energy-margin term pushes up the samples
+        return JEMLogits(data.float(), contrast.float(), sample, sample_y, outlier)
 
+    # ------------------------------------------------------------------ evaluation
     def _evaluation_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
         x, y = unpack_batch(batch)
         self._check_batch(x, y, stage)
@@ -359,29 +327,43 @@ class JEM(pl.LightningModule):
             torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
 
     def on_train_start(self) -> None:
-        # An initial distribution that learns from data (GaussianInit) is fitted before the first chains start.
-        # With outlier exposure the Trainer's train loaders are {"data": ..., "outliers": ...}: fit on the data only.
+        # The input domain and an initial distribution that learns (GaussianInit) are fitted before the first chains
+        # start. With outlier exposure the train loaders are {"data": ..., "outliers": ...}: fit on the data only.
         loaders = self.trainer.train_dataloader
         labelled = loaders["data"] if isinstance(loaders, dict) and "data" in loaders else loaders
-        self.buffer.init.fit_loader(labelled, self.num_classes, self.device)
+        self.chains.fit(labelled, self.num_classes, self.device)
+        if self.weights["margin"] > 0 and self.margins is None:
+            self.margins = self._margins_from_data(labelled)
+
+    @torch.no_grad()
+    def _margins_from_data(self, loader: Any, batches: int = 20) -> tuple[float, float]:
+        """``(q10, q90 + (q90 - q10))`` of the classifier's own energies on training data: the data's energies are
+        pulled below their 10% quantile, outliers' pushed above the data's spread."""
+        energies = []
+        with sampling_context(self.classifier, "eval"):
+            for i, batch in enumerate(loader):
+                if i >= batches:
+                    break
+                energies.append(self.energy(unpack_batch(batch)[0].to(self.device)).float())
+        q10, q90 = torch.quantile(torch.cat(energies), torch.tensor([0.1, 0.9], device=self.device)).tolist()
+        return q10, q90 + max(q90 - q10, 1.0)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """A raising :class:`DivergenceGuard` unless the Trainer has one: a diverged run always stops by name."""
+        from jemkit.callbacks.divergence import DivergenceGuard  # a policy: the core does not import it at load
+
         has_guard = any(isinstance(c, DivergenceGuard) for c in self.trainer.callbacks)
         return [] if has_guard else [DivergenceGuard()]
 
     def _check_batch(self, x: Tensor, y: Tensor, stage: str) -> None:
         """Check every batch's input shape; check the first batch of each stage fully and size the buffer from it."""
-        check_input_shape(x, self.buffer.input_shape, stage)
+        check_input_shape(x, self.chains.input_shape, stage)
         if stage in self._checked_stages:
             return
         with torch.no_grad(), sampling_context(self.classifier, "eval"):  # a probe: touches no statistics
             self.num_classes = check_first_batch(x, y, self(x[:2]), self.num_classes)
-        self.buffer.num_classes = self.num_classes
-        if stage == "train":
-            warn_if_outside_range(x, self.buffer.init.low, self.buffer.init.high)
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        self.buffer.ensure_initialized(x.shape[1:], x.device, world_size)  # this rank's shard
+        self.chains.prepare(tuple(x.shape[1:]), self.num_classes, x.device, world_size)  # this rank's shard
         self._checked_stages.add(stage)
 
     # ------------------------------------------------------------------ optimisation
@@ -401,11 +383,15 @@ class JEM(pl.LightningModule):
         checkpoint["state_dict"].update({f"buffer.{k}": v for k, v in self.buffer.gather_shards().items()})
         check_finite_parameters(self.classifier)
         checkpoint["jemkit"] = jemkit_section(self.classifier, self.num_classes, self.buffer.input_shape)
+        if self.margins is not None:
+            checkpoint["jemkit"]["margins"] = list(self.margins)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = check_jemkit_section(checkpoint, self.classifier, self.num_classes)
         if saved is not None and self.num_classes is None:
             self.num_classes = self.buffer.num_classes = saved
+        if self.margins is None and checkpoint["jemkit"].get("margins") is not None:
+            self.margins = tuple(checkpoint["jemkit"]["margins"])
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         try:
@@ -430,6 +416,29 @@ class JEM(pl.LightningModule):
                 f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file "
                 "written by Trainer.fit / ModelCheckpoint or `jemkit fit`"
             ) from err
+        except Exception as err:  # a checkpoint of jemkit 0.1, rebuilt strictly from its CLI config: rename and retry
+            if not any(f"'{name}'" in str(err) for name in _LEGACY_WEIGHTS):
+                raise
+            return super().load_from_checkpoint(upgraded_checkpoint(checkpoint_path, _LEGACY_WEIGHTS), *args, **kwargs)
 
 
-_DEFAULTS = {k: p.default for k, p in inspect.signature(JEM.__init__).parameters.items() if k != "self"}
+def batches_of(drawn: DrawnInputs) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The extra batches of a step in the order :meth:`JEM._logits` forwards them."""
+    return drawn.sample, drawn.sample_y, drawn.outlier
+
+
+def _check_arguments(
+    settings: dict[str, Any], temperature: float, num_classes: int | None, margins: tuple[float, float] | None
+) -> None:
+    """``ValueError`` naming the first argument out of its range."""
+    if not settings["data_noise"] >= 0:
+        raise ValueError(f"data_noise must be >= 0, got {settings['data_noise']!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+    warmup = settings["lr_warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {warmup!r}")
+    if margins is not None and not float(margins[0]) < float(margins[1]):
+        raise ValueError(f"margins must be (margin_in, margin_out) with margin_in < margin_out, got {margins}")

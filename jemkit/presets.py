@@ -1,8 +1,13 @@
 """Named settings of published JEM methods, and jemkit's own fine-tuning recipe: ``JEM(model, preset="jempp")``.
 
-A preset fills in the arguments a user left at their defaults; anything passed with another value wins. The
-resolved settings are what the JEM records in its hyper-parameters (``hparams.yaml``, checkpoints), so a run shows
-exactly what it trained with. ``python -m jemkit.presets`` prints them all.
+A JEM's settings come from three layers, resolved once by :func:`resolve_settings`: what the caller gives (an
+argument left at ``None`` is not given; ``weights`` merge key by key), then the preset's, then jemkit's defaults
+(:func:`default_settings`). An explicit value always wins, also one equal to a default. The resolved settings are what
+the JEM records in its hyper-parameters (``hparams.yaml``, checkpoints), so a run shows exactly what it trained with.
+``python -m jemkit.presets`` prints them all.
+
+``jempp`` and ``finetune`` are one weight away from the defaults (``px`` 1.0 and 0.03): they are kept as names because
+they carry a purpose (JEM++'s published setting; a classifier that is already trained), not new machinery.
 """
 
 from __future__ import annotations
@@ -12,10 +17,28 @@ from functools import partial
 from typing import Any
 
 from jemkit._config import is_plain, to_config
+from jemkit.losses import objective_weights
 from jemkit.optim import SAM
 from jemkit.sampling import PYLD, SGLD, GaussianInit, ReplayBuffer
 
-__all__ = ["PRESETS", "preset_config", "preset_settings", "resolve_preset"]
+__all__ = ["PRESETS", "SETTINGS", "default_settings", "preset_config", "preset_settings", "resolve_settings"]
+
+SETTINGS = ("sampler", "buffer", "weights", "data_noise", "lr", "lr_warmup_steps", "optimizer")
+"""The JEM arguments that presets and jemkit's defaults fill in when the caller leaves them at ``None``."""
+
+
+def default_settings() -> dict[str, Any]:
+    """jemkit's defaults, chosen on ``benchmarks/quality.py`` (see benchmarks/RESULTS.md): JEM++'s proximal sampler
+    with 5 steps, chains restarted from per-class Gaussians, ``log p(x)`` at weight 0.1, Adam 1e-3."""
+    return {
+        "sampler": PYLD(n_steps=5, step_size=0.2),
+        "buffer": ReplayBuffer(init=GaussianInit()),
+        "weights": objective_weights(None),
+        "data_noise": 0.03,
+        "lr": 1e-3,
+        "lr_warmup_steps": 0,
+        "optimizer": None,
+    }
 
 
 def _jem() -> dict[str, Any]:
@@ -24,7 +47,7 @@ def _jem() -> dict[str, Any]:
     return {
         "sampler": SGLD(n_steps=20, step_size=1.0, noise_std=0.01),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05),
-        "px_weight": 1.0,
+        "weights": {"px": 1.0},
         "data_noise": 0.03,
         "lr": 1e-4,
         "lr_warmup_steps": 1000,
@@ -38,7 +61,7 @@ def _jempp() -> dict[str, Any]:
     return {
         "sampler": PYLD(n_steps=5, step_size=0.2, eps=1.0),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=GaussianInit()),
-        "px_weight": 1.0,
+        "weights": {"px": 1.0},
         "data_noise": 0.03,
         "lr": 1e-3,
     }
@@ -50,7 +73,7 @@ def _sada() -> dict[str, Any]:
         "sampler": SGLD(n_steps=5, step_size=1.0, noise_std=0.01, clip=(-1.0, 1.0)),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=GaussianInit()),
         "optimizer": partial(SAM, base="adam", rho=0.05, adaptive=False, lr=1e-3),
-        "px_weight": 1.0,
+        "weights": {"px": 1.0},
         "data_noise": 0.03,
     }
 
@@ -58,11 +81,11 @@ def _sada() -> dict[str, Any]:
 def _finetune() -> dict[str, Any]:
     """jemkit's settings for a classifier that is already trained, chosen on ``benchmarks/quality.py --finetune``:
     chains that start from per-class Gaussians of the data, never from uniform noise, short proximal chains, and a
-    small generative weight (0.03; 0.1 left the fine-tuned digits CNN under-confident, ECE 3.8% against 2.2%)."""
+    small generative weight (0.03: 0.1 left the fine-tuned digits CNN under-confident)."""
     return {
         "sampler": PYLD(n_steps=5, step_size=0.2, eps=1.0),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=GaussianInit()),
-        "px_weight": 0.03,
+        "weights": {"px": 0.03},
         "data_noise": 0.03,
         "lr": 1e-3,
     }
@@ -79,14 +102,19 @@ def preset_settings(name: str) -> dict[str, Any]:
     return PRESETS[name]()
 
 
-def _is_default(value: Any, default: Any) -> bool:
-    return value is default or (type(value) is type(default) and value == default)
+def resolve_settings(preset: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """Every key of :data:`SETTINGS`: the caller's value where not ``None``, else the preset's, else jemkit's default.
 
-
-def resolve_preset(name: str, args: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``args`` with every argument the preset sets and the caller left at its default replaced by the preset's."""
-    settings = preset_settings(name)
-    return {k: settings[k] if k in settings and _is_default(v, defaults.get(k)) else v for k, v in args.items()}
+    ``weights`` merge key by key (the caller's over the preset's over :data:`~jemkit.losses.DEFAULT_WEIGHTS`).
+    """
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"not settings a preset resolves: {unknown}")
+    chosen = preset_settings(preset) if preset is not None else {}
+    defaults = default_settings()
+    resolved = {key: given.get(key) if given.get(key) is not None else chosen.get(key, defaults[key]) for key in SETTINGS}
+    resolved["weights"] = objective_weights(given.get("weights"), chosen.get("weights"))
+    return resolved
 
 
 def preset_config(name: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from jemkit.adapters import unpack_batch
-from jemkit.divergence import DivergenceError, divergence_reasons
+from jemkit.divergence import DivergenceError, Guarded, divergence_reasons
 
 __all__ = ["DivergenceGuard"]
 
@@ -58,6 +58,19 @@ def _bad_input(batch: Any, batch_idx: int) -> list[str]:
     return [
         f"the input batch {batch_idx} contains {kinds} (in samples {samples[:5]}{' ...' if len(samples) > 5 else ''})"
     ]
+
+
+def _raise_bad_labels(batch: Any, batch_idx: int, num_classes: int) -> None:
+    """A batch with labels outside ``[0, C)`` (the JEM counts them in ``bad_labels``) is the user's data, not a
+    divergence: ``ValueError`` naming the batch and the labels, whatever the action."""
+    labels = unpack_batch(batch)[1]
+    bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
+    hint = " (-100 is cross-entropy's ignore_index: jemkit trains on labelled data only)" if -100 in bad else ""
+    hint += " (-1: a float label that is not 0/1 or a whole number)" if -1 in bad else ""
+    raise ValueError(
+        f"training batch {batch_idx} has labels {bad[:10]} outside [0, {num_classes}) for a classifier with "
+        f"{num_classes} classes{hint}"
+    )
 
 
 class DivergenceGuard(Callback):
@@ -146,15 +159,16 @@ class DivergenceGuard(Callback):
             "energy_gap": self.max_energy_gap,
             "energy_data": self.max_abs_energy,
             "energy_sample": self.max_abs_energy,
+            "bad_labels": 0.0,  # labels outside [0, C): refused, with their batch named
         }
-        shape = pl_module.buffer.input_shape
+        shape = pl_module.chains.input_shape
         if shape is not None:
             limits["sample_norm"] = self.sample_norm_factor * math.sqrt(math.prod(shape))
         return limits
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "step_stats") or not hasattr(pl_module, "lr_scale"):
+        if not isinstance(pl_module, Guarded):
             raise TypeError(f"DivergenceGuard works with a jemkit JEM, got {type(pl_module).__name__}")
 
     @override
@@ -171,7 +185,9 @@ class DivergenceGuard(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        reasons = divergence_reasons(pl_module.step_stats, self.limits(pl_module))
+        reasons = divergence_reasons(pl_module.step_stats, self.limits(pl_module))  # the step's one host sync
+        if any(reason.startswith("bad_labels") for reason in reasons):
+            _raise_bad_labels(*self._batch, pl_module.num_classes)
         if reasons:
             reasons = _bad_input(*self._batch) or reasons  # a NaN in the data is not a divergence of the model
         diverged = bool(reasons)
@@ -208,7 +224,7 @@ class DivergenceGuard(Callback):
                 self._rollback(trainer, pl_module, reason)
             else:
                 self.skipped_steps += 1
-                replaced = pl_module.buffer.reinit_nonfinite()
+                replaced = pl_module.chains.reinit_nonfinite()
                 self.events.append({"step": trainer.global_step, "reason": reason, "action": "skip"})
                 rank_zero_warn(
                     f"DivergenceGuard: {reason}. Skipped the update of this step"
@@ -242,7 +258,7 @@ class DivergenceGuard(Callback):
             cfg.scheduler.load_state_dict(state)
         # The snapshot holds the scheduled rates; the reduction is a factor of its own, so it never compounds.
         pl_module.lr_scale = self.lr_factor**self.rollbacks
-        pl_module.buffer.reset()
+        pl_module.chains.reset()
         event = {
             "step": trainer.global_step,
             "restored_step": snapshot["step"],

@@ -2,6 +2,7 @@
 
 from jemkit.sampling.buffer import ReplayBuffer
 from jemkit.sampling.chains import Chains
+from jemkit.sampling.domain import InputDomain
 from jemkit.sampling.init import GaussianInit, InitialDistribution, UniformInit
 from jemkit.sampling.langevin import MALA, PYLD, SGLD, EnergyFn, Sampler
 
@@ -13,6 +14,7 @@ __all__ = [
     "EnergyFn",
     "GaussianInit",
     "InitialDistribution",
+    "InputDomain",
     "ReplayBuffer",
     "Sampler",
     "UniformInit",

@@ -1,22 +1,30 @@
 """``Chains``: the object that runs a JEM's sampler chains, so that the module only asks for samples.
 
-It owns what decides how a chain runs: the sampler, the replay buffer the chains continue from, how the classifier
+It owns what decides how a chain runs: the sampler, the replay buffer the chains continue from (its size, its shards
+under DDP, its initial distribution and the fitting of it), the input domain the chains live in, how the classifier
 behaves while sampling (``sampling_mode``) and whether the sampler step is compiled. The energy is passed in by the
 caller, so the same chains serve training (``draw``), free sampling and purification (``start`` + ``refine``).
+
+Chains run in the domain's unit coordinates (:class:`~jemkit.sampling.InputDomain`), where the data's box is
+``[-1, 1]``: the buffer stores them, the initial distributions draw them and the sampler's settings are in their
+units, so one setting fits data of any scale. Inputs and outputs of every public method are in the data's units.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from jemkit.adapters import SamplingMode, sampling_context
+from jemkit.adapters import class_labels, resolve_sampling_mode, sampling_context, unpack_batch
 from jemkit.sampling.buffer import ReplayBuffer
 from jemkit.sampling.compiled import CompiledStep, ConditionalEnergy, resolve_compile_mode
+from jemkit.sampling.domain import InputDomain
 from jemkit.sampling.langevin import SGLD, Sampler, Step
 
 __all__ = ["Chains"]
@@ -33,8 +41,10 @@ class Chains:
         classifier: the module whose train/eval mode (BatchNorm, Dropout) is switched while sampling.
         sampler: the sampler; default ``SGLD()`` (JEM's settings).
         buffer: the replay buffer; default ``ReplayBuffer()`` (JEM's settings).
-        sampling_mode: ``"eval"`` (running statistics, no Dropout) or ``"train"`` (batch statistics, running ones
-            protected).
+        domain: where inputs live; default ``InputDomain()`` (fitted by :meth:`fit`; the unit box ``[-1, 1]``
+            until then).
+        sampling_mode: ``"eval"`` (running statistics, no Dropout), ``"train"`` (batch statistics, running ones
+            protected) or ``"auto"`` (see :func:`jemkit.adapters.resolve_sampling_mode`).
         compile: compile each sampler step into one graph (``True`` or a ``torch.compile`` mode); experimental.
 
     Example::
@@ -48,16 +58,16 @@ class Chains:
         classifier: nn.Module,
         sampler: Sampler | None = None,
         buffer: ReplayBuffer | None = None,
-        sampling_mode: SamplingMode = "eval",
+        domain: InputDomain | None = None,
+        sampling_mode: str = "eval",
         compile: bool | str = False,
     ) -> None:
-        if sampling_mode not in ("eval", "train"):
-            raise ValueError(f"sampling_mode must be 'eval' or 'train', got {sampling_mode!r}")
         self.classifier = classifier
         self.sampler = sampler if sampler is not None else SGLD()
         self.buffer = buffer if buffer is not None else ReplayBuffer()
-        self.sampling_mode = sampling_mode
-        self.compile_mode = resolve_compile_mode(compile, self.sampler, classifier, sampling_mode)  # resolved once
+        self.domain = domain if domain is not None else InputDomain()
+        self.sampling_mode = resolve_sampling_mode(sampling_mode, classifier)  # the one check of the mode
+        self.compile_mode = resolve_compile_mode(compile, self.sampler, classifier, self.sampling_mode)  # resolved once
         self._compiled: CompiledStep | None = None
 
     @property
@@ -65,32 +75,93 @@ class Chains:
         """Whether sampler steps run as one compiled graph."""
         return self.compile_mode is not None
 
+    # ------------------------------------------------------------------ the buffer's life
+    @torch.no_grad()
+    def fit(self, loader: Iterable[Any], num_classes: int | None, device: torch.device | str | None = None) -> None:
+        """Before the first chain starts: fit the input domain and the initial distribution on training batches.
+
+        Reads ``max(domain.fit_batches, init's fit_batches)`` batches once; what is already fitted (a resumed run)
+        is kept. Labels may be integers or 0/1 floats (one-logit binary classifiers).
+        """
+        init_batches = getattr(self.buffer.init, "fit_batches", 0) if not self.buffer.init.is_fitted else 0
+        batches = max(0 if self.domain.is_fitted else self.domain.fit_batches, init_batches)
+        if batches == 0:
+            return
+        xs, ys = [], []
+        for batch in itertools.islice(loader, batches):
+            x, y = unpack_batch(batch)
+            xs.append(x.to(device))
+            ys.append(class_labels(y).to(device))
+        if not xs:
+            return
+        x, y = torch.cat(xs), torch.cat(ys)
+        finite = torch.isfinite(x.flatten(1)).all(dim=1)  # a NaN row is named by the training step, not here
+        x, y = x[finite], y[finite]
+        if not self.domain.is_fitted:
+            self.domain.fit(x[: self.domain.fit_batches * xs[0].shape[0]])
+        if init_batches:
+            keep = y >= 0
+            self.buffer.init.fit(self.domain.to_unit(x[keep]), y[keep], num_classes or int(y.max()) + 1)
+
+    def prepare(self, input_shape: tuple[int, ...], num_classes: int | None, device: torch.device, world_size: int) -> None:
+        """Size the buffer for inputs of ``input_shape``: fill this rank's shard unless it holds one (a checkpoint)."""
+        self.buffer.num_classes = self.buffer.num_classes or num_classes
+        self.buffer.ensure_initialized(input_shape, device, world_size)
+
+    def reset(self) -> None:
+        """Start every chain afresh (after a divergence)."""
+        self.buffer.reset()
+
+    def reinit_nonfinite(self) -> int:
+        """Restart the chains that went NaN/inf; returns how many (a host sync)."""
+        return self.buffer.reinit_nonfinite()
+
+    def buffer_samples(self, n: int | None = None) -> Tensor:
+        """The first ``n`` (default: all) stored chain states, in data units."""
+        self._check_ready()
+        return self.domain.from_unit(self.buffer.samples[:n])
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return self.buffer.input_shape
+
+    # ------------------------------------------------------------------ sampling
     def start(self, n: int, y: Tensor | None = None, from_buffer: bool = True) -> Tensor:
         """``n`` start points: from the buffer (for labels ``y [n]`` only if it is conditional) or the initial
         distribution. The buffer is left unchanged."""
+        return self.domain.from_unit(self._start_units(n, y, from_buffer))
+
+    def _start_units(self, n: int, y: Tensor | None, from_buffer: bool) -> Tensor:
+        self._check_ready()
+        if from_buffer and (y is None or self.buffer.conditional):
+            return self.buffer.sample(n, y)[0]
+        return self.buffer.init.sample(n, self.buffer.input_shape, device=self.buffer.samples.device, y=y)
+
+    def _check_ready(self) -> None:
         if not self.buffer.is_initialized:
             raise RuntimeError(
                 "the replay buffer has no input shape yet: train the JEM, load a checkpoint, or pass "
                 "buffer=ReplayBuffer(input_shape=...)"
             )
-        if from_buffer and (y is None or self.buffer.conditional):
-            return self.buffer.sample(n, y)[0]
-        return self.buffer.init.sample(n, self.buffer.input_shape, device=self.buffer.samples.device, y=y)
 
     def draw(self, energy: ConditionalEnergy, n: int, y: Tensor | None = None) -> Tensor:
-        """Continue ``n`` chains from the buffer (of classes ``y [n]`` if given), write them back, return them."""
-        x0, idx = self.buffer.sample(n, y)
-        with self._sampling(energy, y) as (y, step):
-            x = self.sampler.sample(lambda z: energy(z, y), x0, step=step).detach()
-        self.buffer.update(idx, x)
-        return x
+        """Continue ``n`` chains from the buffer (of classes ``y [n]`` if given), write them back, return them in
+        data units."""
+        u0, idx = self.buffer.sample(n, y)
+        u = self._run(energy, u0, y, None)
+        self.buffer.update(idx, u)
+        return self.domain.from_unit(u)
 
     def refine(
         self, energy: ConditionalEnergy, x0: Tensor, y: Tensor | None = None, n_steps: int | None = None
     ) -> Tensor:
-        """Run the sampler from ``x0`` for ``n_steps`` (default: the sampler's own) on ``energy(., y)``."""
-        with self._sampling(energy, y) as (y, step):
-            return self.sampler.sample(lambda z: energy(z, y), x0, n_steps=n_steps, step=step).detach()
+        """Run the sampler from ``x0`` (data units) for ``n_steps`` (default: the sampler's own) on ``energy(., y)``."""
+        return self.domain.from_unit(self._run(energy, self.domain.to_unit(x0), y, n_steps))
+
+    def _run(self, energy: ConditionalEnergy, u0: Tensor, y: Tensor | None, n_steps: int | None) -> Tensor:
+        unit_energy = UnitEnergy(energy, self.domain)
+        with self._sampling(unit_energy, y) as (y, step):
+            return self.sampler.sample(lambda u: unit_energy(u, y), u0, n_steps=n_steps, step=step).detach()
 
     @contextmanager
     def _sampling(self, energy: ConditionalEnergy, y: Tensor | None) -> Iterator[tuple[Tensor | None, Step | None]]:
@@ -102,7 +173,7 @@ class Chains:
             yield y, self._step(energy, y)
 
     def _step(self, energy: ConditionalEnergy, y: Tensor | None) -> Step | None:
-        """The compiled ``x -> x'`` for this energy and labels, or ``None`` (the sampler's own eager step)."""
+        """The compiled ``u -> u'`` for this energy and labels, or ``None`` (the sampler's own eager step)."""
         if self.compile_mode is None:
             return None
         cached = self._compiled
@@ -125,3 +196,22 @@ class Chains:
             f"Chains(sampler={self.sampler!r}, buffer_capacity={self.buffer.capacity}, "
             f"sampling_mode={self.sampling_mode!r}, compile_mode={self.compile_mode!r})"
         )
+
+
+class UnitEnergy:
+    """``energy`` read in the domain's unit coordinates: ``E_u(u, y) = E(from_unit(u), y)``.
+
+    Two of them are equal when they wrap the same energy and domain, so a compiled step is reused across calls.
+    """
+
+    def __init__(self, energy: ConditionalEnergy, domain: InputDomain) -> None:
+        self.energy, self.domain = energy, domain
+
+    def __call__(self, u: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.energy(self.domain.from_unit(u), y)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UnitEnergy) and other.energy == self.energy and other.domain is self.domain
+
+    def __hash__(self) -> int:
+        return hash((self.energy, id(self.domain)))

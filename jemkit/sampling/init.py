@@ -46,6 +46,16 @@ class InitialDistribution:
     def _sample(self, n: int, shape: tuple[int, ...], device: Any, dtype: torch.dtype, y: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    def fit(self, x: Tensor, y: Tensor, num_classes: int) -> InitialDistribution:
+        """Learn from training inputs ``x [N, *shape]`` (in the chains' unit coordinates) and labels ``y [N]``; a
+        no-op for distributions that do not learn."""
+        return self
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has nothing (more) to learn."""
+        return True
+
     def fit_loader(
         self, loader: Iterable[Any], num_classes: int | None, device: torch.device | str | None = None
     ) -> None:
