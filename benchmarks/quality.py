@@ -2,18 +2,26 @@
 
 Trains, in one run and with equal optimiser steps, batches and seeds, the plain classifier (cross-entropy only, same
 architecture, Adam) and a list of JEM configurations (the defaults, each preset, anything registered in ``CONFIGS``)
-on scikit-learn's digits, in two scenarios:
+in scenarios that differ in data, units and architecture (``SCENARIOS``), all offline:
 
-- ``digits``: all 10 classes;
-- ``openset``: digits 0-4 only; the test images of 5-9 are held out as near-OOD inputs.
+- ``digits``: scikit-learn's 8x8 digits in [-1, 1], SmallCNN; ``openset``: digits 0-4 only, 5-9 held out as near-OOD;
+- ``digits-standard``: the digits normalised like ImageNet images ((x - mean) / std, about [-0.4, 2.9]), SmallCNN;
+- ``digits-resnet``: the digits with a second image architecture (a small residual network);
+- ``wine``: scikit-learn's wine, 13 features standardised with the train split's statistics, an MLP;
+- ``cancer-binary``: breast cancer, 30 standardised features, an MLP with one output logit and 0/1 float labels;
+- ``signals`` / ``signals-bn``: a synthetic 40-step 1-D signal set in raw amplitudes, a Conv1d classifier without
+  and with BatchNorm1d.
 
 For every run it reports test accuracy, NLL and ECE (15 bins), and the AUROC of each OOD score (``logpx``, ``msp``,
-``max_logit``, ``grad_norm``; in-distribution positive) against uniform noise, pixel-shuffled test digits, mixtures of
-two test digits and (open set) the held-out classes, plus the time per training step. Over seeds it gives mean and
-standard deviation, as a markdown table and JSON.
+``max_logit``, ``grad_norm``; in-distribution positive) against uniform noise over the training data's box (per
+feature for tabular rows, per channel otherwise), test inputs with their values permuted (pixels, features or time
+steps), mixtures of two test inputs and (open set) the held-out classes, plus the time per training step. Over seeds
+it gives mean and standard deviation, as a markdown table and JSON, and checks each JEM against the plain classifier
+of the same run (``TARGETS``).
 
     python benchmarks/quality.py --seeds 0 1 2 --steps 1500 --out benchmarks/results/quality
     python benchmarks/quality.py --configs plain default jempp --scenarios digits --seeds 0 --steps 300   # quick look
+    python benchmarks/quality.py --configs plain default --scenarios wine signals --seeds 0 1 2
 
 Runs are spread over ``--workers`` processes with one torch thread each (2 CPU cores: 2 workers).
 """
@@ -39,15 +47,55 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, ReplayBuffer  # noqa: E402
-from jemkit.data.ood import Interpolated, PixelShuffled, UniformNoise  # noqa: E402
+from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer  # noqa: E402
+from jemkit.adapters import class_labels  # noqa: E402
+from jemkit.data import SignalsDataModule, TabularDataModule  # noqa: E402
+from jemkit.data.ood import InDomain, Interpolated, PixelShuffled, UniformNoise  # noqa: E402
 from jemkit.metrics import CalibrationMetrics, ood_metrics  # noqa: E402
-from jemkit.models import SmallCNN  # noqa: E402
+from jemkit.models import MLP, SignalCNN, SmallCNN, SmallResNet  # noqa: E402
 from jemkit.optim import SAM  # noqa: E402
 from jemkit.scores import SCORES, score_batches  # noqa: E402
 
-SCENARIOS = {"digits": None, "openset": (0, 1, 2, 3, 4)}
 OOD_SETS = ("noise", "shuffled", "mixtures", "heldout")
+
+
+def _cnn(dm: Any, batchnorm: bool, width: int) -> torch.nn.Module:
+    return SmallCNN(num_classes=dm.num_classes, in_channels=1, width=width, norm="batch" if batchnorm else None)
+
+
+SCENARIOS: dict[str, tuple[Callable[[], Any], Callable[[Any, bool, int], torch.nn.Module]]] = {
+    # name -> (datamodule factory, classifier factory(datamodule, batchnorm, width)); --batchnorm/--width: SmallCNN
+    "digits": (lambda: DigitsDataModule(batch_size=64), _cnn),
+    "openset": (lambda: DigitsDataModule(batch_size=64, classes=(0, 1, 2, 3, 4)), _cnn),
+    "digits-standard": (lambda: DigitsDataModule(batch_size=64, normalization="standard"), _cnn),
+    "digits-resnet": (
+        lambda: DigitsDataModule(batch_size=64),
+        lambda dm, bn, width: SmallResNet(num_classes=10, in_channels=1, norm="batch" if bn else None),
+    ),
+    "wine": (
+        lambda: TabularDataModule(dataset="wine", batch_size=64),
+        lambda dm, bn, width: MLP(dm.input_shape[0], dm.num_classes),
+    ),
+    "cancer-binary": (
+        lambda: TabularDataModule(dataset="breast_cancer", batch_size=64, label_dtype="float"),
+        lambda dm, bn, width: MLP(dm.input_shape[0], 1),
+    ),
+    "signals": (lambda: SignalsDataModule(batch_size=64), lambda dm, bn, width: SignalCNN(dm.num_classes)),
+    "signals-bn": (
+        lambda: SignalsDataModule(batch_size=64),
+        lambda dm, bn, width: SignalCNN(dm.num_classes, norm="batch"),
+    ),
+}
+DIGITS_SCENARIOS = ("digits", "openset")  # the scenarios of earlier results files, the default of --scenarios
+
+TARGETS = {
+    "acc": "accuracy within 1 point of the plain classifier's",
+    "ece": "ECE at most max(plain, 1%) + 0.5 point",
+    "noise": "log p(x) AUROC >= 0.95 against noise in the data's box",
+    "shuffled": "log p(x) AUROC >= 0.90 against permuted inputs",
+    "beats_plain": "log p(x) AUROC above the plain classifier's own on noise and permuted inputs",
+    "stable": "no run diverged",
+}
 
 
 def _adam(lr: float) -> Callable[..., torch.optim.Optimizer]:
@@ -56,7 +104,7 @@ def _adam(lr: float) -> Callable[..., torch.optim.Optimizer]:
 
 # name -> JEM keyword arguments (built afresh for every run). "plain" is the classifier trained with cross-entropy only.
 CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
-    "plain": lambda: {"px_weight": 0.0, "data_noise": 0.0, "lr": 1e-3},
+    "plain": lambda: {"weights": {"px": 0.0}, "data_noise": 0.0, "lr": 1e-3},
     "default": lambda: {},
     "jem": lambda: {"preset": "jem"},
     "jempp": lambda: {"preset": "jempp"},
@@ -64,39 +112,39 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     # candidates measured while choosing the defaults (screens in benchmarks/results/screen*.md; written out in full
     # so that they keep their meaning when the defaults change)
     "jem-lr1e-3": lambda: _jem_lr1e3(),
-    "jem-lr1e-3-l2": lambda: _jem_lr1e3() | {"energy_l2_weight": 0.1},
+    "jem-lr1e-3-l2": lambda: _jem_lr1e3() | {"weights": {"px": 1.0, "energy_l2": 0.1}},
     "jem-lr1e-3-clip": lambda: _jem_lr1e3() | {"sampler": SGLD(n_steps=20, noise_std=0.01, clip=(-1, 1))},
-    "pyld5-gauss-lr1e-3": lambda: _pyld5() | {"px_weight": 1.0},
-    "pyld10-gauss-lr1e-3": lambda: _pyld5() | {"px_weight": 1.0, "sampler": PYLD(n_steps=10, step_size=0.2)},
+    "pyld5-gauss-lr1e-3": lambda: _pyld5() | {"weights": {"px": 1.0}},
+    "pyld10-gauss-lr1e-3": lambda: _pyld5() | {"weights": {"px": 1.0}, "sampler": PYLD(n_steps=10, step_size=0.2)},
     "sgld10-gauss-lr1e-3": lambda: (
-        _pyld5() | {"px_weight": 1.0, "sampler": SGLD(n_steps=10, step_size=1.0, noise_std=0.01, clip=(-1, 1))}
+        _pyld5() | {"weights": {"px": 1.0}, "sampler": SGLD(n_steps=10, step_size=1.0, noise_std=0.01, clip=(-1, 1))}
     ),
     "sam-lr1e-3": lambda: _jem_lr1e3() | {"optimizer": partial(SAM, base="adam", rho=0.05, lr=1e-3)},
-    "pyld5-px0.3": lambda: _pyld5() | {"px_weight": 0.3},
-    "pyld5-px0.1": lambda: _pyld5() | {"px_weight": 0.1},
-    "pyld5-px0.03": lambda: _pyld5() | {"px_weight": 0.03},
-    "pyld5-clean": lambda: _pyld5() | {"px_weight": 1.0, "data_noise": 0.0},
-    "pyld5-px0.3-clean": lambda: _pyld5() | {"px_weight": 0.3, "data_noise": 0.0},
+    "pyld5-px0.3": lambda: _pyld5() | {"weights": {"px": 0.3}},
+    "pyld5-px0.1": lambda: _pyld5() | {"weights": {"px": 0.1}},
+    "pyld5-px0.03": lambda: _pyld5() | {"weights": {"px": 0.03}},
+    "pyld5-clean": lambda: _pyld5() | {"weights": {"px": 1.0}, "data_noise": 0.0},
+    "pyld5-px0.3-clean": lambda: _pyld5() | {"weights": {"px": 0.3}, "data_noise": 0.0},
     "default-evalmode": lambda: {"sampling_mode": "eval"},  # BatchNorm: the sampling mode "auto" does not choose
     # fine-tuning candidates (--finetune): start from the pre-trained classifier
     "finetune": lambda: {"preset": "finetune"},
     "ft-default-lr1e-4": lambda: {"lr": 1e-4},
-    "ft-px1-lr1e-4": lambda: {"lr": 1e-4, "px_weight": 1.0},
-    "ft-margin-samples": lambda: {"lr": 1e-4, "px_weight": 0.0, "margin_weight": 0.1},
-    "ft-margin-px": lambda: {"lr": 1e-4, "margin_weight": 0.1},
-    "ft-px0.03": lambda: {"px_weight": 0.03},
+    "ft-px1-lr1e-4": lambda: {"lr": 1e-4, "weights": {"px": 1.0}},
+    "ft-margin-samples": lambda: {"lr": 1e-4, "weights": {"px": 0.0, "margin": 0.1}},
+    "ft-margin-px": lambda: {"lr": 1e-4, "weights": {"margin": 0.1}},
+    "ft-px0.03": lambda: {"weights": {"px": 0.03}},
     "ft-clean": lambda: {"data_noise": 0.0},
     "ft-lr3e-4": lambda: {"lr": 3e-4},
     "ft-clean-lr3e-4": lambda: {"lr": 3e-4, "data_noise": 0.0},
-    "ft-margin0.01": lambda: {"margin_weight": 0.01},
-    "ft-px0.03-margin0.01": lambda: {"px_weight": 0.03, "margin_weight": 0.01},
+    "ft-margin0.01": lambda: {"weights": {"margin": 0.01}},
+    "ft-px0.03-margin0.01": lambda: {"weights": {"px": 0.03, "margin": 0.01}},
 }
 
 
 def _jem_lr1e3() -> dict[str, Any]:
     """The JEM paper's sampler and buffer (SGLD 20 x 1.0, uniform restarts) with Adam at 1e-3, no warm-up."""
     return {
-        "px_weight": 1.0,
+        "weights": {"px": 1.0},
         "lr": 1e-3,
         "sampler": SGLD(n_steps=20, step_size=1.0, noise_std=0.01),
         "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05),
@@ -107,18 +155,17 @@ def _pyld5() -> dict[str, Any]:
     return {"lr": 1e-3, "sampler": PYLD(n_steps=5, step_size=0.2), "buffer": ReplayBuffer(init=GaussianInit())}
 
 
-def build_model(num_classes: int, batchnorm: bool, width: int) -> SmallCNN:
-    return SmallCNN(num_classes=num_classes, in_channels=1, width=width, norm="batch" if batchnorm else None)
-
-
-def _ood_sets(dm: DigitsDataModule, seed: int) -> dict[str, torch.utils.data.Dataset]:
+def _ood_sets(dm: Any, seed: int) -> dict[str, torch.utils.data.Dataset]:
+    """Noise over the training data's box, the test inputs with their values permuted, mixtures, held-out classes."""
     test = dm.test_dataset
+    box = InputDomain().fit(dm.train_dataset.tensors[0])
+    shape = tuple(test.tensors[0].shape[1:])
     sets = {
-        "noise": UniformNoise(len(test), dm.input_shape, seed=seed),
+        "noise": InDomain(UniformNoise(len(test), shape, seed=seed), box),
         "shuffled": PixelShuffled(test, seed=seed),
         "mixtures": Interpolated(test, seed=seed),
     }
-    if dm.heldout_dataset is not None:
+    if getattr(dm, "heldout_dataset", None) is not None:
         sets["heldout"] = dm.heldout_dataset
     return sets
 
@@ -147,9 +194,10 @@ def run_one(
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     pl.seed_everything(seed, workers=True, verbose=False)
-    dm = DigitsDataModule(batch_size=64, classes=SCENARIOS[scenario])
+    make_data, make_model = SCENARIOS[scenario]
+    dm = make_data()
     dm.setup("fit")
-    classifier = build_model(dm.num_classes, batchnorm, width)
+    classifier = make_model(dm, batchnorm, width)
     if pretrained is not None:
         classifier.load_state_dict(torch.load(pretrained, map_location="cpu"))
     jem = JEM(classifier, **CONFIGS[config]())
@@ -171,6 +219,7 @@ def run_one(
         torch.save(classifier.state_dict(), save_to)
     jem.eval()
     x_test, y_test = dm.test_dataset.tensors
+    y_test = class_labels(y_test)
     with torch.no_grad():
         logits = jem(x_test).float()
     calibration = CalibrationMetrics()
@@ -236,8 +285,8 @@ def markdown(
             f"pre-trained with cross-entropy for {pretrain_steps} steps (row `pretrained`), then fine-tuned for " + what
         )
     lines = [
-        f"Digits, SmallCNN{' with BatchNorm' if batchnorm else ''}, {what}, seeds {seeds}; "
-        "mean ± sd over seeds. AUROC: in-distribution test digits positive.",
+        f"{what}, seeds {seeds}{'; SmallCNN with BatchNorm' if batchnorm else ''}; mean ± sd over seeds. AUROC: "
+        "in-distribution test inputs positive. Scenarios and architectures: see benchmarks/quality.py.",
         "",
     ]
     for scenario, configs in summary.items():
@@ -266,6 +315,41 @@ def markdown(
     return "\n".join(lines)
 
 
+def verdicts(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each JEM configuration against the plain classifier of the same scenario and run, on every ``TARGETS`` item."""
+    rows = []
+    for scenario, configs in summary.items():
+        plain = configs.get("plain")
+        for name, c in configs.items():
+            if name in ("plain", "pretrained") or plain is None or "acc" not in plain:
+                continue
+            if "acc" not in c:
+                rows.append({"scenario": scenario, "config": name, "checks": {"stable": False}})
+                continue
+            logpx = {s: c["auroc"][s]["logpx"][0] for s in ("noise", "shuffled")}
+            plain_logpx = {s: plain["auroc"][s]["logpx"][0] for s in ("noise", "shuffled")}
+            checks = {
+                "acc": c["acc"][0] >= plain["acc"][0] - 0.01,
+                "ece": c["ece"][0] <= max(plain["ece"][0], 0.01) + 0.005,
+                "noise": logpx["noise"] >= 0.95,
+                "shuffled": logpx["shuffled"] >= 0.90,
+                "beats_plain": all(logpx[s] > plain_logpx[s] or logpx[s] >= 0.999 for s in logpx),
+                "stable": not c["failed"],
+            }
+            rows.append({"scenario": scenario, "config": name, "checks": checks})
+    return rows
+
+
+def verdict_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per scenario and JEM configuration, one column per target (yes / MISSED)."""
+    lines = ["| scenario | config | " + " | ".join(TARGETS) + " |", "|---" * (2 + len(TARGETS)) + "|"]
+    for row in rows:
+        marks = ["yes" if row["checks"].get(t, False) else "MISSED" for t in TARGETS]
+        lines.append(f"| {row['scenario']} | {row['config']} | " + " | ".join(marks) + " |")
+    legend = "; ".join(f"{k}: {v}" for k, v in TARGETS.items())
+    return "\n".join(["Targets, against the plain classifier of the same run: " + legend + ".", "", *lines, ""])
+
+
 def _map(fn: Callable[[tuple], dict[str, Any]], jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -276,7 +360,7 @@ def _map(fn: Callable[[tuple], dict[str, Any]], jobs: list[tuple], workers: int)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["plain", "default", "jem", "jempp", "sada"])
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="+", default=list(DIGITS_SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500, help="optimiser steps for every configuration")
     parser.add_argument("--width", type=int, default=32, help="SmallCNN width (the digits recipe's: 32)")
@@ -326,9 +410,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run["config"] = "pretrained"
     summary = summarise(runs)
     table = markdown(summary, steps, args.seeds, args.batchnorm, args.steps if args.finetune else None)
+    checks = verdicts(summary)
+    if checks:
+        table += "\n" + verdict_table(checks)
     print(table)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    result = {"settings": settings, "summary": summary, "runs": runs}
+    result = {"settings": settings, "summary": summary, "verdicts": checks, "runs": runs}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         # appended, not with_suffix: a name such as "px0.03" keeps its dot

@@ -9,8 +9,8 @@ and Windows), so the target is always either the old complete checkpoint or the 
 
 from __future__ import annotations
 
+import errno
 import io
-
 import os
 import zipfile
 from pathlib import Path
@@ -19,15 +19,19 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
+from jemkit.adapters import sampling_context
 from jemkit.divergence import DivergenceError
 
 __all__ = [
     "AtomicCheckpointIO",
     "check_finite_parameters",
+    "check_finite_state",
     "check_jemkit_section",
+    "check_writable",
+    "clean_stale_temporaries",
     "is_unreadable_checkpoint",
     "upgraded_checkpoint",
     "jemkit_section",
@@ -86,11 +90,86 @@ def is_unreadable_checkpoint(path: Any) -> bool:
         return False
 
 
-def check_finite_parameters(module: nn.Module) -> None:
-    """Refuse to checkpoint a diverged model: raise :class:`~jemkit.DivergenceError` naming non-finite parameters."""
+def check_finite_parameters(module: nn.Module, probe: Tensor | None = None) -> None:
+    """Refuse to checkpoint a diverged model: raise :class:`~jemkit.DivergenceError` naming non-finite parameters,
+    or, given a ``probe`` batch of inputs, when finite weights already give non-finite outputs (a step that blew the
+    weights up has not been judged by a training step yet when its checkpoint is written)."""
     bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise DivergenceError(f"refusing to write a checkpoint with non-finite parameters: {bad[:5]}")
+    if probe is not None:
+        with torch.no_grad(), sampling_context(module, "eval"):
+            output = module(probe)
+        tensors = (
+            output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
+        )
+        if not all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, Tensor)):
+            raise DivergenceError(
+                "refusing to write a checkpoint: the weights after the last optimiser step give non-finite outputs "
+                "on training inputs (the run diverged); the previous checkpoint is kept"
+            )
+
+
+def check_finite_state(state_dict: dict[str, Any]) -> None:
+    """Refuse to load weights with NaN/inf: ``ValueError`` naming the tensors (the replay buffer's chains are
+    re-initialised instead, by the buffer itself)."""
+    bad = [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, Tensor)
+        and value.is_floating_point()
+        and not name.startswith("buffer.")
+        and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"the checkpoint holds non-finite (NaN/inf) weights in {bad[:5]}: it was written from a diverged run"
+        )
+
+
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files (``.<name>.tmp-<pid>``) that saves of processes no longer alive left in ``folder``
+    (a run killed during a save); returns them."""
+    removed = []
+    for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def check_writable(folder: Path) -> None:
+    """Before the first step: the checkpoint folder can be created and written, else ``OSError`` naming it and why."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".jemkit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write checkpoints to {folder}: {_why(err)}") from err
+    clean_stale_temporaries(folder)
+
+
+def _why(err: BaseException) -> str:
+    """The cause of a failed write in words: no space left, permission denied, or the system's own message."""
+    code = getattr(err, "errno", None)
+    text = str(err).lower()
+    if code == errno.ENOSPC or "no space" in text or "unexpected pos" in text:
+        return "no space left on the device"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "permission" in text or "not permitted" in text:
+        return "permission denied (or a read-only file system)"
+    return str(err)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -110,10 +189,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             torch.save(checkpoint, tmp)
             os.replace(tmp, target)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its zip writer
+            raise OSError(
+                f"could not write the checkpoint {target}: {_why(err)}; the previous file there, if any, is kept"
+            ) from err
         finally:
             tmp.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,7 +26,9 @@ from jemkit._config import from_config, hparams_record
 from jemkit.adapters import OutputKey, can_share_forward, sampling_context, select_logits, split_outliers, unpack_batch
 from jemkit.checkpoint import (
     check_finite_parameters,
+    check_finite_state,
     check_jemkit_section,
+    check_writable,
     is_unreadable_checkpoint,
     jemkit_section,
     upgraded_checkpoint,
@@ -175,6 +178,7 @@ class JEM(pl.LightningModule):
         self.val_metrics, self.test_metrics = CalibrationMetrics(), CalibrationMetrics()
         self._checked_stages: set[str] = set()
         self._drawn: DrawnInputs | None = None
+        self._probe: Tensor | None = None  # a few training inputs: a checkpoint's weights must give finite outputs
 
     @property
     def sampler(self) -> Sampler:
@@ -220,6 +224,7 @@ class JEM(pl.LightningModule):
         self._check_batch(x, y, "train")
         if x_out is not None and x_out.shape[1:] != x.shape[1:]:
             raise ValueError(f"outlier inputs have shape {tuple(x_out.shape[1:])}, the data {tuple(x.shape[1:])}")
+        self._probe = x[:8].detach()
         drawn = self._draw(x, x_out, batch_idx)
         logits = self._logits(drawn)
         bad_labels = (y < 0) | (y >= self.num_classes)  # named by DivergenceGuard, without a host sync here
@@ -231,7 +236,9 @@ class JEM(pl.LightningModule):
         if drawn.sample is not None:
             stats["sample_norm"] = self.domain.to_unit(drawn.sample).flatten(1).norm(dim=1).mean()
         self.step_stats = {name: value.detach() for name, value in stats.items()}
-        self.log_dict({f"train/{k}": v for k, v in self.step_stats.items()}, on_step=True, on_epoch=False, batch_size=len(x))
+        self.log_dict(
+            {f"train/{k}": v for k, v in self.step_stats.items()}, on_step=True, on_epoch=False, batch_size=len(x)
+        )
         acc = (logits.data.argmax(1) == y).float().mean()
         self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=len(x))
         self.log("train/acc_epoch", acc, on_step=False, on_epoch=True, batch_size=len(x))
@@ -325,6 +332,10 @@ class JEM(pl.LightningModule):
         # buffer shard would repeat the others'. Give each rank its own random stream for sampling and data noise.
         if self.trainer.world_size > 1:
             torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+        for callback in self.trainer.checkpoint_callbacks:  # fail before the first step, not at the first save
+            folder = getattr(callback, "dirpath", None)
+            if folder is not None and self.trainer.is_global_zero and "://" not in str(folder):
+                check_writable(Path(folder))
 
     def on_train_start(self) -> None:
         # The input domain and an initial distribution that learns (GaussianInit) are fitted before the first chains
@@ -381,12 +392,13 @@ class JEM(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Every rank runs this hook; the file is written by rank zero, so it gets all ranks' buffer shards.
         checkpoint["state_dict"].update({f"buffer.{k}": v for k, v in self.buffer.gather_shards().items()})
-        check_finite_parameters(self.classifier)
+        check_finite_parameters(self.classifier, self._probe)
         checkpoint["jemkit"] = jemkit_section(self.classifier, self.num_classes, self.buffer.input_shape)
         if self.margins is not None:
             checkpoint["jemkit"]["margins"] = list(self.margins)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_state(checkpoint.get("state_dict", {}))
         saved = check_jemkit_section(checkpoint, self.classifier, self.num_classes)
         if saved is not None and self.num_classes is None:
             self.num_classes = self.buffer.num_classes = saved

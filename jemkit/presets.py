@@ -112,15 +112,19 @@ def resolve_settings(preset: str | None, given: dict[str, Any]) -> dict[str, Any
         raise ValueError(f"not settings a preset resolves: {unknown}")
     chosen = preset_settings(preset) if preset is not None else {}
     defaults = default_settings()
-    resolved = {key: given.get(key) if given.get(key) is not None else chosen.get(key, defaults[key]) for key in SETTINGS}
+    resolved = {
+        key: given.get(key) if given.get(key) is not None else chosen.get(key, defaults[key]) for key in SETTINGS
+    }
     resolved["weights"] = objective_weights(given.get("weights"), chosen.get("weights"))
     return resolved
 
 
-def preset_config(name: str) -> dict[str, Any]:
-    """The settings of preset ``name`` as plain config (``class_path``/``init_args`` dicts), as YAML would give them."""
+def preset_config(name: str | None) -> dict[str, Any]:
+    """The settings of preset ``name`` over jemkit's defaults (``None``: the defaults alone) as plain config
+    (``class_path``/``init_args`` dicts), as YAML would give them."""
     config = {}
-    for key, value in preset_settings(name).items():
+    settings = default_settings() | (preset_settings(name) if name is not None else {})
+    for key, value in settings.items():
         if isinstance(value, partial):
             path = f"{value.func.__module__}.{value.func.__qualname__}"
             value = {"class_path": path, "init_args": dict(value.keywords)}

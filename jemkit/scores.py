@@ -18,7 +18,7 @@ from torch import Tensor
 
 from jemkit.energy import log_px, log_py_given_x
 
-__all__ = ["SCORES", "ood_scores", "score_batches"]
+__all__ = ["SCORES", "compare_scores", "ood_scores", "reversed_scores", "score_batches"]
 
 SCORES: tuple[str, ...] = ("logpx", "msp", "max_logit", "grad_norm")
 
@@ -70,3 +70,37 @@ def score_batches(
         for name, value in ood_scores(model, x.to(device), scores, temperature).items():
             parts[name].append(value.detach().float())
     return {name: torch.cat(v) if v else torch.empty(0, device=device) for name, v in parts.items()}
+
+
+def compare_scores(
+    in_scores: dict[str, Tensor], out_scores: dict[str, dict[str, Tensor]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{set: {score: {auroc, aupr_in, aupr_out, fpr95}}}`` of in-distribution scores ``{score: [N]}`` against each
+    OOD set's ``{set: {score: [M]}}``: the one comparison of the evaluation report and the ``OODMonitor`` callback.
+
+    Computed with :class:`~jemkit.metrics.OODMetrics`, which gathers every rank's scores under DDP (an empty share of
+    a tiny set is skipped), so every rank gets the same values.
+    """
+    from jemkit.metrics.ood import OODMetrics
+
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for name, scores_out in out_scores.items():
+        results[name] = {}
+        for score, values_in in in_scores.items():
+            metric = OODMetrics().to(values_in.device)
+            for share, is_in in ((values_in, True), (scores_out[score], False)):
+                if len(share):
+                    metric.update(share, is_in)
+            results[name][score] = {k: float(v) for k, v in metric.compute().items()}
+    return results
+
+
+def reversed_scores(results: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """A message for every score that ranks an OOD set as *more* in-distribution than the data (AUROC < 0.5)."""
+    return [
+        f"{score} points the wrong way on {name}: AUROC {values['auroc']:.3f} < 0.5 (the negated score would give "
+        f"{1 - values['auroc']:.3f}); the model gives these inputs the values it gives data"
+        for name, scores in results.items()
+        for score, values in scores.items()
+        if values["auroc"] < 0.5
+    ]

@@ -48,6 +48,8 @@ def test_sampling_context_restores_modes_and_running_stats(mode):
     assert torch.equal(bn.num_batches_tracked, before[2])
 
 
-def test_sampling_context_bad_mode():
-    with pytest.raises(ValueError, match="'eval' or 'train'"), sampling_context(nn.Linear(1, 1), "batch"):
-        pass
+def test_a_bad_sampling_mode_is_refused_once_where_it_is_resolved():
+    from jemkit.adapters import resolve_sampling_mode
+
+    with pytest.raises(ValueError, match="sampling_mode must be 'auto', 'eval' or 'train', got 'batch'"):
+        resolve_sampling_mode("batch", nn.Linear(1, 1))

@@ -7,8 +7,7 @@ from torch import nn
 from jemkit import JEM, SGLD, DigitsDataModule, ReplayBuffer
 from jemkit.adapters import sampling_context
 from jemkit.models import SmallCNN
-from tests.conftest import TinyMLP
-from tests.test_module import loader, trainer
+from tests.helpers import TinyMLP, loader, trainer
 
 
 def test_train_mode_sampling_context_keeps_the_graph_valid_and_the_statistics_untouched():
@@ -53,7 +52,7 @@ def test_auto_sampling_mode_is_train_with_batchnorm_and_eval_without():
     "settings",
     [
         {},  # the defaults: sampling_mode="auto" resolves to "train"
-        {"sampling_mode": "eval", "px_weight": 1.0, "sampler": SGLD(n_steps=5, clip=(-1.0, 1.0))},
+        {"sampling_mode": "eval", "weights": {"px": 1.0}, "sampler": SGLD(n_steps=5, clip=(-1.0, 1.0))},
     ],
     ids=["default-train-mode", "eval-mode"],
 )

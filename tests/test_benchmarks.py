@@ -18,6 +18,7 @@ from jemkit import JEM, SGLD, ReplayBuffer
 from jemkit.energy import marginal_energy
 from jemkit.models import SmallCNN
 from jemkit.sampling import InitialDistribution
+from tests.helpers import KeepStart
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds scripts
 import bench_step
@@ -45,10 +46,10 @@ def test_reference_loss_equals_jemkit_objective_on_fixed_samples():
     x_sample = torch.rand_like(x) * 2 - 1
     jem = JEM(
         model,
-        sampler=SGLD(n_steps=0),
+        sampler=KeepStart(),
         buffer=ReplayBuffer(capacity=x.shape[0], reinit_prob=1.0, init=FixedInit(x_sample)),
         data_noise=0.0,
-        px_weight=1.0,  # the reference's objective
+        weights={"px": 1.0},  # the reference's objective
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step called without a Trainer

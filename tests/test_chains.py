@@ -54,7 +54,7 @@ def test_the_classifier_runs_in_the_sampling_mode_and_is_restored():
 
 
 def test_chains_errors():
-    with pytest.raises(ValueError, match="sampling_mode must be 'eval' or 'train'"):
+    with pytest.raises(ValueError, match="sampling_mode must be 'auto', 'eval' or 'train'"):
         Chains(nn.Identity(), sampling_mode="batch")
     with pytest.raises(RuntimeError, match=r"no input shape yet: .*ReplayBuffer\(input_shape=...\)"):
         Chains(nn.Identity()).start(4)

@@ -13,7 +13,7 @@ from jemkit import JEM, MALA, SGLD, ReplayBuffer
 from jemkit.models import SmallCNN
 from jemkit.sampling.compiled import CompiledStep
 from jemkit.sampling.langevin import energy_and_grad
-from tests.test_module import toy_loader
+from tests.helpers import toy_loader
 
 
 class QuadraticFeatures(nn.Module):
@@ -86,7 +86,7 @@ def test_channels_last_gives_the_same_energies_and_trains(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("compile", [True, "reduce-overhead"])
 def test_compiled_sampling_matches_eager_chains(tmp_path, compile):
-    from tests.conftest import TinyMLP
+    from tests.helpers import TinyMLP
 
     torch._dynamo.reset()  # compiled code is cached per code object, across the tests of this process
     # Without noise the chains are deterministic, so eager and compiled chains must agree step for step.
@@ -211,18 +211,37 @@ class ReversedMLP(nn.Module):
 
 @pytest.mark.slow
 def test_compiled_step_checks_itself_once_and_falls_back_on_custom_backwards():
+    from jemkit.energy import marginal_energy
+    from jemkit.sampling.compiled import CompiledStep
+
+    torch._dynamo.reset()
+    sampler = SGLD(n_steps=3, step_size=0.1, noise_std=0.0)
+    classifier = ReversedMLP()
+    energy = lambda x, y: marginal_energy(classifier(x))  # noqa: E731  (the custom Function sees the input itself)
+    step = CompiledStep(energy, sampler)
+    x0 = torch.rand(16, 2) * 2 - 1
+    eager = sampler.sample(lambda x: energy(x, None), x0)
+    with pytest.warns(RuntimeWarning, match="custom torch.autograd.Function"):
+        first = sampler.sample(lambda x: energy(x, None), x0, step=lambda x: step(x, None))
+    torch.testing.assert_close(first, eager, atol=1e-5, rtol=1e-5)
+    assert step.fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked once: no second warning
+        again = sampler.sample(lambda x: energy(x, None), x0, step=lambda x: step(x, None))
+    torch.testing.assert_close(again, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_jem_purifies_like_the_eager_one_with_a_custom_backward():
     torch._dynamo.reset()
     sampler = SGLD(n_steps=3, step_size=0.1, noise_std=0.0)
     eager = JEM(ReversedMLP(), sampler=sampler)
     compiled = JEM(ReversedMLP(), sampler=sampler, compile=True)
     compiled.classifier.load_state_dict(eager.classifier.state_dict())
     x0 = torch.rand(16, 2) * 2 - 1
-    with pytest.warns(RuntimeWarning, match="custom torch.autograd.Function"):
-        first = compiled.purify(x0, 3)
-    torch.testing.assert_close(first, eager.purify(x0, 3), atol=1e-5, rtol=1e-5)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # checked once: no second warning
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fallback, if this torch drops the backward, is fine too
         torch.testing.assert_close(compiled.purify(x0, 3), eager.purify(x0, 3), atol=1e-5, rtol=1e-5)
+    assert compiled.chains._compiled.checked
 
 
 @pytest.mark.slow

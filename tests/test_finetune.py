@@ -13,8 +13,7 @@ from jemkit.data.ood import PixelShuffled, UniformNoise
 from jemkit.metrics import CalibrationMetrics, ood_metrics
 from jemkit.models import SmallCNN
 from jemkit.scores import score_batches
-from tests.test_module import trainer
-from tests.test_recipes import FakeCIFAR10DataModule
+from tests.helpers import FakeCIFAR10DataModule, trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -43,14 +42,14 @@ def test_the_finetune_preset_keeps_accuracy_and_adds_ood_detection(tmp_path, nor
     dm.setup("fit")
     dm.setup("test")
     classifier = SmallCNN(num_classes=10, in_channels=1, width=16, norm=norm)
-    plain = JEM(classifier, px_weight=0.0, data_noise=0.0)
+    plain = JEM(classifier, weights={"px": 0.0}, data_noise=0.0)
     trainer(tmp_path, max_steps=500, limit_val_batches=0).fit(plain, dm)
     before = _measure(plain, dm)
     jem = JEM(classifier, preset="finetune")
     trainer(tmp_path, max_steps=100, limit_val_batches=0).fit(jem, dm)  # a fifth of the pre-training
     after = _measure(jem, dm)
     assert after["acc"] > before["acc"] - 0.015, (before, after)
-    # a small budget for CI (the benchmark's full-size figures are in the README): OOD detection must improve clearly
+    # a small budget for CI (full-size figures: benchmarks/RESULTS.md): OOD detection must improve clearly
     assert after["noise"] > max(before["noise"], 0.98), (before, after)
     assert after["shuffled"] > max(before["shuffled"], 0.92), (before, after)
     assert after["ece"] < 0.06, (before, after)
@@ -79,7 +78,7 @@ def test_the_digits_finetune_recipe_starts_from_the_given_weights(tmp_path):
     )
     Path(path).unlink()  # the checkpoint holds the weights: it loads without the original file and without arguments
     jem = JEM.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
-    assert jem.preset == "finetune" and jem.px_weight == 0.03
+    assert jem.preset == "finetune" and jem.weights["px"] == 0.03
     moved = [
         float((a - b).abs().max()) for a, b in zip(jem.classifier.parameters(), pretrained.parameters(), strict=True)
     ]
@@ -97,7 +96,7 @@ def test_the_resnet18_finetune_recipe_runs_on_fake_cifar(tmp_path, monkeypatch):
             "-c",
             str(RECIPES / "finetune_resnet18_cifar10.yaml"),
             f"--model.classifier.init_args.path={path}",
-            "--data.class_path=tests.test_recipes.FakeCIFAR10DataModule",
+            "--data.class_path=tests.helpers.FakeCIFAR10DataModule",
             f"--data.init_args.root={tmp_path}",
             "--data.init_args.batch_size=8",
             "--data.init_args.num_workers=0",

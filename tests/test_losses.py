@@ -159,11 +159,11 @@ def test_input_validation(name):
     loss = EBM_LOSSES[name]
     with pytest.raises(ValueError, match=r"expected energies of shape \[B, C\], got shape \(3,\)"):
         loss(torch.zeros(3), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"expected labels of shape \[2\].*got labels of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"expected labels of shape \[2\], got shape \(3,\)"):
         loss(ENERGIES, torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, C\) with C=3, got label 3"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).* got labels in \[0, 3\]"):
         loss(ENERGIES, torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match=r"got label -1"):
+    with pytest.raises(ValueError, match=r"got labels in \[-1, 0\]"):
         loss(ENERGIES, torch.tensor([-1, 0]))
     with pytest.raises(ValueError, match="integer class labels"):
         loss(ENERGIES, torch.tensor([0.0, 1.0]))
@@ -216,3 +216,63 @@ def test_generative_terms_validate_shapes(fn):
         fn(torch.zeros(2), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="e_sample is empty"):
         fn(torch.zeros(2), torch.zeros(0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole objective, on hand-made logits
+
+
+def _logits(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_jem_objective_is_the_weighted_sum_of_its_closed_form_terms():
+    from jemkit.losses import JEMLogits, jem_objective, objective_weights
+
+    data = _logits([2.0, 0.0, 0.0], [0.0, 1.0, 0.0])
+    sample = _logits([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])  # E = -T log 3 at T = 1
+    sample_y = _logits([1.0, 0.0, 0.0], [0.0, 0.0, 3.0])
+    y, y_sample = torch.tensor([0, 1]), torch.tensor([0, 2])
+    weights = objective_weights({"ce": 0.5, "px": 2.0, "pxy": 1.5, "energy_l2": 0.25})
+    loss, stats = jem_objective(JEMLogits(data, data, sample, sample_y), y, y_sample, weights)
+    e_data = -torch.logsumexp(data, 1)
+    e_sample = torch.full((2,), -math.log(3.0))
+    expected = {
+        "ce": F.cross_entropy(data, y),
+        "px": e_data.mean() - e_sample.mean(),
+        "energy_l2": e_data.square().mean() + e_sample.square().mean(),
+        "pxy": -torch.tensor([2.0, 1.0]).mean() - (-torch.tensor([1.0, 3.0])).mean(),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(stats[name], value)
+    total = 0.5 * expected["ce"] + 2.0 * expected["px"] + 0.25 * expected["energy_l2"] + 1.5 * expected["pxy"]
+    torch.testing.assert_close(loss, total)
+    torch.testing.assert_close(stats["energy_gap"], -expected["px"])
+
+
+def test_jem_objective_leaves_out_absent_and_zero_weight_terms_and_uses_margins_on_outliers():
+    from jemkit.losses import JEMLogits, jem_objective, objective_weights
+
+    data, outlier = _logits([4.0, 0.0], [0.0, 4.0]), _logits([0.0, 0.0], [0.0, 0.0])
+    y = torch.tensor([0, 1])
+    ce_only, stats = jem_objective(JEMLogits(data, data), y, weights=objective_weights({"px": 0.0}))
+    torch.testing.assert_close(ce_only, F.cross_entropy(data, y))
+    assert "px" not in stats and "margin" not in stats
+    weights = objective_weights({"px": 0.0, "margin": 1.0})
+    loss, stats = jem_objective(JEMLogits(data, data, outlier=outlier), y, weights=weights, margins=(-5.0, 0.0))
+    e_in, e_out = -torch.logsumexp(data, 1), -torch.logsumexp(outlier, 1)
+    margin = F.relu(e_in + 5.0).square().mean() + F.relu(0.0 - e_out).square().mean()
+    torch.testing.assert_close(stats["margin"], margin)
+    torch.testing.assert_close(loss, F.cross_entropy(data, y) + margin)
+
+
+def test_jem_objective_refuses_conditional_samples_without_their_labels_and_bad_weights():
+    from jemkit.losses import JEMLogits, jem_objective, objective_weights
+
+    data = _logits([1.0, 0.0])
+    with pytest.raises(ValueError, match="need the labels they were drawn for"):
+        jem_objective(JEMLogits(data, data, sample_y=data), torch.tensor([0]), weights=objective_weights(None))
+    with pytest.raises(ValueError, match=r"unknown objective weight\(s\) \['p_x'\]"):
+        objective_weights({"p_x": 1.0})
+    with pytest.raises(ValueError, match="weight 'ce' must be a finite number >= 0, got -1"):
+        objective_weights({"ce": -1})

@@ -7,33 +7,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from jemkit import JEM, SGLD, DivergenceError, GaussianMixtureDataModule, ReplayBuffer
-from jemkit.sampling import InitialDistribution
+from jemkit import JEM, SGLD, DivergenceError, GaussianMixtureDataModule, InputDomain, ReplayBuffer
 from tests.conftest import TinyMLP
-
-
-def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**(defaults | kwargs))
-
-
-def loader(x, y, batch_size=8, shuffle=False) -> DataLoader:
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
-
-
-def toy_loader(n=64, num_classes=3, batch_size=16):
-    y = torch.arange(num_classes).repeat(n // num_classes + 1)[:n]
-    x = torch.randn(n, 2) * 0.1 + torch.stack([torch.cos(y * 2.0), torch.sin(y * 2.0)], 1) * 0.6
-    return loader(x, y, batch_size)
+from tests.helpers import KeepStart, ZeroInit, loader, toy_loader, trainer
 
 
 class GaussianClassifier(nn.Module):
@@ -86,7 +64,7 @@ def test_training_learns_classes_and_the_px_term_learns_density(tmp_path):
         torch.manual_seed(0)
         jem = JEM(
             TinyMLP(num_classes=4, hidden=64),
-            px_weight=px_weight,
+            weights={"px": px_weight},
             buffer=ReplayBuffer(capacity=500),
             lr=1e-2,
             sampler=SGLD.from_temperature(n_steps=20, step_size=3e-3),
@@ -149,14 +127,13 @@ def test_pxy_term_uses_conditional_buffer_and_logs(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, *args):
             logged.update(trainer.callback_metrics)
 
-    jem = JEM(TinyMLP(), pxy_weight=1.0, energy_l2_weight=0.1, sampler=SGLD(n_steps=2))
+    jem = JEM(TinyMLP(), weights={"pxy": 1.0, "energy_l2": 0.1}, sampler=SGLD(n_steps=2))
     assert jem.buffer.conditional
-    with pytest.raises(ValueError, match=r"pxy_weight > 0 samples per class: pass buffer=ReplayBuffer\(conditional"):
-        JEM(TinyMLP(), pxy_weight=1.0, buffer=ReplayBuffer(capacity=30))
+    with pytest.raises(ValueError, match=r"weights\['pxy'\] > 0 samples per class: pass buffer=ReplayBuffer\(condit"):
+        JEM(TinyMLP(), weights={"pxy": 1.0}, buffer=ReplayBuffer(capacity=30))
     jem = JEM(
         TinyMLP(),
-        pxy_weight=1.0,
-        energy_l2_weight=0.1,
+        weights={"pxy": 1.0, "energy_l2": 0.1},
         sampler=SGLD(n_steps=2),
         buffer=ReplayBuffer(30, conditional=True),
     )
@@ -278,7 +255,7 @@ class WrongShape(nn.Module):
         (WrongShape(), torch.randn(8, 2), torch.zeros(8, dtype=torch.long), ValueError, r"logits of shape \[B, C\]"),
         (TinyMLP(), torch.randn(8, 2), torch.full((8,), 3), ValueError, r"labels must lie in \[0, 3\).*\[3, 3\]"),
         (TinyMLP(), torch.randn(8, 2), torch.full((8,), -1), ValueError, r"labels in \[-1, -1\]"),
-        (TinyMLP(), torch.randn(8, 2), torch.zeros(8), ValueError, "integer class labels"),
+        (TinyMLP(), torch.randn(8, 2), torch.full((8,), 0.5), ValueError, "not a whole number"),
     ],
 )
 def test_bad_first_batch_gives_clear_error(tmp_path, model, x, y, error, match):
@@ -318,7 +295,9 @@ def test_divergence_stops_with_named_quantity_and_no_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"px_weight": -1.0}, "px_weight"),
+        ({"weights": {"px": -1.0}}, "weight 'px' must be a finite number >= 0"),
+        ({"weights": {"pz": 1.0}}, r"unknown objective weight\(s\) \['pz'\]"),
+        ({"margins": (0.0, -1.0)}, "margin_in < margin_out"),
         ({"temperature": 0.0}, "temperature"),
         ({"num_classes": 1}, "num_classes"),
         ({"sampling_mode": "batch"}, "sampling_mode"),
@@ -351,12 +330,27 @@ def test_classifier_returning_a_dict_needs_output_key(tmp_path):
     assert jem(torch.zeros(2, 2)).shape == (2, 3)
 
 
-def test_data_outside_the_sampler_range_warns_once_with_observed_range(tmp_path):
+def test_data_outside_a_declared_domain_warns_with_the_observed_range_and_a_fix(tmp_path):
     x = torch.rand(16, 2) * 255
-    with pytest.warns(UserWarning, match=r"training inputs lie in \[.*, .*\] but SGLD chains start in \[-1, 1\]"):
-        trainer(tmp_path, max_steps=2).fit(
-            JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10)), loader(x, torch.arange(16) % 3)
-        )
+    jem = JEM(TinyMLP(), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10), domain=InputDomain(-1, 1))
+    with pytest.warns(
+        UserWarning,
+        match=r"training inputs lie in \[.*, 2\d\d.*\] but the declared InputDomain\(low=-1, "
+        r"high=1\).* leave domain unset .* or declare InputDomain\(low=.*, high=2\d\d",
+    ):
+        trainer(tmp_path, max_steps=2).fit(jem, loader(x, torch.arange(16) % 3))
+
+
+def test_undeclared_domain_is_fitted_so_chains_stay_in_the_data_box(tmp_path):
+    x = torch.rand(64, 2) * 255
+    jem = JEM(TinyMLP(), buffer=ReplayBuffer(capacity=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*val_dataloader.*|.*does not have many workers.*")
+        trainer(tmp_path, max_steps=3).fit(jem, loader(x, torch.arange(64) % 3))
+    samples = jem.sample(32)
+    assert float(samples.min()) >= 0.0 and float(samples.max()) <= 255.0
+    assert float(samples.std()) > 10  # spread over the box, not stuck near [-1, 1]
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -371,7 +365,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 def test_batch_of_one_with_batchnorm_passes_the_first_batch_checks(tmp_path):
-    jem = JEM(TinyMLP(batchnorm=True), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10), px_weight=0.0)
+    jem = JEM(TinyMLP(batchnorm=True), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=10), weights={"px": 0.0})
     one = loader(torch.randn(1, 2), torch.zeros(1, dtype=torch.long), batch_size=1)
     trainer(tmp_path).validate(jem, one, verbose=False)
     assert jem.num_classes == 3 and jem.buffer.input_shape == (2,)
@@ -445,13 +439,6 @@ def test_lr_warmup_is_linear_per_step_and_composes_with_any_epoch_schedule(tmp_p
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0125)  # the schedule alone, after 3 epochs
 
 
-class ZeroInit(InitialDistribution):
-    """Chains that always start (and, with 0 SGLD steps, end) at the origin."""
-
-    def _sample(self, n, shape, device, dtype, y):
-        return torch.zeros((n, *shape), device=device, dtype=dtype)
-
-
 @pytest.mark.parametrize(
     ("ce_weight", "px_weight", "pxy_weight", "energy_l2_weight"),
     [(1.0, 1.0, 0.0, 0.0), (0.5, 2.0, 0.0, 0.3), (1.0, 0.0, 1.5, 0.0), (0.2, 0.7, 1.3, 0.1), (0.0, 1.0, 1.0, 1.0)],
@@ -467,13 +454,10 @@ def test_the_loss_is_the_weighted_sum_of_its_terms_on_fixed_samples(ce_weight, p
     temperature = 2.0
     jem = JEM(
         classifier,
-        ce_weight=ce_weight,
-        px_weight=px_weight,
-        pxy_weight=pxy_weight,
-        energy_l2_weight=energy_l2_weight,
+        weights={"ce": ce_weight, "px": px_weight, "pxy": pxy_weight, "energy_l2": energy_l2_weight},
         data_noise=0.0,
         temperature=temperature,
-        sampler=SGLD(n_steps=0),
+        sampler=KeepStart(),
         buffer=ReplayBuffer(capacity=9, reinit_prob=1.0, init=ZeroInit(), conditional=True, num_classes=3),
     )
     x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 2, 1, 0])
@@ -510,7 +494,7 @@ def test_an_ebm_loss_can_be_the_classification_term(spec):
     from jemkit.losses import get_ebm_loss
 
     classifier = nn.Linear(2, 3)
-    jem = JEM(classifier, classification_loss=spec, px_weight=0.0, data_noise=0.0, temperature=0.5)
+    jem = JEM(classifier, classification_loss=spec, weights={"px": 0.0}, data_noise=0.0, temperature=0.5)
     x, y = torch.randn(8, 2), torch.arange(8) % 3
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")

@@ -8,14 +8,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from jemkit import JEM, SGLD, DigitsDataModule, ReplayBuffer
+from jemkit import JEM, DigitsDataModule, ReplayBuffer
 from jemkit.data import WithOutliers
 from jemkit.data.ood import UniformNoise
 from jemkit.losses import energy_margin_loss
 from jemkit.metrics import ood_metrics
 from jemkit.scores import score_batches
-from tests.conftest import TinyMLP
-from tests.test_module import ZeroInit, trainer
+from tests.helpers import KeepStart, TinyMLP, ZeroInit, trainer
 
 
 def test_energy_margin_loss_penalises_only_the_wrong_side_of_each_margin():
@@ -35,7 +34,7 @@ def _linear_jem(**kwargs) -> tuple[JEM, torch.Tensor]:
     with torch.no_grad():
         classifier.weight.copy_(weight)
     buffer = ReplayBuffer(capacity=9, reinit_prob=1.0, init=ZeroInit())
-    return JEM(classifier, data_noise=0.0, sampler=SGLD(n_steps=0), buffer=buffer, **kwargs), weight
+    return JEM(classifier, data_noise=0.0, sampler=KeepStart(), buffer=buffer, **kwargs), weight
 
 
 def _step(jem: JEM, batch) -> torch.Tensor:
@@ -46,7 +45,7 @@ def _step(jem: JEM, batch) -> torch.Tensor:
 
 def test_the_margin_term_takes_the_replay_buffer_samples_as_outliers_when_the_batch_has_none():
     # Samples at the origin have logits 0, so E(x_q) = -log 3: the margin term has a closed form.
-    jem, weight = _linear_jem(px_weight=0.0, margin_weight=0.5, margins=(-1.0, 0.5))
+    jem, weight = _linear_jem(weights={"px": 0.0, "margin": 0.5}, margins=(-1.0, 0.5))
     x, y = torch.randn(6, 2) * 3, torch.tensor([0, 1, 2, 2, 1, 0])
     loss = _step(jem, (x, y))
     logits = x @ weight.T
@@ -55,11 +54,11 @@ def test_the_margin_term_takes_the_replay_buffer_samples_as_outliers_when_the_ba
     torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, y) + 0.5 * margin)
     torch.testing.assert_close(jem.step_stats["margin"], margin)
     torch.testing.assert_close(jem.step_stats["energy_outlier"], e_out.mean())
-    assert "px" in jem.step_stats  # the samples' statistics are reported, but px_weight=0 keeps px out of the loss
+    assert "px" in jem.step_stats  # the samples' statistics are reported, but weight px=0 keeps px out of the loss
 
 
 def test_outliers_in_the_batch_replace_the_samples_and_must_match_the_data_shape():
-    jem, weight = _linear_jem(margin_weight=1.0, margins=(-1.0, 0.5), px_weight=0.0)
+    jem, weight = _linear_jem(weights={"margin": 1.0, "px": 0.0}, margins=(-1.0, 0.5))
     x, y, x_out = torch.randn(4, 2), torch.tensor([0, 1, 2, 0]), torch.randn(5, 2)
     loss = _step(jem, {"data": (x, y), "outliers": (x_out, torch.zeros(5))})
     logits, logits_out = x @ weight.T, x_out @ weight.T
@@ -92,10 +91,10 @@ def test_with_outliers_serves_an_outlier_batch_beside_every_training_batch():
 
 @pytest.mark.slow
 def test_margin_training_on_outliers_makes_log_px_separate_them(tmp_path):
-    # px_weight=0: only the cross-entropy and the energy margins train; uniform noise as the known outliers.
+    # px=0: only the cross-entropy and the energy margins train; uniform noise as the known outliers.
     torch.manual_seed(0)
     dm = WithOutliers(DigitsDataModule(batch_size=32), UniformNoise(2000, (1, 8, 8), seed=1))
-    jem = JEM(TinyMLP(in_features=64, num_classes=10, hidden=64), px_weight=0.0, margin_weight=0.1, margins=(-8, -2))
+    jem = JEM(TinyMLP(in_features=64, num_classes=10, hidden=64), weights={"px": 0.0, "margin": 0.1}, margins=(-8, -2))
     trainer(tmp_path, max_steps=200, limit_val_batches=0).fit(jem, dm)
     jem.eval()
     test = DigitsDataModule(batch_size=32)

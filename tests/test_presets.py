@@ -9,7 +9,7 @@ from jemkit import JEM, PYLD, SGLD, GaussianInit, ReplayBuffer
 from jemkit.optim import SAM
 from jemkit.presets import PRESETS, preset_settings
 from tests.conftest import TinyMLP
-from tests.test_module import toy_loader, trainer
+from tests.helpers import toy_loader, trainer
 
 
 def test_a_preset_fills_what_was_left_at_its_default_and_explicit_values_win():
@@ -22,6 +22,33 @@ def test_a_preset_fills_what_was_left_at_its_default_and_explicit_values_win():
     assert isinstance(mine.buffer.init, GaussianInit)  # what was not given still comes from the preset
     paper = JEM(TinyMLP(), preset="jem")
     assert (paper.sampler.n_steps, paper.lr, paper.lr_warmup_steps, paper.data_noise) == (20, 1e-4, 1000, 0.03)
+
+
+def test_an_explicit_value_equal_to_the_default_wins_over_the_preset():
+    jem = JEM(TinyMLP(), preset="jempp", weights={"px": 0.1}, lr=1e-3)  # 0.1 is jemkit's default px weight
+    assert jem.weights["px"] == 0.1 and jem.hparams.weights["px"] == 0.1
+    merged = JEM(TinyMLP(), preset="jem", weights={"energy_l2": 0.5})  # weights merge key by key
+    assert merged.weights == {"ce": 1.0, "px": 1.0, "pxy": 0.0, "energy_l2": 0.5, "margin": 0.0}
+
+
+def test_a_subclass_with_a_preset_initialises_once_and_records_its_settings_once(monkeypatch):
+    calls = {"init": 0, "save": 0}
+    save = JEM.save_hyperparameters
+
+    def counted_save(self, *args, **kwargs):
+        calls["save"] += 1
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(JEM, "save_hyperparameters", counted_save)
+
+    class MyJEM(JEM):
+        def __init__(self, classifier, preset="jempp", **kwargs):
+            calls["init"] += 1
+            super().__init__(classifier, preset=preset, **kwargs)
+
+    jem = MyJEM(TinyMLP())
+    assert calls == {"init": 1, "save": 1}
+    assert jem.hparams_initial.weights["px"] == 1.0 and jem.hparams.sampler["class_path"].endswith("PYLD")
 
 
 def test_presets_give_fresh_objects_and_unknown_names_are_refused():

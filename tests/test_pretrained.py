@@ -5,7 +5,7 @@ import torch
 
 from jemkit import JEM
 from jemkit.models import SmallCNN, with_weights
-from tests.test_module import loader, trainer
+from tests.helpers import loader, trainer
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -20,7 +20,7 @@ def test_a_plain_state_dict_file_loads(tmp_path):
 
 
 def test_the_classifier_inside_a_jem_checkpoint_loads(tmp_path):
-    jem = JEM(SmallCNN(num_classes=3, in_channels=1, width=8), px_weight=0.0)
+    jem = JEM(SmallCNN(num_classes=3, in_channels=1, width=8), weights={"px": 0.0})
     x, y = torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 3
     fit = trainer(tmp_path, max_steps=1, enable_checkpointing=True)
     fit.fit(jem, loader(x, y))

@@ -27,8 +27,8 @@ from jemkit.divergence import DivergenceError, Guarded, divergence_reasons
 __all__ = ["DivergenceGuard"]
 
 _HINT = (
-    "Lower the learning rate or the SGLD step size, clip samples (SGLD(clip=(-1, 1))), add energy_l2_weight, or add "
-    "the DivergenceGuard(action='rollback') callback."
+    "Lower the learning rate or the sampler's step size, add an energy regulariser (weights={'energy_l2': 0.1}), or "
+    "add the DivergenceGuard(action='rollback') callback."
 )
 
 
@@ -85,8 +85,9 @@ class DivergenceGuard(Callback):
         - ``"skip"``: drop the step's update (weights and optimiser state stay as they were), re-initialise replay
           buffer slots that went non-finite, warn and go on.
         - ``"rollback"``: restore the weights, optimiser and scheduler state of the last snapshot (taken every
-          ``snapshot_every_n_steps`` healthy steps, kept in host memory), re-initialise the replay buffer (its shard,
-          under DDP), lower the learning rate to ``lr_factor ** rollbacks`` times the scheduled one (applied at every
+          ``snapshot_every_n_steps`` healthy steps, kept in host memory; a snapshot holds only weights that a later
+          step has judged healthy, so a spike in the step before it is never restored), re-initialise the replay
+          buffer (its shard under DDP), lower the learning rate to ``lr_factor ** rollbacks`` times the scheduled one (applied at every
           optimiser step, so schedulers that set the rate outright keep it lowered), log ``train/rollbacks`` and go
           on; after ``max_rollbacks`` rollbacks, raise.
 
@@ -148,6 +149,7 @@ class DivergenceGuard(Callback):
         self._pending: str | None = None  # why the current step diverged, until its update is dropped
         self._dropped = False  # the pending step's gradients were dropped: act on it at the batch end
         self._batch: tuple[Any, int] = (None, -1)
+        self._snapshot_due = False  # take a snapshot once the current weights have passed a step's check
 
     @property
     def state_key(self) -> str:
@@ -194,7 +196,11 @@ class DivergenceGuard(Callback):
         if trainer.world_size > 1:  # every rank calls this hook every step: the ranks agree, so all act alike
             diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
         if not diverged:
+            if self._snapshot_due:  # the weights the last update produced have now been judged: keep them
+                self._snapshot_due = False
+                self._take_snapshot(trainer, pl_module)
             return
+        self._snapshot_due = False
         where = ", ".join(reasons) if reasons else "on another rank"
         reason = f"training diverged at global step {trainer.global_step}: {where}"
         if self.action == "raise":
@@ -231,7 +237,7 @@ class DivergenceGuard(Callback):
                     + (f" and re-initialised {replaced} non-finite replay-buffer slots." if replaced else ".")
                 )
         elif self.action == "rollback" and trainer.global_step % self.snapshot_every_n_steps == 0:
-            self._take_snapshot(trainer, pl_module)
+            self._snapshot_due = True
         if self.action == "rollback":
             pl_module.log("train/rollbacks", float(self.rollbacks), on_step=True, on_epoch=False)
         elif self.action == "skip":

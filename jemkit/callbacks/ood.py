@@ -16,8 +16,7 @@ from jemkit.adapters import sampling_context
 from jemkit.callbacks._logging import log_to_tensorboard, run_dir
 from jemkit.data.ood import check_ood_dataset, make_ood_dataset
 from jemkit.evaluate.plots import save_figure, score_histogram
-from jemkit.metrics.ood import OODMetrics
-from jemkit.scores import SCORES, score_batches
+from jemkit.scores import SCORES, compare_scores, reversed_scores, score_batches
 
 __all__ = ["OODMonitor"]
 
@@ -26,7 +25,8 @@ class OODMonitor(Callback):
     """Score in-distribution validation inputs against OOD sets; log AUROC, AUPR and FPR95 per score and set.
 
     In-distribution inputs are the datamodule's ``val_dataset`` (the positive class); OOD sets are jemkit's built-in
-    offline sets (uniform, gaussian, constant, shuffled, interp; see :mod:`jemkit.data.ood`) and any datasets you add.
+    offline sets (uniform, gaussian, constant, shuffled, interp; see :mod:`jemkit.data.ood`), the noise sets drawn in
+    the JEM's input domain, and any datasets you add.
     Logs ``val/ood/<set>/<score>/{auroc,aupr_in,aupr_out,fpr95}`` and writes a score histogram per score
     (``<log_dir>/ood/<score>_epoch=NNNN.png``, rank zero). Under DDP each rank scores its own share of every set and
     the metrics gather all ranks' scores (torchmetrics ``cat`` states), so every rank logs the same values.
@@ -108,34 +108,26 @@ class OODMonitor(Callback):
             return
         reference = self._reference(trainer)
         input_shape = tuple(reference[0][0].shape)
-        sets = {
-            name: make_ood_dataset(name, reference, min(len(reference), self.max_samples)) for name in self.ood_sets
-        }
+        domain = getattr(pl_module, "domain", None)  # synthetic sets are drawn where the data lives
+        n = min(len(reference), self.max_samples)
+        sets = {name: make_ood_dataset(name, reference, n, domain=domain) for name in self.ood_sets}
         sets |= self.extra_sets
         with sampling_context(pl_module, "eval"):  # every submodule's own train/eval flag comes back after
             in_scores = self._score(pl_module, self._shard(reference, trainer))
-            results: dict[str, dict[str, dict[str, float]]] = {}
-            histograms: dict[str, dict[str, Tensor]] = {s: {"in-distribution": in_scores[s]} for s in self.scores}
+            out_scores = {}
             for name, dataset in sets.items():
                 check_ood_dataset(dataset, input_shape, name)
-                out_scores = self._score(pl_module, self._shard(dataset, trainer))
-                results[name] = {}
-                for score in self.scores:
-                    metric = OODMetrics().to(pl_module.device)
-                    for share, is_in in ((in_scores[score], True), (out_scores[score], False)):
-                        if len(share):  # a rank may hold no share of a tiny set
-                            metric.update(share, is_in)
-                    values = metric.compute()  # gathers every rank's scores
-                    results[name][score] = {k: float(v) for k, v in values.items()}
-                    if results[name][score]["auroc"] < 0.5 and trainer.is_global_zero:
-                        auroc = results[name][score]["auroc"]
-                        rank_zero_warn(
-                            f"OODMonitor: {score} points the wrong way on {name} (AUROC {auroc:.3f} < 0.5; the negated "
-                            f"score would give {1 - auroc:.3f})"
-                        )
-                    for key, value in values.items():
-                        pl_module.log(f"val/ood/{name}/{score}/{key}", value.float(), on_epoch=True)
-                    histograms[score][name] = out_scores[score]
+                out_scores[name] = self._score(pl_module, self._shard(dataset, trainer))
+        results = compare_scores(in_scores, out_scores)
+        for message in reversed_scores(results):
+            rank_zero_warn(f"OODMonitor: {message}")
+        for name, by_score in results.items():
+            for score, values in by_score.items():
+                for key, value in values.items():
+                    pl_module.log(f"val/ood/{name}/{score}/{key}", value, on_epoch=True)
+        histograms = {
+            s: {"in-distribution": in_scores[s]} | {n: o[s] for n, o in out_scores.items()} for s in self.scores
+        }
         self.last = results
         if self.save_histograms:
             self._save(trainer, histograms, run_dir(trainer))

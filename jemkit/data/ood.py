@@ -7,8 +7,10 @@ in CI. They are ordinary ``torch.utils.data.Dataset`` objects yielding ``(image,
 "no class"), so the same loaders, collate functions and evaluation loops serve in- and out-of-distribution data.
 
 Every set is a pure function of ``(seed, index)``: item ``i`` is the same whatever order items are read in, in
-whichever worker process, and two sets built with the same arguments are identical. All images lie in ``[-1, 1]``
-like every jemkit input.
+whichever worker process, and two sets built with the same arguments are identical. The noise and constant sets are
+drawn in ``[-1, 1]``; :func:`make_ood_dataset` with the JEM's ``domain`` maps them into the data's own box, so they
+test the inputs a model can meet whatever the data's units. Nothing here assumes images: a "pixel" is any input value
+(a feature of a tabular row, a time step of a signal).
 
 - :class:`UniformNoise`, :class:`GaussianNoise`: pixel-wise noise (Gaussian noise clamped to the data range).
 - :class:`ConstantImages`: one random value per channel, the "constant" set of the OOD literature.
@@ -35,6 +37,7 @@ __all__ = [
     "Interpolated",
     "PixelShuffled",
     "UniformNoise",
+    "InDomain",
     "check_ood_dataset",
     "make_ood_dataset",
 ]
@@ -251,11 +254,29 @@ class Interpolated(_SeededDataset):
         return (_image_of(self.dataset[a]) + _image_of(self.dataset[b])) / 2.0
 
 
-def make_ood_dataset(name: str, reference: Dataset, num_samples: int | None = None, seed: int = 0) -> Dataset:
+class InDomain(Dataset):
+    """A set drawn in ``[-1, 1]`` mapped into an input domain's box (``domain.from_unit``): uniform noise becomes
+    uniform over the data's box, and so on. Items ``(input, -1)``."""
+
+    def __init__(self, dataset: Dataset, domain: object) -> None:
+        self.dataset, self.domain = dataset, domain
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.domain.from_unit(_image_of(self.dataset[index])), OOD_LABEL
+
+
+def make_ood_dataset(
+    name: str, reference: Dataset, num_samples: int | None = None, seed: int = 0, domain: object | None = None
+) -> Dataset:
     """Build the OOD set called ``name`` (one of :data:`OOD_SETS`) to match the in-distribution ``reference``.
 
     The input shape is read from ``reference[0]``'s image; the noise and constant sets use their default
-    parameters (uniform in ``[-1, 1]``, Gaussian ``std = 0.5`` clamped).
+    parameters (uniform in ``[-1, 1]``, Gaussian ``std = 0.5`` clamped), mapped into ``domain``'s box when a
+    :class:`~jemkit.sampling.InputDomain` is given (a JEM's ``domain``): uniform over the data's box, Gaussian around
+    its center with a quarter of its width as standard deviation, constants anywhere in it.
 
     Args:
         name: ``"uniform"``, ``"gaussian"``, ``"constant"``, ``"shuffled"`` or ``"interp"``.
@@ -284,10 +305,12 @@ def make_ood_dataset(name: str, reference: Dataset, num_samples: int | None = No
         return Interpolated(reference, seed=seed, num_samples=num_samples)
     shape = tuple(_image_of(reference[0]).shape)
     if name == "uniform":
-        return UniformNoise(n, shape, seed=seed)
-    if name == "gaussian":
-        return GaussianNoise(n, shape, seed=seed)
-    return ConstantImages(n, shape, seed=seed)
+        dataset: Dataset = UniformNoise(n, shape, seed=seed)
+    elif name == "gaussian":
+        dataset = GaussianNoise(n, shape, seed=seed)
+    else:
+        dataset = ConstantImages(n, shape, seed=seed)
+    return InDomain(dataset, domain) if domain is not None else dataset
 
 
 def check_ood_dataset(dataset: Dataset, input_shape: Sequence[int], name: str) -> int:

@@ -1,7 +1,8 @@
 """Outlier exposure: a datamodule whose training batches carry outliers next to the labelled data.
 
-The energy-margin term of Liu et al. 2020 (``JEM(margin_weight=0.1)``) pushes the energies of known outliers up. Its
-batches are ``{"data": (x, y), "outliers": x_out}``; without such batches the JEM uses its own samples as outliers.
+The energy-margin term of Liu et al. 2020 (``JEM(weights={"margin": 0.1})``) pushes the energies of known outliers
+up. Its batches are ``{"data": (x, y), "outliers": x_out}``; without such batches the JEM uses its own samples as
+outliers.
 """
 
 from __future__ import annotations

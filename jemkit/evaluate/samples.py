@@ -1,11 +1,18 @@
-"""Draw a JEM's samples and save them as pictures: image grids, or the energy landscape for 2-D data.
+"""Draw a JEM's samples and save them as pictures in a form that fits the input's shape.
 
-Shared by the :class:`~jemkit.callbacks.SampleGrid` callback and ``jemkit evaluate``.
+- images ``[C, H, W]``: grids (chains from the replay buffer; one row per class from fresh chains);
+- 2-D points ``[2]``: the energy landscape ``exp(-E(x))`` with the samples on top;
+- 1-D signals ``[C, L]``: line plots of samples against data, one panel per class;
+- tabular rows ``[D]``: per-feature histograms of samples against data.
+
+Value ranges come from the JEM's input domain (the box fitted on training data). Shared by the
+:class:`~jemkit.callbacks.SampleGrid` callback and ``jemkit evaluate``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +24,19 @@ from torchvision.utils import make_grid, save_image
 
 from jemkit.evaluate.plots import save_figure
 
-__all__ = ["draw_samples", "energy_landscape", "readable_grid", "save_grid", "save_sample_grids"]
+__all__ = [
+    "draw_samples",
+    "energy_landscape",
+    "feature_histograms",
+    "picture_kind",
+    "readable_grid",
+    "save_grid",
+    "save_sample_grids",
+    "signal_plot",
+]
+
+MAX_FEATURES = 12
+"""Tabular pictures show at most this many features (those with the largest spread in the data)."""
 
 MIN_IMAGE_PIXELS = 48
 """Small images (digits are 8x8) are enlarged, nearest-neighbour, to at least this many pixels a side."""
@@ -93,32 +112,122 @@ def save_grid(grid: Tensor, path: Path, row_labels: list[str] | None = None) -> 
     return path
 
 
+def picture_kind(shape: tuple[int, ...] | None) -> str | None:
+    """``"image"``, ``"points"``, ``"signal"``, ``"tabular"`` or ``None`` (no picture fits) for one input's shape."""
+    if shape is None:
+        return None
+    if len(shape) == 3:
+        return "image"
+    if len(shape) == 2:
+        return "signal"
+    if len(shape) == 1:
+        return "points" if shape[0] == 2 else "tabular"
+    return None
+
+
+def signal_plot(samples: Tensor, data: Tensor | None, labels: Tensor | None = None, title: str = "") -> Figure:
+    """Signals ``[N, C, L]`` (channel 0 drawn) as lines, one panel per class when ``labels [N]`` are given, with
+    ``data [M, C, L]`` in grey behind them for comparison."""
+    samples = samples.detach().float().cpu()
+    groups = labels.cpu().unique().tolist() if labels is not None else [None]
+    cols = min(len(groups), 5)
+    rows = math.ceil(len(groups) / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.2 * rows))
+    for i, group in enumerate(groups):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        if data is not None:
+            for signal in data.detach().float().cpu()[:8, 0]:
+                ax.plot(signal.numpy(), color="0.75", linewidth=0.8)
+        chosen = samples if group is None else samples[labels.cpu() == group]
+        for signal in chosen[:8, 0]:
+            ax.plot(signal.numpy(), linewidth=1.0)
+        ax.set_title(f"class {group}" if group is not None else "samples (colour) and data (grey)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def feature_histograms(samples: Tensor, data: Tensor | None, title: str = "") -> Figure:
+    """Per-feature histograms of tabular samples ``[N, D]`` against ``data [M, D]`` (the :data:`MAX_FEATURES`
+    features with the largest spread in the data, or in the samples without data)."""
+    samples = samples.detach().float().cpu()
+    reference = data.detach().float().cpu() if data is not None else samples
+    order = reference.std(0).argsort(descending=True)[:MAX_FEATURES].sort().values.tolist()
+    cols = min(len(order), 4)
+    rows = math.ceil(len(order) / cols)
+    fig = Figure(figsize=(3.0 * cols, 2.2 * rows))
+    for i, feature in enumerate(order):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        low, high = float(reference[:, feature].min()), float(reference[:, feature].max())
+        low, high = min(low, float(samples[:, feature].min())), max(high, float(samples[:, feature].max()))
+        bins = torch.linspace(low, high + 1e-6, 21).numpy()
+        if data is not None:
+            ax.hist(reference[:, feature].numpy(), bins=bins, density=True, color="0.7", label="data")
+        ax.hist(samples[:, feature].numpy(), bins=bins, density=True, histtype="step", linewidth=1.5, label="samples")
+        ax.set_title(f"feature {feature}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _domain_range(jem: Any) -> tuple[float, float]:
+    domain = getattr(jem, "domain", None)
+    return domain.bounds() if domain is not None else (-1.0, 1.0)
+
+
 def save_sample_grids(
     jem: Any,
     out_dir: str | Path,
     num_samples: int = 64,
     per_class: int = 8,
     fresh_steps: int | None = None,
-    value_range: tuple[float, float] = (-1.0, 1.0),
+    value_range: tuple[float, float] | None = None,
     suffix: str = "",
+    data: Tensor | None = None,
 ) -> dict[str, Path]:
-    """Draw samples and save them: image grids (``buffer_<suffix>.png``, ``class_<suffix>.png``, one labelled row
-    per class; small images enlarged to :data:`MIN_IMAGE_PIXELS`) for image data, an energy landscape
-    (``landscape_<suffix>.png``) for 2-D data. Returns ``{name: path}``."""
+    """Draw samples and save pictures that fit the input's shape (see the module docstring); ``data`` (real inputs)
+    are drawn beside signals and tabular samples. Small images are enlarged to :data:`MIN_IMAGE_PIXELS`;
+    ``value_range`` (default: the input domain's box) maps to black..white or bounds the landscape. Returns
+    ``{name: path}``; warns, and saves nothing, for shapes no picture fits."""
+    shape = jem.buffer.input_shape
+    kind = picture_kind(shape)
+    if kind is None:
+        warnings.warn(
+            f"no sample pictures for inputs shaped {shape}: jemkit draws images [C, H, W], 2-D points [2], signals "
+            "[C, L] and tabular rows [D]",
+            UserWarning,
+            stacklevel=2,
+        )
+        return {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shape = jem.buffer.input_shape
+    value_range = value_range if value_range is not None else _domain_range(jem)
     samples = draw_samples(jem, num_samples, per_class, fresh_steps)
     tag = f"_{suffix}" if suffix else ""
     paths: dict[str, Path] = {}
-    if shape is not None and len(shape) == 1 and shape[0] == 2:
-        paths["landscape"] = save_figure(
-            energy_landscape(jem, torch.cat(list(samples.values())), value_range), out / f"landscape{tag}.png"
-        )
-    elif shape is not None and len(shape) == 3:
+    if kind == "points":
+        figure = energy_landscape(jem, torch.cat(list(samples.values())), value_range)
+        paths["landscape"] = save_figure(figure, out / f"landscape{tag}.png")
+    elif kind == "image":
         for name, images in samples.items():
             nrow = per_class if name == "class" else max(1, int(len(images) ** 0.5))
             labels = [f"class {c}" for c in range(len(images) // per_class)] if name == "class" else None
             grid = readable_grid(images, nrow, value_range)
             paths[name] = save_grid(grid, out / f"{name}{tag}.png", labels)
+    else:
+        for name, drawn in samples.items():
+            labels = None
+            if name == "class":
+                labels = torch.arange(len(drawn) // per_class).repeat_interleave(per_class)
+            title = "buffer chains" if name == "buffer" else "fresh class-conditional chains"
+            if kind == "signal":
+                figure = signal_plot(drawn, data, labels, title)
+            else:
+                figure = feature_histograms(drawn, data, title)
+            paths[name] = save_figure(figure, out / f"{name}{tag}.png")
     return paths

@@ -117,6 +117,16 @@ class ReplayBuffer(nn.Module):
                 f"capacity {self.total_capacity} is smaller than num_classes {self.num_classes}: no slot for some "
                 "classes"
             )
+        if self.conditional and self.num_classes and self.total_capacity % self.num_classes:
+            used = self.total_capacity - self.total_capacity % self.num_classes
+            warnings.warn(
+                f"ReplayBuffer: capacity {self.total_capacity} is not a multiple of num_classes {self.num_classes}; a "
+                f"class-conditional buffer gives every class as many slots, so it keeps {used}: pass capacity={used} "
+                f"or {used + self.num_classes}",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.total_capacity = used
         self.capacity = self.shard_size(world_size)
         self._fill(input_shape, device, dtype)
 
@@ -246,8 +256,9 @@ class ReplayBuffer(nn.Module):
         per_rank = (total // world_size // block) * block
         if per_rank == 0:
             raise ValueError(
-                f"a replay buffer of {total} samples cannot be split over {world_size} ranks"
-                + (f" in blocks of {block} classes" if block > 1 else "")
+                f"capacity {total} cannot be split over {world_size} ranks"
+                + (f" in blocks of num_classes={block}" if block > 1 else "")
+                + f": pass capacity >= {world_size * block}"
             )
         return rank * per_rank, (rank + 1) * per_rank
 

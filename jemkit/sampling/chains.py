@@ -103,7 +103,9 @@ class Chains:
             keep = y >= 0
             self.buffer.init.fit(self.domain.to_unit(x[keep]), y[keep], num_classes or int(y.max()) + 1)
 
-    def prepare(self, input_shape: tuple[int, ...], num_classes: int | None, device: torch.device, world_size: int) -> None:
+    def prepare(
+        self, input_shape: tuple[int, ...], num_classes: int | None, device: torch.device, world_size: int
+    ) -> None:
         """Size the buffer for inputs of ``input_shape``: fill this rank's shard unless it holds one (a checkpoint)."""
         self.buffer.num_classes = self.buffer.num_classes or num_classes
         self.buffer.ensure_initialized(input_shape, device, world_size)

@@ -117,9 +117,9 @@ class InputDomain(nn.Module):
         elif self.outside_fraction(x) > 0:
             low, high = float(x.min()), float(x.max())
             warnings.warn(
-                f"training inputs lie in [{low:.4g}, {high:.4g}] but the declared InputDomain(low={self.declared[0]:g}, "
-                f"high={self.declared[1]:g}) keeps the chains in [{self.declared[0]:g}, {self.declared[1]:g}]: leave "
-                f"domain unset to fit it on the data, or declare InputDomain(low={low:.4g}, high={high:.4g})",
+                f"training inputs lie in [{low:.4g}, {high:.4g}] but the declared "
+                f"InputDomain(low={self.declared[0]:g}, high={self.declared[1]:g}) keeps the chains inside it: "
+                f"leave domain unset to fit it on the data, or declare InputDomain(low={low:.4g}, high={high:.4g})",
                 UserWarning,
                 stacklevel=2,
             )

@@ -82,6 +82,17 @@ class Sampler:
         return steps
 
 
+def _check_chain_steps(n_steps: int) -> int:
+    """A sampler's own number of steps: an integer >= 1. A sampler with 0 steps would train a JEM on its buffer's
+    restarts; 0 ("no refinement") is for one call, ``sample(..., n_steps=0)`` or ``jem.purify(x, 0)``."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(
+            f"n_steps must be an integer >= 1, got {n_steps!r} (for no refinement in one call, pass n_steps=0 to "
+            "sample() or purify())"
+        )
+    return n_steps
+
+
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
         bound = ">= 0" if allow_zero else "> 0"
@@ -111,9 +122,7 @@ class SGLD(Sampler):
         noise_std: float = 0.01,
         clip: tuple[float, float] | None = None,
     ) -> None:
-        if n_steps < 0:
-            raise ValueError(f"n_steps must be >= 0, got {n_steps!r}")
-        self.n_steps = int(n_steps)
+        self.n_steps = _check_chain_steps(n_steps)
         self.step_size = _check_positive("step_size", step_size)
         self.noise_std = _check_positive("noise_std", noise_std, allow_zero=True)
         if clip is not None and not clip[0] < clip[1]:
@@ -208,9 +217,7 @@ class MALA(Sampler):
     """
 
     def __init__(self, n_steps: int = 20, step_size: float = 0.01, temperature: float = 1.0) -> None:
-        if n_steps < 0:
-            raise ValueError(f"n_steps must be >= 0, got {n_steps!r}")
-        self.n_steps = int(n_steps)
+        self.n_steps = _check_chain_steps(n_steps)
         self.step_size = _check_positive("step_size", step_size)
         self.temperature = _check_positive("temperature", temperature)
         self.acceptance_rate: Tensor | None = None
