@@ -24,7 +24,7 @@ from jemkit import JEM, SGLD, ReplayBuffer
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
 from jemkit.checkpoint import AtomicCheckpointIO
 from jemkit.optim import SAM
-from tests.conftest import TinyMLP
+from tests.helpers import TinyMLP
 
 
 class CorruptOnRankOne(Callback):

@@ -8,7 +8,7 @@ from jemkit import JEM, SGLD, DigitsDataModule, GaussianMixtureDataModule, Repla
 from jemkit.callbacks import CalibrationMonitor, OODMonitor, SampleGrid
 from jemkit.metrics import CalibrationMetrics, fit_temperature
 from jemkit.models import SmallCNN
-from tests.conftest import TinyMLP
+from tests.helpers import TinyMLP
 
 
 def fit(tmp_path, jem, datamodule, callbacks, **kwargs):

@@ -8,8 +8,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from jemkit import JEM, SGLD, DivergenceError, ReplayBuffer
 from jemkit.callbacks import DivergenceGuard
 from jemkit.divergence import divergence_reasons
-from tests.conftest import TinyMLP
-from tests.test_module import toy_loader, trainer
+from tests.helpers import TinyMLP, toy_loader, trainer
 
 
 class CorruptWeights(Callback):

@@ -29,7 +29,7 @@ from jemkit.evaluate import (
 )
 from jemkit.models import SmallCNN
 from jemkit.sampling import PYLD
-from tests.conftest import TinyMLP
+from tests.helpers import TinyMLP
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from jemkit import JEM, PYLD, ReplayBuffer
-from tests.test_module import loader, trainer
+from tests.helpers import loader, trainer
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -1,5 +1,8 @@
 """The GPU recipes parse as shipped, carry the JEM paper's settings, and run end to end on fake CIFAR-sized data.
 
+The JEM paper's recipes are two files each: ``cifar_base.yaml`` (the shared settings) and the dataset's file, given
+in that order (``jemkit fit -c recipes/cifar_base.yaml -c recipes/cifar10.yaml``).
+
 CI has no CIFAR files and no GPU: the smoke run swaps in ``FakeData`` and a WRN-10-1 but keeps everything else of
 the recipe (channels-last, warm-up, rollback guard, OOD and calibration monitors).
 """
@@ -12,33 +15,32 @@ import yaml
 
 from jemkit import JEM
 from jemkit.cli import main
-from jemkit.data import CIFAR10DataModule
-from tests.test_data import FakeColourData
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+BASE = "cifar_base.yaml"  # shared by the GPU_RECIPES, given before each of them
 GPU_RECIPES = {
     "cifar10.yaml": ("CIFAR10DataModule", 10),
     "cifar100.yaml": ("CIFAR100DataModule", 100),
     "svhn.yaml": ("SVHNDataModule", 10),
 }
-
-
-class FakeCIFAR10DataModule(CIFAR10DataModule):
-    dataset_cls = FakeColourData
-
-
 FOLLOW_UP_RECIPES = {"cifar10_jempp.yaml": "jempp", "cifar10_sada.yaml": "sada"}
 FINETUNE_RECIPES = {"digits_finetune.yaml", "finetune_resnet18_cifar10.yaml"}  # tests/test_finetune.py
 
 
 def test_every_recipe_is_listed_here_or_tested_elsewhere():
-    expected = {*GPU_RECIPES, *FOLLOW_UP_RECIPES, *FINETUNE_RECIPES, "digits.yaml"}
+    expected = {BASE, *GPU_RECIPES, *FOLLOW_UP_RECIPES, *FINETUNE_RECIPES, "digits.yaml"}
     assert {p.name for p in RECIPES.glob("*.yaml")} == expected
+
+
+def _config_args(name: str) -> list[str]:
+    """The ``-c`` arguments that run recipe ``name``: the shared base first for the JEM paper's recipes."""
+    files = [BASE, name] if name in GPU_RECIPES else [name]
+    return [arg for file in files for arg in ("-c", str(RECIPES / file))]
 
 
 def _printed_config(name: str, capsys) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(RECIPES / name), "--print_config"])
+        main(["fit", *_config_args(name), "--print_config"])
     assert exit_info.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -60,10 +62,7 @@ def test_the_follow_up_recipes_carry_their_papers_settings(capsys):
 
 @pytest.mark.parametrize("name", sorted(GPU_RECIPES))
 def test_gpu_recipes_parse_and_follow_the_jem_paper(name, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(RECIPES / name), "--print_config"])
-    assert exit_info.value.code == 0
-    config = yaml.safe_load(capsys.readouterr().out)
+    config = _printed_config(name, capsys)
     data_cls, num_classes = GPU_RECIPES[name]
     assert config["data"]["class_path"] == f"jemkit.data.{data_cls}"
     classifier = config["model"]["classifier"]
@@ -81,13 +80,23 @@ def test_gpu_recipes_parse_and_follow_the_jem_paper(name, capsys):
         1000,
     )
     assert classifier["init_args"]["activation"] == "leaky_relu" and classifier["init_args"]["dropout"] == 0.0
-    assert (model["px_weight"], model["pxy_weight"], model["ce_weight"]) == (1.0, 0.0, 1.0)
+    assert model["weights"] == {"ce": 1.0, "px": 1.0, "pxy": 0.0, "energy_l2": 0.0, "margin": 0.0}  # JEM's
     assert model["optimizer"]["class_path"] == "torch.optim.Adam" and model["optimizer"]["init_args"]["lr"] == 1e-4
     assert model["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.MultiStepLR"
     scheduler = model["lr_scheduler"]["init_args"]
     assert (scheduler["milestones"], scheduler["gamma"]) == ([160, 180], 0.3)
     assert config["trainer"]["max_epochs"] == 200
     assert (config["data"]["init_args"]["batch_size"], config["data"]["init_args"]["val_size"]) == (64, 5000)
+    assert config["trainer"]["default_root_dir"] == f"runs/{name.removesuffix('.yaml')}"
+    header = (RECIPES / name).read_text().split("trainer:")[0]  # the header's commands give the base first
+    assert f"-c recipes/{BASE} -c recipes/{name}" in header
+
+
+def test_the_shared_base_is_not_a_recipe_on_its_own(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # no dataset: the dataset's file must follow the base
+        main(["fit", "-c", str(RECIPES / BASE), "--print_config"])
+    assert exit_info.value.code != 0
+    assert "data" in capsys.readouterr().err
 
 
 # Short chains and a small buffer; where the preset gives the sampler or buffer, the same classes are named again.
@@ -117,9 +126,8 @@ def test_cifar10_recipes_run_end_to_end_on_fake_data(tmp_path, monkeypatch, name
     main(
         [
             "fit",
-            "-c",
-            str(RECIPES / name),
-            "--data.class_path=tests.test_recipes.FakeCIFAR10DataModule",
+            *_config_args(name),
+            "--data.class_path=tests.helpers.FakeCIFAR10DataModule",
             "--data.init_args.root=" + str(tmp_path),
             "--data.init_args.batch_size=8",
             "--data.init_args.num_workers=0",
