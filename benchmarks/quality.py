@@ -125,7 +125,12 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "pyld5-px0.03": lambda: _pyld5() | {"weights": {"px": 0.03}},
     "pyld5-clean": lambda: _pyld5() | {"weights": {"px": 1.0}, "data_noise": 0.0},
     "pyld5-px0.3-clean": lambda: _pyld5() | {"weights": {"px": 0.3}, "data_noise": 0.0},
-    "default-evalmode": lambda: {"sampling_mode": "eval"},  # BatchNorm: the sampling mode "auto" does not choose
+    "default-evalmode": lambda: {"sampling_mode": "eval"},
+    # candidates for data beyond digits (issue 20)
+    "default-l2": lambda: {"weights": {"energy_l2": 0.01}},
+    "default-l2-0.1": lambda: {"weights": {"energy_l2": 0.1}},
+    "default-px0.3": lambda: {"weights": {"px": 0.3}},
+    "default-pyld10": lambda: {"sampler": PYLD(n_steps=10, step_size=0.2)},  # BatchNorm: the sampling mode "auto" does not choose
     # fine-tuning candidates (--finetune): start from the pre-trained classifier
     "finetune": lambda: {"preset": "finetune"},
     "ft-default-lr1e-4": lambda: {"lr": 1e-4},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "is_unreadable_checkpoint",
     "upgraded_checkpoint",
     "jemkit_section",
+    "load_with_clear_errors",
 ]
 
 
@@ -79,6 +81,26 @@ def upgraded_checkpoint(path: Any, legacy: dict[str, str]) -> io.BytesIO:
     torch.save(checkpoint, upgraded)
     upgraded.seek(0)
     return upgraded
+
+
+def load_with_clear_errors(load: Any, path: Any, legacy: dict[str, str], *args: Any, **kwargs: Any) -> Any:
+    """``load(path, *args, **kwargs)`` (Lightning's ``load_from_checkpoint``) with errors that say what is wrong with
+    the file; a checkpoint whose hyper-parameters use ``legacy`` names is renamed in memory and loaded."""
+    try:
+        return load(path, *args, **kwargs)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        if not is_unreadable_checkpoint(path):
+            raise
+        raise ValueError(f"{path} is truncated or corrupted: it cannot be read as a checkpoint") from err
+    except KeyError as err:
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file written by "
+            "Trainer.fit / ModelCheckpoint or `jemkit fit`"
+        ) from err
+    except Exception as err:  # rebuilt strictly from its recorded CLI config, an older checkpoint names old arguments
+        if not any(f"'{name}'" in str(err) for name in legacy):
+            raise
+        return load(upgraded_checkpoint(path, legacy), *args, **kwargs)
 
 
 def is_unreadable_checkpoint(path: Any) -> bool:

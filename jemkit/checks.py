@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from jemkit.energy import check_labels, check_logits
 
-__all__ = ["check_first_batch", "check_input_shape", "warn_if_outside_range"]
+__all__ = ["check_first_batch", "check_input_shape", "check_jem_arguments"]
 
 
 def check_input_shape(x: Tensor, expected: Sequence[int] | None, stage: str) -> None:
@@ -33,13 +33,18 @@ def check_first_batch(x: Tensor, y: Tensor, logits: Tensor, num_classes: int | N
     return found
 
 
-def warn_if_outside_range(x: Tensor, low: float, high: float) -> None:
-    """Chains start in ``[low, high]``; training data far outside it (e.g. 0..255 pixels) is a mistake."""
-    x_min, x_max = float(x.min()), float(x.max())
-    margin = 0.1 * (high - low)
-    if x_min < low - margin or x_max > high + margin:
-        rank_zero_warn(
-            f"training inputs lie in [{x_min:.3g}, {x_max:.3g}] but SGLD chains start in [{low:g}, {high:g}]: "
-            "scale the data to the sampler's range (jemkit's datamodules give [-1, 1]) or pass "
-            f"buffer=ReplayBuffer(init=UniformInit({x_min:.3g}, {x_max:.3g}))"
-        )
+def check_jem_arguments(
+    settings: dict[str, Any], temperature: float, num_classes: int | None, margins: tuple[float, float] | None
+) -> None:
+    """``ValueError`` naming the first argument out of its range."""
+    if not settings["data_noise"] >= 0:
+        raise ValueError(f"data_noise must be >= 0, got {settings['data_noise']!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+    warmup = settings["lr_warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {warmup!r}")
+    if margins is not None and not float(margins[0]) < float(margins[1]):
+        raise ValueError(f"margins must be (margin_in, margin_out) with margin_in < margin_out, got {margins}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +33,7 @@ from jemkit.energy import check_labels, energy_matrix, joint_energy, marginal_en
 __all__ = [
     "DEFAULT_WEIGHTS",
     "EBM_LOSSES",
+    "DrawnInputs",
     "JEMLogits",
     "classification_loss",
     "contrastive_divergence_loss",
@@ -43,6 +45,7 @@ __all__ = [
     "jem_objective",
     "log_loss",
     "lvq2_loss",
+    "margins_from_energies",
     "mce_loss",
     "nll_loss",
     "objective_weights",
@@ -282,6 +285,23 @@ def _cross_entropy_of_energies(energies: Tensor, y: Tensor) -> Tensor:
 # the whole JEM objective
 
 
+@dataclass
+class DrawnInputs:
+    """What one training step feeds the classifier besides its batch: kept so that an optimiser that evaluates the
+    step twice (SAM) sees the same noisy data and samples again. Their logits are a :class:`JEMLogits`."""
+
+    key: tuple[int, int]  # (global step, batch index)
+    data: Tensor  # the data with its training noise
+    sample: Tensor | None = None  # unconditional samples
+    sample_y: Tensor | None = None  # class-conditional samples ...
+    y_sample: Tensor | None = None  # ... of these labels
+    outlier: Tensor | None = None  # outliers of the energy-margin term (None: the samples serve, if any)
+
+    def extra_batches(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The batches besides the data, in the order their logits are computed."""
+        return self.sample, self.sample_y, self.outlier
+
+
 class JEMLogits(NamedTuple):
     """Float32 logits ``[N, C]`` of one JEM training step; a term whose inputs are absent is ``None``.
 
@@ -300,6 +320,15 @@ class JEMLogits(NamedTuple):
 
 DEFAULT_WEIGHTS: dict[str, float] = {"ce": 1.0, "px": 0.1, "pxy": 0.0, "energy_l2": 0.0, "margin": 0.0}
 """The objective's weights when neither the user nor a preset gives one (``px``: chosen on the quality benchmark)."""
+
+
+def margins_from_energies(energies: Tensor) -> tuple[float, float]:
+    """Margins of :func:`energy_margin_loss` from a classifier's own energies on training data ``[N]``:
+    ``(q10, q90 + max(q90 - q10, 1))``. The data's energies are pulled below their 10% quantile and outliers' pushed
+    above the data's spread, on the scale this classifier already has (the paper's ``(-23, -5)`` fit only CIFAR
+    WideResNets; on other data they wreck the classifier)."""
+    q10, q90 = torch.quantile(energies.float(), torch.tensor([0.1, 0.9], device=energies.device)).tolist()
+    return q10, q90 + max(q90 - q10, 1.0)
 
 
 def objective_weights(weights: Mapping[str, float] | None, base: Mapping[str, float] | None = None) -> dict[str, float]:

@@ -12,8 +12,7 @@ elsewhere: divergence handling in :class:`~jemkit.callbacks.DivergenceGuard`, wh
 from __future__ import annotations
 
 import inspect
-import pickle
-from dataclasses import dataclass
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +28,24 @@ from jemkit.checkpoint import (
     check_finite_state,
     check_jemkit_section,
     check_writable,
-    is_unreadable_checkpoint,
     jemkit_section,
-    upgraded_checkpoint,
+    load_with_clear_errors,
 )
-from jemkit.checks import check_first_batch, check_input_shape
+from jemkit.checks import check_first_batch, check_input_shape, check_jem_arguments
 from jemkit.divergence import DivergenceError
 from jemkit.energy import joint_energy, marginal_energy
-from jemkit.losses import DEFAULT_WEIGHTS, JEMLogits, jem_objective
+from jemkit.losses import DEFAULT_WEIGHTS, DrawnInputs, JEMLogits, jem_objective, margins_from_energies
 from jemkit.losses import classification_loss as classification_loss_fn
 from jemkit.metrics.calibration import CalibrationMetrics
 from jemkit.optim import configure_optimizer, scaled_learning_rates
 from jemkit.presets import resolve_settings
 from jemkit.sampling import Chains, InitialDistribution, InputDomain, ReplayBuffer, Sampler
+from jemkit.scores import score_batches
 
 __all__ = ["JEM", "DivergenceError"]
 
 _CONFIG_OBJECTS = (Sampler, InitialDistribution, ReplayBuffer, InputDomain)  # recorded as class_path/init_args
 _LEGACY_WEIGHTS = {f"{name}_weight": name for name in DEFAULT_WEIGHTS}  # checkpoints of jemkit 0.1: px_weight=...
-
-
-@dataclass
-class DrawnInputs:
-    """What one training step feeds the classifier besides nothing else: kept so that an optimiser that evaluates the
-    step twice (SAM) sees the same noisy data and samples again."""
-
-    key: tuple[int, int]  # (global step, batch index)
-    data: Tensor  # the data with its training noise
-    sample: Tensor | None = None  # unconditional samples
-    sample_y: Tensor | None = None  # class-conditional samples ...
-    y_sample: Tensor | None = None  # ... of these labels
-    outlier: Tensor | None = None  # outliers of the energy-margin term (None: the samples serve, if any)
 
 
 class JEM(pl.LightningModule):
@@ -150,7 +136,7 @@ class JEM(pl.LightningModule):
         given = dict(sampler=sampler, buffer=buffer, weights=weights, data_noise=data_noise, lr=lr)
         given |= dict(lr_warmup_steps=lr_warmup_steps, optimizer=optimizer)
         settings = resolve_settings(preset, given)
-        _check_arguments(settings, temperature, num_classes, margins)
+        check_jem_arguments(settings, temperature, num_classes, margins)
         buffer = settings["buffer"]
         if settings["weights"]["pxy"] > 0 and not buffer.conditional:
             if given["buffer"] is not None or preset is not None:
@@ -270,7 +256,7 @@ class JEM(pl.LightningModule):
         shared batch of data and samples trains far worse; see benchmarks/RESULTS.md). Without BatchNorm or Dropout
         one forward serves all.
         """
-        batches = [b for b in (drawn.sample, drawn.sample_y, drawn.outlier) if b is not None]
+        batches = [b for b in drawn.extra_batches() if b is not None]
         sizes = [drawn.data.shape[0], *(b.shape[0] for b in batches)]  # outlier batches may differ in size
         if self.share_forward:
             data, *rest = self(torch.cat([drawn.data, *batches])).split(sizes)
@@ -283,7 +269,7 @@ class JEM(pl.LightningModule):
                 else:
                     contrast, rest = data, [self(b) for b in batches]
         found = iter(r.float() for r in rest)
-        sample, sample_y, outlier = (next(found) if b is not None else None for b in batches_of(drawn))
+        sample, sample_y, outlier = (next(found) if b is not None else None for b in drawn.extra_batches())
         if outlier is None and self.weights["margin"] > 0:
             outlier = sample  # no outliers in the batch: the energy-margin term pushes up the samples
         return JEMLogits(data.float(), contrast.float(), sample, sample_y, outlier)
@@ -344,20 +330,9 @@ class JEM(pl.LightningModule):
         labelled = loaders["data"] if isinstance(loaders, dict) and "data" in loaders else loaders
         self.chains.fit(labelled, self.num_classes, self.device)
         if self.weights["margin"] > 0 and self.margins is None:
-            self.margins = self._margins_from_data(labelled)
-
-    @torch.no_grad()
-    def _margins_from_data(self, loader: Any, batches: int = 20) -> tuple[float, float]:
-        """``(q10, q90 + (q90 - q10))`` of the classifier's own energies on training data: the data's energies are
-        pulled below their 10% quantile, outliers' pushed above the data's spread."""
-        energies = []
-        with sampling_context(self.classifier, "eval"):
-            for i, batch in enumerate(loader):
-                if i >= batches:
-                    break
-                energies.append(self.energy(unpack_batch(batch)[0].to(self.device)).float())
-        q10, q90 = torch.quantile(torch.cat(energies), torch.tensor([0.1, 0.9], device=self.device)).tolist()
-        return q10, q90 + max(q90 - q10, 1.0)
+            with sampling_context(self.classifier, "eval"):  # the classifier's own energies on 20 training batches
+                log_px = score_batches(self, itertools.islice(labelled, 20), ["logpx"], self.temperature, self.device)
+            self.margins = margins_from_energies(-log_px["logpx"])
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """A raising :class:`DivergenceGuard` unless the Trainer has one: a diverged run always stops by name."""
@@ -416,41 +391,6 @@ class JEM(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> JEM:  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``, with a clear error for files that are not Lightning checkpoints."""
-        try:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-            if not is_unreadable_checkpoint(checkpoint_path):
-                raise
-            raise ValueError(f"{checkpoint_path} is truncated or corrupted: it cannot be read as a checkpoint") from err
-        except KeyError as err:
-            raise ValueError(
-                f"{checkpoint_path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file "
-                "written by Trainer.fit / ModelCheckpoint or `jemkit fit`"
-            ) from err
-        except Exception as err:  # a checkpoint of jemkit 0.1, rebuilt strictly from its CLI config: rename and retry
-            if not any(f"'{name}'" in str(err) for name in _LEGACY_WEIGHTS):
-                raise
-            return super().load_from_checkpoint(upgraded_checkpoint(checkpoint_path, _LEGACY_WEIGHTS), *args, **kwargs)
-
-
-def batches_of(drawn: DrawnInputs) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The extra batches of a step in the order :meth:`JEM._logits` forwards them."""
-    return drawn.sample, drawn.sample_y, drawn.outlier
-
-
-def _check_arguments(
-    settings: dict[str, Any], temperature: float, num_classes: int | None, margins: tuple[float, float] | None
-) -> None:
-    """``ValueError`` naming the first argument out of its range."""
-    if not settings["data_noise"] >= 0:
-        raise ValueError(f"data_noise must be >= 0, got {settings['data_noise']!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if num_classes is not None and num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
-    warmup = settings["lr_warmup_steps"]
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {warmup!r}")
-    if margins is not None and not float(margins[0]) < float(margins[1]):
-        raise ValueError(f"margins must be (margin_in, margin_out) with margin_in < margin_out, got {margins}")
+        """Lightning's ``load_from_checkpoint``, with clear errors for files that are not JEM checkpoints; checkpoints
+        of jemkit 0.1 (``px_weight=...``) load too."""
+        return load_with_clear_errors(super().load_from_checkpoint, checkpoint_path, _LEGACY_WEIGHTS, *args, **kwargs)

@@ -87,9 +87,9 @@ class DivergenceGuard(Callback):
         - ``"rollback"``: restore the weights, optimiser and scheduler state of the last snapshot (taken every
           ``snapshot_every_n_steps`` healthy steps, kept in host memory; a snapshot holds only weights that a later
           step has judged healthy, so a spike in the step before it is never restored), re-initialise the replay
-          buffer (its shard under DDP), lower the learning rate to ``lr_factor ** rollbacks`` times the scheduled one (applied at every
-          optimiser step, so schedulers that set the rate outright keep it lowered), log ``train/rollbacks`` and go
-          on; after ``max_rollbacks`` rollbacks, raise.
+          buffer (its shard under DDP), lower the learning rate to ``lr_factor ** rollbacks`` times the scheduled one
+          (applied at every optimiser step, so schedulers that set the rate outright keep it lowered), log
+          ``train/rollbacks`` and go on; after ``max_rollbacks`` rollbacks, raise.
 
     Args:
         action: ``"raise"``, ``"skip"`` or ``"rollback"``.
