@@ -5,7 +5,7 @@ architecture, Adam) and a list of JEM configurations (the defaults, each preset,
 in scenarios that differ in data, units and architecture (``SCENARIOS``), all offline:
 
 - ``digits``: scikit-learn's 8x8 digits in [-1, 1], SmallCNN; ``openset``: digits 0-4 only, 5-9 held out as near-OOD;
-- ``digits-standard``: the digits normalised like ImageNet images ((x - mean) / std, about [-0.4, 2.9]), SmallCNN;
+- ``digits-standard``: the digits normalised like ImageNet images ((x - mean) / std, about [-0.8, 1.9]), SmallCNN;
 - ``digits-resnet``: the digits with a second image architecture (a small residual network);
 - ``wine``: scikit-learn's wine, 13 features standardised with the train split's statistics, an MLP;
 - ``cancer-binary``: breast cancer, 30 standardised features, an MLP with one output logit and 0/1 float labels;

@@ -16,7 +16,6 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import RandomSampler, SequentialSampler
-from torchvision.datasets import FakeData
 from torchvision.transforms import RandomCrop, RandomHorizontalFlip
 
 from jemkit.data import (
@@ -28,6 +27,7 @@ from jemkit.data import (
     MNISTDataModule,
     SVHNDataModule,
 )
+from tests.helpers import FakeColourData
 
 # ----------------------------------------------------------------------------------------------------- digits
 
@@ -280,14 +280,6 @@ def test_mnist_style_sets_are_never_augmented():
     for cls in (MNISTDataModule, FashionMNISTDataModule):
         transforms = cls(augment=True).train_transform().transforms
         assert not any(isinstance(t, RandomCrop | RandomHorizontalFlip) for t in transforms)
-
-
-class FakeColourData(FakeData):
-    """Stands in for CIFAR/SVHN: accepts both of their signatures, 24 training and 8 test images of 3x32x32."""
-
-    def __init__(self, root, train=True, split="train", transform=None, download=False) -> None:
-        is_train = train and split == "train"
-        super().__init__(size=24 if is_train else 8, image_size=(3, 32, 32), transform=transform)
 
 
 COLOUR = [(CIFAR10DataModule, 10, True), (CIFAR100DataModule, 100, True), (SVHNDataModule, 10, False)]

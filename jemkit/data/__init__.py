@@ -1,13 +1,20 @@
-"""Data modules for jemkit: every one yields ``(x, y)`` batches in ``data_range = (-1, 1)``.
+"""Data modules for jemkit: every one yields ``(x, y)`` batches and describes them with three attributes.
 
-Downstream code (models, samplers, callbacks, the CLI) reads three attributes from any of them instead of
-hard-coding a dataset: ``num_classes``, ``input_shape`` (one example, without the batch dimension) and
-``data_range`` (the box samplers start from and clamp to). The digits and the Gaussian mixture need no download,
-so they serve tests, tutorials and CI; the torchvision modules serve the benchmarks of the JEM papers.
+Downstream code (models, samplers, callbacks, the CLI) reads them from any module instead of hard-coding a dataset:
+``num_classes``, ``input_shape`` (one example, without the batch dimension) and ``data_range`` (the box samplers
+start from and clamp to). The image modules and the Gaussian mixture yield inputs in ``data_range = (-1, 1)``
+(the digits optionally ``[0, 1]`` or standardised, with ``data_range`` to match). The tabular and signal modules
+keep their data's own, unbounded scale, like most users' pipelines: their ``data_range`` is ``None`` (a JEM's
+``InputDomain`` fits the box on the training data whatever the scale).
+
+The digits, the Gaussian mixture, the scikit-learn tabular sets and the synthetic signals need no download, so they
+serve tests, tutorials and CI; the torchvision modules serve the benchmarks of the JEM papers.
 """
 
 from jemkit.data.digits import DigitsDataModule
 from jemkit.data.outliers import WithOutliers
+from jemkit.data.signals import SignalsDataModule
+from jemkit.data.tabular import TabularDataModule
 from jemkit.data.toy import GaussianMixtureDataModule
 from jemkit.data.vision import (
     CIFAR10DataModule,
@@ -26,6 +33,8 @@ __all__ = [
     "GaussianMixtureDataModule",
     "MNISTDataModule",
     "SVHNDataModule",
+    "SignalsDataModule",
+    "TabularDataModule",
     "VisionDataModule",
     "WithOutliers",
 ]

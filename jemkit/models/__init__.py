@@ -1,6 +1,7 @@
-"""Backbones for JEM. Any ``nn.Module`` mapping images to logits ``[B, num_classes]`` works; these are the two
-the project ships, with consistent ``num_classes`` / ``in_channels`` signatures so that recipes and the CLI
-can build them by name.
+"""Backbones for JEM. Any ``nn.Module`` mapping inputs to logits ``[B, num_classes]`` works; these are the ones the
+project ships, with consistent ``num_classes`` / ``in_channels`` / ``norm`` / ``activation`` signatures so that
+recipes and the CLI can build them by name: ``SmallCNN``, ``SmallResNet`` and ``WideResNet`` for images, ``SignalCNN``
+for 1-D signals ``[B, C, L]`` and ``MLP`` for feature vectors ``[B, D]``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,24 @@ from typing import Any
 
 from torch import nn
 
+from jemkit.models.mlp import MLP
 from jemkit.models.pretrained import with_weights
+from jemkit.models.resnet import SmallResNet
+from jemkit.models.signal_cnn import SignalCNN
 from jemkit.models.small_cnn import SmallCNN
 from jemkit.models.wide_resnet import WideResNet
 
-__all__ = ["MODELS", "SmallCNN", "WideResNet", "create_model", "with_weights", "wrn28_10"]
+__all__ = [
+    "MLP",
+    "MODELS",
+    "SignalCNN",
+    "SmallCNN",
+    "SmallResNet",
+    "WideResNet",
+    "create_model",
+    "with_weights",
+    "wrn28_10",
+]
 
 
 def wrn28_10(**kwargs: Any) -> WideResNet:
@@ -23,7 +37,10 @@ def wrn28_10(**kwargs: Any) -> WideResNet:
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "signal_cnn": SignalCNN,
     "small_cnn": SmallCNN,
+    "small_resnet": SmallResNet,
     "wrn": WideResNet,
     "wide_resnet": WideResNet,
     "wrn28_10": wrn28_10,
