@@ -128,11 +128,19 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "default-evalmode": lambda: {"sampling_mode": "eval"},
     # candidates for data beyond digits (issue 20)
     "default-l2": lambda: {"weights": {"energy_l2": 0.01}},
+    "l2-mix": lambda: {"weights": {"energy_l2": 0.01}, "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},
+    "l2-mix-px0.3": lambda: {
+        "weights": {"px": 0.3, "energy_l2": 0.01},
+        "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5)),
+    },
     "default-l2-0.1": lambda: {"weights": {"energy_l2": 0.1}},
     "default-px0.3": lambda: {"weights": {"px": 0.3}},
-    "default-pyld10": lambda: {"sampler": PYLD(n_steps=10, step_size=0.2)},  # BatchNorm: the sampling mode "auto" does not choose
+    "default-pyld10": lambda: {
+        "sampler": PYLD(n_steps=10, step_size=0.2)
+    },  # BatchNorm: the sampling mode "auto" does not choose
     # fine-tuning candidates (--finetune): start from the pre-trained classifier
     "finetune": lambda: {"preset": "finetune"},
+    "ft-mix": lambda: {"preset": "finetune", "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},
     "ft-default-lr1e-4": lambda: {"lr": 1e-4},
     "ft-px1-lr1e-4": lambda: {"lr": 1e-4, "weights": {"px": 1.0}},
     "ft-margin-samples": lambda: {"lr": 1e-4, "weights": {"px": 0.0, "margin": 0.1}},

@@ -64,12 +64,15 @@ def select_logits(output: Any, output_key: OutputKey = None) -> Tensor:
 
 def class_logits(logits: Tensor) -> Tensor:
     """Logits ``[B, C]``; a one-logit binary head ``g(x)`` (``[B]`` or ``[B, 1]``, trained with a sigmoid) is read as
-    the two logits ``[0, g(x)]``: the binary energy ``E(x, y) = -y g(x)`` with ``y`` in ``{0, 1}``, whose softmax
-    is the head's own sigmoid."""
+    the two logits ``[-g(x) / 2, g(x) / 2]``: the binary energy ``E(x, y) = -s g(x) / 2`` with ``s = -1, +1`` for
+    the classes 0 and 1. Its softmax is the head's own sigmoid, and both classes get a density: with the logits
+    ``[0, g(x)]`` (the same classifier), ``E(x, 0) = 0`` everywhere and class 0 could never be more likely than
+    anything else."""
     if logits.dim() == 1:
         logits = logits.unsqueeze(1)
     if logits.dim() == 2 and logits.shape[1] == 1:
-        return torch.cat([torch.zeros_like(logits), logits], dim=1)
+        half = logits / 2
+        return torch.cat([-half, half], dim=1)
     return logits
 
 

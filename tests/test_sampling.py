@@ -230,3 +230,16 @@ def test_pyld_noise_and_errors():
         PYLD(eps=0.0)
     with pytest.raises(ValueError, match="needs the data range"):
         PYLD(clip=None)
+
+
+def test_gaussian_restarts_can_mix_in_uniform_draws_over_the_box():
+    from jemkit import GaussianInit
+
+    x, y = torch.randn(400, 2) * 0.05 + 0.5, torch.zeros(400, dtype=torch.long)  # data in a tiny corner
+    init = GaussianInit(uniform_fraction=0.5).fit(x, y, num_classes=1)
+    draws = init.sample(4000, (2,))
+    far = (draws - 0.5).abs().amax(1) > 0.3  # impossible under the fitted Gaussian (6 std)
+    assert abs(float(far.float().mean()) - 0.5 * 0.91) < 0.05  # half uniform on [-1, 1]^2, 91% of which land that far
+    assert float(GaussianInit().fit(x, y, 1).sample(1000, (2,)).sub(0.5).abs().amax()) < 0.3
+    with pytest.raises(ValueError, match="uniform_fraction must be in"):
+        GaussianInit(uniform_fraction=1.5)

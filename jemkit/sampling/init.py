@@ -88,18 +88,26 @@ class GaussianInit(InitialDistribution):
 
     Until :meth:`fit` is called it is a standard normal clipped to ``[low, high]``. With labels, each chain starts from
     the Gaussian of its class; without, from the Gaussian of a random class weighted by class frequency.
+    ``uniform_fraction`` of the draws come from the uniform distribution on ``[low, high]`` instead: chains that start
+    only near the data never visit the rest of the box, whose energy then stays whatever the classifier gives it.
 
     Args:
         low: samples are clamped into ``[low, high]`` (the data range).
         high: see ``low``.
         fit_batches: training batches :meth:`fit_loader` reads (a JEM fits it when training starts).
+        uniform_fraction: share of draws from ``U(low, high)`` (JEM's restarts) rather than the fitted Gaussians.
     """
 
-    def __init__(self, low: float = -1.0, high: float = 1.0, fit_batches: int = 50) -> None:
+    def __init__(
+        self, low: float = -1.0, high: float = 1.0, fit_batches: int = 50, uniform_fraction: float = 0.0
+    ) -> None:
         super().__init__(low, high)
         if isinstance(fit_batches, bool) or not isinstance(fit_batches, int) or fit_batches < 1:
             raise ValueError(f"fit_batches must be an integer >= 1, got {fit_batches!r}")
+        if not 0.0 <= uniform_fraction <= 1.0:
+            raise ValueError(f"uniform_fraction must be in [0, 1], got {uniform_fraction!r}")
         self.fit_batches = fit_batches
+        self.uniform_fraction = float(uniform_fraction)
         self.means: Tensor | None = None  # [C, *shape]
         self.stds: Tensor | None = None  # [C, *shape]
         self.class_probs: Tensor | None = None  # [C]
@@ -174,8 +182,14 @@ class GaussianInit(InitialDistribution):
         means, stds = self.means.to(device, dtype), self.stds.to(device, dtype)
         if y is None:
             y = torch.multinomial(self.class_probs.to(device), n, replacement=True)
-        return (means[y] + stds[y] * noise).clamp(self.low, self.high)
+        x = (means[y] + stds[y] * noise).clamp(self.low, self.high)
+        if self.uniform_fraction > 0:
+            uniform = torch.rand_like(x) * (self.high - self.low) + self.low
+            pick = torch.rand(n, device=device) < self.uniform_fraction
+            x = torch.where(pick.view(-1, *([1] * (x.dim() - 1))), uniform, x)
+        return x
 
     def __repr__(self) -> str:
         fitted = "fitted" if self.means is not None else "unfitted"
-        return f"GaussianInit(low={self.low}, high={self.high}, fit_batches={self.fit_batches}, {fitted})"
+        mix = f", uniform_fraction={self.uniform_fraction}" if self.uniform_fraction else ""
+        return f"GaussianInit(low={self.low}, high={self.high}, fit_batches={self.fit_batches}{mix}, {fitted})"
