@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-__all__ = ["SAM", "configure_optimizer", "scaled_learning_rates"]
+__all__ = ["SAM", "configure_optimizer", "scaled_learning_rates", "scheduled_state_dict"]
 
 
 def configure_optimizer(
@@ -40,12 +40,24 @@ def scaled_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> It
     """
     scheduled = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
+        group["scheduled_lr"] = group["lr"]  # what a state_dict taken inside the block should record
         group["lr"] = group["lr"] * factor
     try:
         yield
     finally:
         for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
             group["lr"] = lr
+            group.pop("scheduled_lr", None)
+
+
+def scheduled_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with the scheduled learning rates, also when taken inside
+    :func:`scaled_learning_rates` (mid-step, as DivergenceGuard's snapshots are)."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if "scheduled_lr" in group:
+            group["lr"] = group.pop("scheduled_lr")
+    return state
 
 
 _BASES: dict[str, type[torch.optim.Optimizer]] = {

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from jemkit.adapters import unpack_batch
 from jemkit.divergence import DivergenceError, Guarded, divergence_reasons
+from jemkit.optim import scheduled_state_dict
 
 __all__ = ["DivergenceGuard"]
 
@@ -247,7 +248,7 @@ class DivergenceGuard(Callback):
         self._snapshot = {
             # the replay buffer is re-initialised on rollback, so it is not copied (under DDP it is this rank's shard)
             "model": _to_cpu({k: v for k, v in pl_module.state_dict().items() if not k.startswith("buffer.")}),
-            "optimizers": [_to_cpu(opt.state_dict()) for opt in trainer.optimizers],
+            "optimizers": [_to_cpu(scheduled_state_dict(opt)) for opt in trainer.optimizers],
             "schedulers": [_to_cpu(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
             "step": trainer.global_step,
         }
