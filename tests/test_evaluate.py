@@ -159,13 +159,16 @@ class ShiftedDigits(DigitsDataModule):
         self.test_dataset = torch.utils.data.TensorDataset(torch.roll(x, 3, dims=-1), y)
 
 
-def test_evaluate_command_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+def test_evaluate_command_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # a user's mistake: one line, no traceback
         main(["evaluate", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)])
+    assert capsys.readouterr().err.startswith("jemkit: error: checkpoint not found")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(["evaluate", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path), "--debug"])
     not_a_ckpt = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(3)}, not_a_ckpt)
     with pytest.raises(ValueError, match="not a Lightning checkpoint of a JEM"):
-        main(["evaluate", "--ckpt", str(not_a_ckpt), "--out", str(tmp_path)])
+        main(["evaluate", "--ckpt", str(not_a_ckpt), "--out", str(tmp_path), "--debug"])
 
 
 def test_scores_that_point_the_wrong_way_are_flagged():
