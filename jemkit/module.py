@@ -52,10 +52,11 @@ class JEM(pl.LightningModule):
     """Wrap a classifier ``f(x) -> logits [B, C]`` as a JEM and train it with ``cross-entropy + log p(x)``.
 
     ``forward`` returns the classifier's logits, so a JEM drops in wherever the classifier was used (a one-logit
-    binary head ``g(x)`` is read as the two logits ``[0, g(x)]``). Settings left at ``None`` come from ``preset``,
-    else from jemkit's defaults (:func:`jemkit.presets.default_settings`, chosen on ``benchmarks/quality.py``):
-    JEM++'s proximal sampler ``PYLD(n_steps=5, step_size=0.2)``, chains restarted from per-class Gaussians, ``log p(x)``
-    at weight 0.1, data noise 0.03, Adam at 1e-3. An explicit argument always wins over the preset.
+    binary head ``g(x)`` is read as the two logits ``[-g(x) / 2, g(x) / 2]``). Settings left at ``None`` come from
+    ``preset``, else from jemkit's defaults (:func:`jemkit.presets.default_settings`, chosen on
+    ``benchmarks/quality.py``): JEM++'s proximal sampler ``PYLD(n_steps=5, step_size=0.2)``, chains restarted half
+    from per-class Gaussians and half from the input domain's box, ``log p(x)`` at weight 0.1 with an energy
+    regulariser of 0.01, data noise 0.03, Adam at 1e-3. An explicit argument always wins over the preset.
 
     Args:
         classifier: any ``nn.Module`` mapping a batch of inputs to logits (see ``output_key`` for tuple/dict outputs).
