@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -183,3 +184,23 @@ def test_a_binary_head_is_not_mistaken_for_bad_labels(tmp_path):
     jem = JEM(head, sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=16))
     trainer(tmp_path, max_steps=4).fit(jem, loader(x, y, 16))
     assert jem.num_classes == 2 and jem(x).shape == (64, 2)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--ood", "[uniform,imagenet]"], r"unknown --ood set\(s\) \['imagenet'\]"), (["--scores", "[logpx,foo]"], "foo")],
+)
+def test_evaluate_refuses_bad_options_before_writing_anything(tmp_path, capsys, option, message):
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--ckpt", "checkpoints/jem-digits.ckpt", "--out", str(out), *option])
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_evaluate_names_both_shapes_when_the_data_does_not_fit_the_checkpoint(tmp_path, capsys):
+    argv = ["evaluate", "--ckpt", "checkpoints/jem-digits.ckpt", "--out", str(tmp_path / "eval")]
+    argv += ["--data", "jemkit.data.GaussianMixtureDataModule", "--attacks", "[]", "--progress", "false"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "inputs of shape (2,) but the checkpoint's model takes (1, 8, 8)" in capsys.readouterr().err
