@@ -54,10 +54,20 @@ def scheduled_state_dict(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with the scheduled learning rates, also when taken inside
     :func:`scaled_learning_rates` (mid-step, as DivergenceGuard's snapshots are)."""
     state = optimizer.state_dict()
-    for group in state["param_groups"]:
+    _unscale(state)
+    return state
+
+
+def _unscale(state: Any) -> None:
+    """Put the scheduled rates back into every ``param_groups`` of a (possibly nested, e.g. SAM's) state dict."""
+    if not isinstance(state, dict):
+        return
+    for group in state.get("param_groups", []):
         if "scheduled_lr" in group:
             group["lr"] = group.pop("scheduled_lr")
-    return state
+    for value in state.values():
+        if isinstance(value, dict) and value is not state.get("state"):
+            _unscale(value)
 
 
 _BASES: dict[str, type[torch.optim.Optimizer]] = {
