@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
+from sklearn.model_selection import train_test_split
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["check_batch_size", "check_split_fractions", "make_loader"]
+__all__ = ["check_batch_size", "check_split_fractions", "make_loader", "stratified_split"]
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -24,6 +28,18 @@ def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
             "val_fraction + test_fraction must be < 1 so that some data is left for training, "
             f"got {val_fraction!r} + {test_fraction!r} = {val_fraction + test_fraction!r}"
         )
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted train/val/test indices of a split stratified by class and fixed by ``seed``: the one split recipe of
+    jemkit's data modules (every class in every split; the same seed, the same examples)."""
+    rest, test = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1.0 - test_fraction), stratify=labels[rest], random_state=seed
+    )
+    return tuple(torch.from_numpy(np.sort(i)) for i in (train, val, test))  # type: ignore[return-value]
 
 
 def make_loader(dataset: Dataset | None, batch_size: int, num_workers: int, train: bool = False) -> DataLoader:

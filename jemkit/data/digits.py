@@ -12,13 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions
+from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions, stratified_split
 
 __all__ = ["NORMALIZATIONS", "DigitsDataModule"]
 
@@ -143,16 +141,7 @@ class DigitsDataModule(SplitDataModule):
         else:  # "unit", and "standard" once the training split is known
             x = torch.from_numpy(images).float().view(-1, *self.input_shape) / 16.0
         y = torch.from_numpy(labels).long()
-        rest, test = train_test_split(
-            np.arange(len(labels)), test_size=self.test_fraction, stratify=labels, random_state=self.seed
-        )
-        train, val = train_test_split(
-            rest,
-            test_size=self.val_fraction / (1.0 - self.test_fraction),
-            stratify=labels[rest],
-            random_state=self.seed,
-        )
-        train, val, test = (torch.from_numpy(np.sort(i)) for i in (train, val, test))
+        train, val, test = stratified_split(labels, self.val_fraction, self.test_fraction, self.seed)
         if self.classes is not None:  # open set: the kept classes, relabelled 0..k-1; the others' test images held out
             kept = torch.isin(y, torch.tensor(self.classes))
             self.heldout_dataset = TensorDataset(x[test[~kept[test]]], y[test[~kept[test]]])

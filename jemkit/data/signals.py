@@ -13,13 +13,11 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions
+from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions, stratified_split
 
 __all__ = ["SignalsDataModule"]
 
@@ -204,16 +202,7 @@ class SignalsDataModule(SplitDataModule):
             return
         x, y = self.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
         labels = y.numpy()
-        rest, test = train_test_split(
-            np.arange(len(labels)), test_size=self.test_fraction, stratify=labels, random_state=self.seed
-        )
-        train, val = train_test_split(
-            rest,
-            test_size=self.val_fraction / (1.0 - self.test_fraction),
-            stratify=labels[rest],
-            random_state=self.seed,
-        )
-        train, val, test = (torch.from_numpy(np.sort(i)) for i in (train, val, test))
+        train, val, test = stratified_split(labels, self.val_fraction, self.test_fraction, self.seed)
         self.train_dataset = TensorDataset(x[train], y[train])
         self.val_dataset = TensorDataset(x[val], y[val])
         self.test_dataset = TensorDataset(x[test], y[test])

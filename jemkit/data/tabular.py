@@ -16,10 +16,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions
+from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions, stratified_split
 
 __all__ = ["LABEL_DTYPES", "SKLEARN_DATASETS", "TabularDataModule"]
 
@@ -224,15 +223,7 @@ class TabularDataModule(SplitDataModule):
     def _split(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sorted train/val/test row indices of a split stratified by class and fixed by ``seed``."""
         try:
-            rest, test = train_test_split(
-                np.arange(len(labels)), test_size=self.test_fraction, stratify=labels, random_state=self.seed
-            )
-            train, val = train_test_split(
-                rest,
-                test_size=self.val_fraction / (1.0 - self.test_fraction),
-                stratify=labels[rest],
-                random_state=self.seed,
-            )
+            train, val, test = stratified_split(labels, self.val_fraction, self.test_fraction, self.seed)
         except ValueError as error:
             counts = np.bincount(labels).tolist()
             raise ValueError(
@@ -240,7 +231,7 @@ class TabularDataModule(SplitDataModule):
                 f"with val_fraction={self.val_fraction!r} and test_fraction={self.test_fraction!r}: every class needs "
                 f"enough examples for every split ({error})"
             ) from error
-        return np.sort(train), np.sort(val), np.sort(test)
+        return train.numpy(), val.numpy(), test.numpy()
 
     def setup(self, stage: str | None = None) -> None:
         """Standardise (if asked) and build the three splits once; later calls (any stage) are no-ops."""
