@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,27 @@ from torch import Tensor
 
 from jemkit.energy import check_labels, check_logits
 
-__all__ = ["check_first_batch", "check_input_shape", "check_jem_arguments"]
+__all__ = [
+    "check_first_batch",
+    "check_input_shape",
+    "check_integer",
+    "check_jem_arguments",
+    "check_nonnegative",
+]
+
+
+def check_integer(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an integer ``>= minimum``; a bool is refused (``True`` would read as 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """``value`` as a finite float ``>= 0``; a bool is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def check_input_shape(x: Tensor, expected: Sequence[int] | None, stage: str) -> None:
@@ -43,8 +64,6 @@ def check_jem_arguments(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if num_classes is not None and num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
-    warmup = settings["lr_warmup_steps"]
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {warmup!r}")
+    check_integer("lr_warmup_steps", settings["lr_warmup_steps"], minimum=0)
     if margins is not None and not float(margins[0]) < float(margins[1]):
         raise ValueError(f"margins must be (margin_in, margin_out) with margin_in < margin_out, got {margins}")
