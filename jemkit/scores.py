@@ -18,7 +18,7 @@ from torch import Tensor
 
 from jemkit.energy import log_px, log_py_given_x
 
-__all__ = ["SCORES", "compare_scores", "ood_scores", "reversed_scores", "score_batches"]
+__all__ = ["SCORES", "compare_scores", "ood_scores", "reversed_scores", "score_batches", "score_sets"]
 
 SCORES: tuple[str, ...] = ("logpx", "msp", "max_logit", "grad_norm")
 
@@ -70,6 +70,28 @@ def score_batches(
         for name, value in ood_scores(model, x.to(device), scores, temperature).items():
             parts[name].append(value.detach().float())
     return {name: torch.cat(v) if v else torch.empty(0, device=device) for name, v in parts.items()}
+
+
+def score_sets(
+    model: Callable[[Tensor], Tensor],
+    reference: Iterable,
+    ood_sets: dict[str, Iterable],
+    scores: Sequence[str] = SCORES,
+    temperature: float = 1.0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """Scores of the in-distribution ``reference`` batches and of each OOD set's batches: ``(in_scores,
+    {set: out_scores})``, the one scoring loop of the evaluation report and the ``OODMonitor`` callback (feed the
+    result to :func:`compare_scores`)."""
+    from tqdm.auto import tqdm
+
+    def score(batches: Iterable, desc: str) -> dict[str, Tensor]:
+        bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
+        return score_batches(model, bar, scores, temperature, device)
+
+    in_scores = score(reference, "OOD in-dist")
+    return in_scores, {name: score(batches, f"OOD {name}") for name, batches in ood_sets.items()}
 
 
 def compare_scores(

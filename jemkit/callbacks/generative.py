@@ -13,7 +13,8 @@ from torch import nn
 from typing_extensions import override
 
 from jemkit.adapters import sampling_context, unpack_batch
-from jemkit.evaluate.generative import SOURCES, GenerativeMetrics, build_generative_metrics, draw, source_steps
+from jemkit.evaluate.generative import GenerativeMetrics, build_generative_metrics
+from jemkit.evaluate.samples import SOURCES, draw, source_steps
 
 __all__ = ["GenerativeMonitor"]
 

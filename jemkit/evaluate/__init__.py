@@ -1,10 +1,18 @@
 """Evaluation of a trained JEM: calibration, OOD detection, robustness, samples and FID/IS, as a report with figures.
 
+One job a module: ``report`` (the orchestration, :func:`evaluate`), ``calibration``, ``ood``, ``robustness`` (the
+loop) with ``attacks`` (PGD, AutoAttack, noise), ``attack_config`` (configs, budgets, the box), ``defense`` and
+``threat``; ``samples`` (the one way samples are drawn, and pictures), ``generative`` (FID/IS), ``plots``.
 Importing this package loads matplotlib's object API only (never ``pyplot``), with the Agg canvas: no window opens.
 """
 
+from jemkit.evaluate.attack_config import DEFAULT_ATTACKS, STANDARD_BUDGETS
+from jemkit.evaluate.attacks import autoattack, gaussian_noise_corruption, pgd_attack
+from jemkit.evaluate.calibration import CalibrationOptions, calibration_report
+from jemkit.evaluate.defense import Defense, jem_defense
 from jemkit.evaluate.generative import (
     ClassifierLogits,
+    GenerativeOptions,
     PenultimateFeatures,
     fid_score,
     format_generative,
@@ -12,14 +20,26 @@ from jemkit.evaluate.generative import (
     inception_images,
     inception_score,
 )
+from jemkit.evaluate.ood import OODOptions
 from jemkit.evaluate.plots import reliability_diagram, save_figure, score_histogram
-from jemkit.evaluate.report import DEFAULT_ATTACKS, evaluate, format_report
-from jemkit.evaluate.robustness import gaussian_noise_corruption, pgd_attack, robust_accuracy
+from jemkit.evaluate.report import evaluate, format_report
+from jemkit.evaluate.robustness import RobustnessOptions, robust_accuracy
+from jemkit.evaluate.samples import SampleOptions
+from jemkit.evaluate.threat import threat_model
 
 __all__ = [
     "DEFAULT_ATTACKS",
+    "STANDARD_BUDGETS",
+    "CalibrationOptions",
     "ClassifierLogits",
+    "Defense",
+    "GenerativeOptions",
+    "OODOptions",
     "PenultimateFeatures",
+    "RobustnessOptions",
+    "SampleOptions",
+    "autoattack",
+    "calibration_report",
     "evaluate",
     "fid_score",
     "format_generative",
@@ -28,9 +48,11 @@ __all__ = [
     "generative_metrics",
     "inception_images",
     "inception_score",
+    "jem_defense",
     "pgd_attack",
     "reliability_diagram",
     "robust_accuracy",
     "save_figure",
     "score_histogram",
+    "threat_model",
 ]

@@ -1,7 +1,7 @@
-"""Gradient attacks on any classifier ``inputs [B, ...] -> logits [B, C]``: PGD (with EOT) and AutoAttack.
+"""Perturbations of a classifier's inputs ``[B, ...]``: PGD (with EOT), AutoAttack and Gaussian noise.
 
 The attacked callable may be a plain classifier or a classifier behind a defence (see
-:mod:`jemkit.evaluate.robustness`, which builds those): everything here only needs logits and their input gradient.
+:mod:`jemkit.evaluate.defense`, which builds those): everything here only needs logits and their input gradient.
 A callable that is random (a purifier with noise) is attacked with Expectation over Transformation (Athalye et al.
 2018): the gradient of each step is the mean over ``eot`` calls.
 
@@ -21,9 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jemkit.adapters import sampling_context
+from jemkit.checks import check_integer, check_nonnegative
 from jemkit.energy import check_labels
 
-__all__ = ["AUTOATTACK_VERSIONS", "NORMS", "autoattack", "pgd_attack"]
+__all__ = [
+    "AUTOATTACK_VERSIONS",
+    "NORMS",
+    "autoattack",
+    "check_clip",
+    "check_norm",
+    "eval_mode",
+    "gaussian_noise_corruption",
+    "pgd_attack",
+]
 
 Model = Callable[[Tensor], Tensor]
 """A classifier: inputs ``[B, ...]`` -> logits ``[B, C]``."""
@@ -35,20 +45,9 @@ AUTOATTACK_VERSIONS: tuple[str, ...] = ("standard", "rand")
 """``"standard"``: APGD-CE, APGD-T, FAB-T, Square; ``"rand"``: APGD-CE and APGD-DLR with EOT, for random models."""
 
 
-# ---------------------------------------------------------------------------------------------------- validation
-def _check_nonnegative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _check_clip(clip: tuple[float, float] | None) -> tuple[float, float] | None:
+# ---------------------------------------------------------------------------------------------------- checks
+def check_clip(clip: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``clip`` as ``(low, high)`` floats with ``low < high``, or ``None`` (no clamping)."""
     if clip is None:
         return None
     if len(clip) != 2 or not clip[0] < clip[1]:
@@ -56,16 +55,42 @@ def _check_clip(clip: tuple[float, float] | None) -> tuple[float, float] | None:
     return float(clip[0]), float(clip[1])
 
 
-def _check_norm(norm: str) -> str:
+def check_norm(norm: str) -> str:
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
     return norm
 
 
-# ---------------------------------------------------------------------------------------------------- modes
-def _eval_mode(model: Model) -> contextlib.AbstractContextManager:
+def eval_mode(model: Model) -> contextlib.AbstractContextManager:
     """Eval mode for an ``nn.Module`` (each submodule's own flag restored afterwards); nothing for a plain callable."""
     return sampling_context(model, "eval") if isinstance(model, nn.Module) else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------- noise
+def gaussian_noise_corruption(
+    x: Tensor,
+    std: float,
+    clip: tuple[float, float] | None = (-1.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``x + std * N(0, I)`` clamped to ``clip``: a random (not adversarial) corruption of inputs ``[B, ...]``.
+
+    Args:
+        x: inputs ``[B, ...]``.
+        std: noise standard deviation in the units of ``x``, >= 0; 0 returns ``x``.
+        clip: ``(low, high)`` to clamp into, or ``None``.
+        generator: optional ``torch.Generator`` on ``x``'s device, for reproducible noise.
+
+    Returns:
+        Corrupted inputs shaped like ``x``.
+    """
+    std = check_nonnegative("std", std)
+    clip = check_clip(clip)
+    if std == 0:
+        return x.detach()
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    out = x.detach() + std * noise
+    return out if clip is None else out.clamp(*clip)
 
 
 # ---------------------------------------------------------------------------------------------------- PGD
@@ -157,8 +182,8 @@ def pgd_attack(
         model: classifier, inputs ``[B, ...]`` -> logits ``[B, C]``; may be random (a defended classifier).
         x: clean inputs ``[B, ...]``, in ``clip``.
         y: true labels ``[B]`` (int64).
-        eps: attack budget in data units; jemkit data span ``[-1, 1]``, so ``8/255`` on ``[0, 1]`` images is
-            ``eps = 16/255`` here. ``eps == 0`` returns ``x`` unchanged.
+        eps: attack budget in the units of ``x`` (on inputs in ``[-1, 1]``, ``8/255`` on ``[0, 1]`` is
+            ``eps = 16/255``). ``eps == 0`` returns ``x`` unchanged.
         norm: ``"linf"`` or ``"l2"``.
         steps: gradient steps per restart, >= 1.
         step_size: step length (L-inf: per coordinate; L2: Euclidean); default ``2.5 * eps / steps`` (Madry et al.).
@@ -171,12 +196,12 @@ def pgd_attack(
     Returns:
         Adversarial inputs shaped like ``x`` (detached).
     """
-    _check_norm(norm)
-    eps = _check_nonnegative("eps", eps)
-    steps = _check_count("steps", steps)
-    restarts = _check_count("restarts", restarts)
-    eot = _check_count("eot", eot)
-    clip = _check_clip(clip)
+    check_norm(norm)
+    eps = check_nonnegative("eps", eps)
+    steps = check_integer("steps", steps)
+    restarts = check_integer("restarts", restarts)
+    eot = check_integer("eot", eot)
+    clip = check_clip(clip)
     if step_size is not None and not (isinstance(step_size, (int, float)) and 0 < step_size < math.inf):
         raise ValueError(f"step_size must be None or a finite number > 0, got {step_size!r}")
     check_labels(y, x.shape[0])
@@ -189,7 +214,7 @@ def pgd_attack(
     def clamp(t: Tensor) -> Tensor:
         return t if clip is None else t.clamp(*clip)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         best = x.clone()
         best_loss, best_fooled, _ = _loss_and_grad(model, x, y, need_grad=False, eot=eot)
         for _ in range(restarts):
@@ -329,21 +354,21 @@ def autoattack(
     Returns:
         Adversarial inputs shaped like ``x`` (detached), in ``clip``.
     """
-    _check_norm(norm)
+    check_norm(norm)
     if version not in AUTOATTACK_VERSIONS:
         raise ValueError(f"unknown AutoAttack version {version!r}; expected one of {', '.join(AUTOATTACK_VERSIONS)}")
-    eps = _check_nonnegative("eps", eps)
-    steps, queries, eot = _check_count("steps", steps), _check_count("queries", queries), _check_count("eot", eot)
+    eps = check_nonnegative("eps", eps)
+    steps, queries, eot = check_integer("steps", steps), check_integer("queries", queries), check_integer("eot", eot)
     if clip is None:
         raise ValueError("AutoAttack needs the data range clip=(low, high), got None")
-    low, high = _check_clip(clip)
+    low, high = check_clip(clip)
     check_labels(y, x.shape[0])
     if eps == 0:
         return x.detach()
     ta = _torchattacks()
     x, y = x.detach().clone(), y.to(device=x.device, dtype=torch.long)
     wrapped = _UnitBoxModel(model, low, high, tuple(x.shape[1:]), x.device).eval()
-    with _eval_mode(model), torch.random.fork_rng(devices=_cuda_devices(x)):
+    with eval_mode(model), torch.random.fork_rng(devices=_cuda_devices(x)):
         with torch.no_grad():
             n_classes = int(model(x[:1]).shape[1])
         _check_classes(n_classes, version)

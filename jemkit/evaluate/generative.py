@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,11 +25,14 @@ from torchmetrics.utilities import imports as _tm_imports
 from tqdm.auto import tqdm
 
 from jemkit.adapters import OutputKey, sampling_context, select_logits
+from jemkit.checks import check_integer
+from jemkit.evaluate.samples import SOURCES, draw, source_steps
 
 __all__ = [
     "SOURCES",
     "ClassifierLogits",
     "GenerativeMetrics",
+    "GenerativeOptions",
     "PenultimateFeatures",
     "build_generative_metrics",
     "draw",
@@ -41,9 +44,6 @@ __all__ = [
     "resolve_feature",
     "source_steps",
 ]
-
-SOURCES = ("buffer", "fresh")
-"""Where samples come from: chains continued from the replay buffer, or new chains from the initial distribution."""
 
 _INSTALL_HINT = 'feature="inception" needs torch-fidelity: pip install "jemkit[fid]" (or use feature="self", offline)'
 
@@ -287,38 +287,38 @@ def _inputs(batch: Any) -> Tensor:
     return batch[0]
 
 
-@contextmanager
-def _no_restarts(jem: nn.Module) -> Iterator[None]:
-    """Buffer samples as the buffer holds them: no ``reinit_prob`` restarts from the initial distribution mixed in."""
-    buffer = getattr(jem, "buffer", None)
-    prob = getattr(buffer, "reinit_prob", None)
-    if prob is None:
-        yield
-        return
-    buffer.reinit_prob = 0.0
-    try:
-        yield
-    finally:
-        buffer.reinit_prob = prob
+@dataclass
+class GenerativeOptions:
+    """What the generative section (FID and IS of the JEM's samples against the test split) measures.
 
+    Args:
+        num_samples: samples per source (and the cap on real inputs); 0 skips the section.
+        sources: sample sources, some of ``buffer`` (stored chains continued), ``fresh`` (new chains).
+        feature: FID features: ``self`` (the JEM's penultimate layer, offline), ``inception`` (needs
+            ``jemkit[fid]``), or a dotted path ``module.attr`` to an nn.Module or a callable returning one.
+        fresh_steps: steps of fresh chains (default 5x the sampler's).
+    """
 
-def source_steps(jem: Any, source: str, fresh_steps: int | None = None) -> int:
-    """Sampler steps run for ``source``: the sampler's own for buffer chains, ``fresh_steps`` (default 5x the
-    sampler's) for fresh ones."""
-    if source == "buffer":
-        return int(jem.sampler.n_steps)
-    return int(fresh_steps) if fresh_steps is not None else 5 * int(jem.sampler.n_steps)
+    num_samples: int = 0
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))
+    feature: str = "self"
+    fresh_steps: int | None = None
 
+    def check(self) -> None:
+        if self.num_samples != 0:
+            check_integer("num_samples", self.num_samples, minimum=2)
+        unknown = [s for s in self.sources if s not in SOURCES]
+        if not self.sources or unknown:
+            raise ValueError(f"sources must be names from {SOURCES}, got {list(self.sources)}")
 
-def draw(jem: Any, source: str, n: int, steps: int) -> Tensor:
-    """``n`` unconditional samples from ``source``: ``"buffer"`` continues stored chains for ``steps`` steps (no
-    random restarts), ``"fresh"`` starts new chains from the initial distribution and runs ``steps`` steps."""
-    if source == "buffer":
-        with _no_restarts(jem):
-            return jem.sample(n, n_steps=steps, from_buffer=True)
-    if source == "fresh":
-        return jem.sample(n, n_steps=steps, from_buffer=False)
-    raise ValueError(f"unknown sample source {source!r}; expected one of {SOURCES}")
+    def metrics_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`generative_metrics` these options stand for."""
+        return {
+            "num_samples": self.num_samples,
+            "sources": self.sources,
+            "fresh_steps": self.fresh_steps,
+            "feature": resolve_feature(self.feature),
+        }
 
 
 def generative_metrics(

@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.utils import make_grid, save_image
 
+from jemkit.checks import check_integer
 from jemkit.evaluate.plots import save_figure
 
 __all__ = [
+    "SOURCES",
+    "SampleOptions",
+    "draw",
     "draw_samples",
     "energy_landscape",
     "feature_histograms",
@@ -33,7 +40,29 @@ __all__ = [
     "save_grid",
     "save_sample_grids",
     "signal_plot",
+    "source_steps",
 ]
+
+SOURCES = ("buffer", "fresh")
+"""Where samples come from: chains continued from the replay buffer, or new chains from the initial distribution."""
+
+
+@dataclass
+class SampleOptions:
+    """The sample pictures of the evaluation.
+
+    Args:
+        per_class: class-conditional samples per class in the picture of fresh chains (0: no pictures).
+        num_samples: chains continued from the replay buffer in the buffer picture.
+    """
+
+    per_class: int = 8
+    num_samples: int = 64
+
+    def check(self) -> None:
+        check_integer("per_class", self.per_class, minimum=0)
+        check_integer("num_samples", self.num_samples)
+
 
 MAX_FEATURES = 12
 """Tabular pictures show at most this many features (those with the largest spread in the data)."""
@@ -42,17 +71,51 @@ MIN_IMAGE_PIXELS = 48
 """Small images (digits are 8x8) are enlarged, nearest-neighbour, to at least this many pixels a side."""
 
 
+@contextmanager
+def _no_restarts(jem: nn.Module) -> Iterator[None]:
+    """Buffer samples as the buffer holds them: no ``reinit_prob`` restarts from the initial distribution mixed in."""
+    buffer = getattr(jem, "buffer", None)
+    prob = getattr(buffer, "reinit_prob", None)
+    if prob is None:
+        yield
+        return
+    buffer.reinit_prob = 0.0
+    try:
+        yield
+    finally:
+        buffer.reinit_prob = prob
+
+
+def source_steps(jem: Any, source: str, fresh_steps: int | None = None) -> int:
+    """Sampler steps run for ``source``: the sampler's own for buffer chains, ``fresh_steps`` (default 5x the
+    sampler's) for fresh ones."""
+    if source == "buffer":
+        return int(jem.sampler.n_steps)
+    return int(fresh_steps) if fresh_steps is not None else 5 * int(jem.sampler.n_steps)
+
+
+def draw(jem: Any, source: str, n: int, steps: int, y: Tensor | None = None) -> Tensor:
+    """``n`` samples from ``source``, the one way pictures, FID and IS draw them: ``"buffer"`` continues stored
+    chains for ``steps`` steps (no random restarts, so the picture shows what the buffer holds), ``"fresh"`` starts
+    new chains from the initial distribution and runs ``steps`` steps; class-conditional with labels ``y [n]``."""
+    if source == "buffer":
+        with _no_restarts(jem):
+            return jem.sample(n, y=y, n_steps=steps, from_buffer=True)
+    if source == "fresh":
+        return jem.sample(n, y=y, n_steps=steps, from_buffer=False)
+    raise ValueError(f"unknown sample source {source!r}; expected one of {SOURCES}")
+
+
 def draw_samples(
     jem: Any, num_samples: int = 64, per_class: int = 8, fresh_steps: int | None = None
 ) -> dict[str, Tensor]:
-    """``{"buffer": [num_samples, ...], "class": [per_class * C, ...]}``: chains continued from the replay buffer,
-    and class-conditional chains from the initial distribution (``fresh_steps``, default 5x the sampler's steps),
-    ordered class by class."""
-    samples = {"buffer": jem.sample(num_samples, from_buffer=True)}
+    """``{"buffer": [num_samples, ...], "class": [per_class * C, ...]}`` by :func:`draw`: chains continued from the
+    replay buffer, and class-conditional chains from the initial distribution (``fresh_steps``, default 5x the
+    sampler's steps), ordered class by class."""
+    samples = {"buffer": draw(jem, "buffer", num_samples, source_steps(jem, "buffer"))}
     if per_class > 0 and jem.num_classes:
         labels = torch.arange(jem.num_classes, device=jem.device).repeat_interleave(per_class)
-        steps = fresh_steps if fresh_steps is not None else 5 * jem.sampler.n_steps
-        samples["class"] = jem.sample(len(labels), y=labels, n_steps=steps, from_buffer=False)
+        samples["class"] = draw(jem, "fresh", len(labels), source_steps(jem, "fresh", fresh_steps), y=labels)
     return samples
 
 

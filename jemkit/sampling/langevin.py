@@ -31,13 +31,18 @@ EnergyFn = Callable[[Tensor], Tensor]
 """Maps inputs ``[B, ...]`` to energies ``[B]``."""
 
 
-def energy_and_grad(energy_fn: EnergyFn, x: Tensor, functional: bool = False) -> tuple[Tensor, Tensor]:
-    """Energies ``[B]`` (detached, float32) and their input gradient ``dE/dx`` (shaped like ``x``).
+def energy_and_grad(
+    energy_fn: EnergyFn, x: Tensor, functional: bool = False, create_graph: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Energies ``[B]`` (float32) and their input gradient ``dE/dx`` (shaped like ``x``).
 
-    The one place every sampler takes its gradient. Under float16 autocast the backward runs
+    Every sampler takes its gradient here, and so does the unrolled (differentiable) refinement of
+    :mod:`jemkit.sampling.unrolled`. Under float16 autocast the backward runs
     :func:`~jemkit.sampling.amp.sampling_grad_scale` times larger and is unscaled at the float32 input, exactly.
     ``functional=True`` differentiates with ``torch.func.grad`` instead of autograd, which ``torch.compile`` traces
-    into one graph with the rest of a step; the result is the same.
+    into one graph with the rest of a step; the result is the same. ``create_graph=True`` keeps ``x``'s graph and
+    the gradient's own graph (for attacks that differentiate through sampler steps); otherwise both results are
+    detached from ``x``.
     """
     scale = sampling_grad_scale(x.device.type)
 
@@ -49,6 +54,11 @@ def energy_and_grad(energy_fn: EnergyFn, x: Tensor, functional: bool = False) ->
 
     if functional:
         grad, energy = torch.func.grad(scaled_total, has_aux=True)(x)
+    elif create_graph:
+        with torch.enable_grad():
+            total, energy = scaled_total(x)
+            (grad,) = torch.autograd.grad(total, x, create_graph=True)
+        return energy.float(), grad / scale if scale != 1.0 else grad
     else:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
