@@ -40,6 +40,7 @@ from jemkit.metrics.calibration import CalibrationMetrics
 from jemkit.optim import configure_optimizer, scaled_learning_rates
 from jemkit.presets import resolve_settings
 from jemkit.sampling import Chains, InitialDistribution, InputDomain, ReplayBuffer, Sampler
+from jemkit.sampling.unrolled import unrolled_refine
 from jemkit.scores import score_batches
 
 __all__ = ["JEM", "DivergenceError"]
@@ -196,12 +197,10 @@ class JEM(pl.LightningModule):
         """JEM's defence: ``n_steps`` of the sampler on ``log p(x)`` started at the inputs ``x``, before classifying.
 
         ``differentiable=True`` unrolls the steps so that an attack can take exact gradients through them (gradient
-        checkpointing keeps memory flat in ``n_steps``); see :func:`jemkit.evaluate.robustness.unrolled_purify`.
+        checkpointing keeps memory flat in ``n_steps``); see :func:`jemkit.sampling.unrolled.unrolled_refine`.
         """
         if differentiable:
-            from jemkit.evaluate.robustness import unrolled_purify  # evaluation code, loaded only when asked for
-
-            return unrolled_purify(self, x, n_steps)
+            return unrolled_refine(self, x, n_steps)
         return self.chains.refine(self.energy, x, None, n_steps)
 
     # ------------------------------------------------------------------ training
