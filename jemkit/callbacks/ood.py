@@ -16,7 +16,7 @@ from jemkit.adapters import sampling_context
 from jemkit.callbacks._logging import log_to_tensorboard, run_dir
 from jemkit.data.ood import check_ood_dataset, make_ood_dataset
 from jemkit.evaluate.plots import save_figure, score_histogram
-from jemkit.scores import SCORES, compare_scores, reversed_scores, score_batches
+from jemkit.scores import SCORES, compare_scores, reversed_scores, score_sets
 
 __all__ = ["OODMonitor"]
 
@@ -98,10 +98,6 @@ class OODMonitor(Callback):
         indices = range(trainer.global_rank, n, trainer.world_size)
         return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, shuffle=False)
 
-    def _score(self, pl_module: pl.LightningModule, loader: DataLoader) -> dict[str, Tensor]:
-        temperature = getattr(pl_module, "temperature", 1.0)
-        return score_batches(pl_module, loader, self.scores, temperature, pl_module.device)
-
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs != 0:
@@ -112,12 +108,17 @@ class OODMonitor(Callback):
         n = min(len(reference), self.max_samples)
         sets = {name: make_ood_dataset(name, reference, n, domain=domain) for name in self.ood_sets}
         sets |= self.extra_sets
+        for name, dataset in sets.items():
+            check_ood_dataset(dataset, input_shape, name)
         with sampling_context(pl_module, "eval"):  # every submodule's own train/eval flag comes back after
-            in_scores = self._score(pl_module, self._shard(reference, trainer))
-            out_scores = {}
-            for name, dataset in sets.items():
-                check_ood_dataset(dataset, input_shape, name)
-                out_scores[name] = self._score(pl_module, self._shard(dataset, trainer))
+            in_scores, out_scores = score_sets(
+                pl_module,
+                self._shard(reference, trainer),
+                {name: self._shard(dataset, trainer) for name, dataset in sets.items()},
+                self.scores,
+                getattr(pl_module, "temperature", 1.0),
+                pl_module.device,
+            )
         results = compare_scores(in_scores, out_scores)
         for message in reversed_scores(results):
             rank_zero_warn(f"OODMonitor: {message}")
