@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from jemkit.checks import check_nonnegative
 from jemkit.energy import check_labels, energy_matrix, joint_energy, marginal_energy
 
 __all__ = [
@@ -338,10 +339,7 @@ def objective_weights(weights: Mapping[str, float] | None, base: Mapping[str, fl
     unknown = sorted(set(merged) - set(DEFAULT_WEIGHTS))
     if unknown:
         raise ValueError(f"unknown objective weight(s) {unknown}; the weights are {sorted(DEFAULT_WEIGHTS)}")
-    for name, value in merged.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"weight {name!r} must be a finite number >= 0, got {value!r}")
-    return {name: float(value) for name, value in merged.items()}
+    return {name: check_nonnegative(f"weight {name!r}", value) for name, value in merged.items()}
 
 
 def jem_objective(

@@ -134,11 +134,11 @@ def test_bad_norm_and_activation(factory):
 
 
 def test_bad_sizes_and_dropout():
-    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
         SmallCNN(num_classes=0)
-    with pytest.raises(ValueError, match=r"in_channels must be a positive integer, got 2\.5"):
+    with pytest.raises(ValueError, match=r"in_channels must be an integer >= 1, got 2\.5"):
         tiny_wrn(in_channels=2.5)
-    with pytest.raises(ValueError, match="width must be a positive integer"):
+    with pytest.raises(ValueError, match="width must be an integer >= 1"):
         SmallCNN(width=-1)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
         tiny_wrn(dropout=1.0)

@@ -75,9 +75,9 @@ def test_mlp_layers_default_norms_dropout_and_depth():
 
 
 def test_mlp_errors():
-    with pytest.raises(ValueError, match="num_features must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="num_features must be an integer >= 1, got 0"):
         MLP(0, 3)
-    with pytest.raises(ValueError, match="every hidden width must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="every hidden width must be an integer >= 1, got 0"):
         MLP(4, 3, hidden=(16, 0))
     with pytest.raises(ValueError, match=r"unknown norm 'group'; expected one of None, 'batch', 'layer'"):
         MLP(4, 3, norm="group")
@@ -117,7 +117,7 @@ def test_signal_cnn_errors():
         SignalCNN(kernel_size=4)
     with pytest.raises(ValueError, match=r"unknown norm 'layer'; expected one of None, 'batch', 'group'"):
         SignalCNN(norm="layer")
-    with pytest.raises(ValueError, match="width must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="width must be an integer >= 1, got 0"):
         SignalCNN(width=0)
     with pytest.raises(ValueError, match=r"SignalCNN expects inputs \[B, 1, L\], got shape \(2, 40\)"):
         SignalCNN()(torch.randn(2, 40))
@@ -160,7 +160,7 @@ def test_small_resnet_layer_variants():
 def test_small_resnet_errors():
     with pytest.raises(ValueError, match=r"blocks must list the number of blocks of at least one stage, got \(\)"):
         SmallResNet(blocks=())
-    with pytest.raises(ValueError, match="every entry of blocks must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="every entry of blocks must be an integer >= 1, got 0"):
         SmallResNet(blocks=(1, 0))
     with pytest.raises(ValueError, match=r"unknown norm 'layer'; expected one of None, 'batch', 'group'"):
         SmallResNet(norm="layer")

@@ -9,13 +9,14 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from jemkit.checks import check_integer
+
 __all__ = ["check_batch_size", "check_split_fractions", "make_loader", "stratified_split"]
 
 
 def check_batch_size(batch_size: int) -> None:
     """Raise ``ValueError`` unless ``batch_size`` is an integer >= 1."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_integer("batch_size", batch_size)
 
 
 def check_split_fractions(val_fraction: float, test_fraction: float) -> None:

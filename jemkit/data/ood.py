@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from jemkit.checks import check_integer
+
 __all__ = [
     "OOD_SETS",
     "ConstantImages",
@@ -49,22 +51,16 @@ OOD_LABEL = -1
 """The label every OOD item carries: "no class"."""
 
 
-def _check_num_samples(num_samples: int) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    return num_samples
-
-
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    return seed
-
-
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(input_shape)
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
-        raise ValueError(f"input_shape must be a non-empty sequence of positive integers, got {input_shape!r}")
+    try:
+        if not shape:
+            raise ValueError("empty")
+        for size in shape:
+            check_integer("size", size)
+    except ValueError:
+        expected = "a non-empty sequence of positive integers"
+        raise ValueError(f"input_shape must be {expected}, got {input_shape!r}") from None
     return shape
 
 
@@ -83,8 +79,8 @@ class _SeededDataset(Dataset):
     """Base of the OOD sets: ``num_samples`` items, item ``i`` drawn from its own generator seeded by ``(seed, i)``."""
 
     def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = _check_num_samples(num_samples)
-        self.seed = _check_seed(seed)
+        self.num_samples = check_integer("num_samples", num_samples)
+        self.seed = check_integer("seed", seed, minimum=0)
         # a per-class salt, so that two different sets with the same seed do not share random streams
         self._salt = zlib.crc32(type(self).__name__.encode())
 

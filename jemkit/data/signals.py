@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from jemkit.checks import check_integer
 from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions, stratified_split
 
 __all__ = ["SignalsDataModule"]
@@ -99,8 +100,7 @@ class SignalsDataModule(SplitDataModule):
             ("length", length, 8),
             ("num_samples", num_samples, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_integer(name, value, low)
         if not noise_std >= 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
         if not 0 <= max_shift < 0.5:

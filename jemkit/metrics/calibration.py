@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from jemkit.checks import check_integer
 from jemkit.energy import check_labels
 
 __all__ = [
@@ -41,8 +42,7 @@ _PROB_TOL = 1e-4
 
 
 def _check_n_bins(n_bins: int) -> None:
-    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    check_integer("n_bins", n_bins)
 
 
 def _check_inputs(preds: Tensor, y: Tensor, name: str) -> None:

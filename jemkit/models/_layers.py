@@ -15,7 +15,6 @@ __all__ = [
     "NORMS",
     "check_activation",
     "check_norm",
-    "check_positive_int",
     "make_activation",
     "make_norm",
 ]
@@ -37,12 +36,6 @@ def check_activation(activation: str) -> None:
     """Raise ``ValueError`` unless ``activation`` is one of ``ACTIVATIONS``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(map(repr, ACTIVATIONS))}")
-
-
-def check_positive_int(name: str, value: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an integer ``>= 1``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def make_norm(norm: str | None, channels: int) -> nn.Module:

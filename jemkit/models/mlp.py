@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from jemkit.models._layers import check_activation, check_positive_int, make_activation
+from jemkit.checks import check_integer
+from jemkit.models._layers import check_activation, make_activation
 
 __all__ = ["MLP", "MLP_NORMS"]
 
@@ -43,11 +44,11 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check_positive_int("num_features", num_features)
-        check_positive_int("num_classes", num_classes)
+        check_integer("num_features", num_features)
+        check_integer("num_classes", num_classes)
         hidden = tuple(hidden)
         for width in hidden:
-            check_positive_int("every hidden width", width)
+            check_integer("every hidden width", width)
         check_activation(activation)
         if norm not in MLP_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of None, 'batch', 'layer'")

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from jemkit.models._layers import check_activation, check_norm, check_positive_int, make_activation, make_norm
+from jemkit.checks import check_integer
+from jemkit.models._layers import check_activation, check_norm, make_activation, make_norm
 
 __all__ = ["BasicBlock", "SmallResNet"]
 
@@ -68,14 +69,14 @@ class SmallResNet(nn.Module):
         activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("width", width)
+        check_integer("num_classes", num_classes)
+        check_integer("in_channels", in_channels)
+        check_integer("width", width)
         blocks = tuple(blocks)
         if not blocks:
             raise ValueError("blocks must list the number of blocks of at least one stage, got ()")
         for count in blocks:
-            check_positive_int("every entry of blocks", count)
+            check_integer("every entry of blocks", count)
         check_norm(norm)
         check_activation(activation)
         self.num_classes = num_classes

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from jemkit.models._layers import check_activation, check_norm, check_positive_int, make_activation, make_norm
+from jemkit.checks import check_integer
+from jemkit.models._layers import check_activation, check_norm, make_activation, make_norm
 
 __all__ = ["SignalCNN"]
 
@@ -35,10 +36,10 @@ class SignalCNN(nn.Module):
         kernel_size: int = 5,
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("width", width)
-        check_positive_int("kernel_size", kernel_size)
+        check_integer("num_classes", num_classes)
+        check_integer("in_channels", in_channels)
+        check_integer("width", width)
+        check_integer("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the output keeps the length), got {kernel_size!r}")
         check_norm(norm)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from jemkit.models._layers import check_activation, check_norm, check_positive_int, make_activation, make_norm
+from jemkit.checks import check_integer
+from jemkit.models._layers import check_activation, check_norm, make_activation, make_norm
 
 __all__ = ["SmallCNN"]
 
@@ -25,9 +26,9 @@ class SmallCNN(nn.Module):
         activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("width", width)
+        check_integer("num_classes", num_classes)
+        check_integer("in_channels", in_channels)
+        check_integer("width", width)
         check_norm(norm)
         check_activation(activation)
         self.num_classes = num_classes

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from jemkit.checks import check_integer
 from jemkit.models._layers import (
     check_activation,
     check_norm,
-    check_positive_int,
     make_activation,
     make_norm,
 )
@@ -75,11 +75,15 @@ class WideResNet(nn.Module):
         activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
+        try:
+            valid_depth = (check_integer("depth", depth, minimum=10) - 4) % 6 == 0
+        except ValueError:
+            valid_depth = False
+        if not valid_depth:
             raise ValueError(f"depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth!r}")
-        check_positive_int("widen_factor", widen_factor)
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
+        check_integer("widen_factor", widen_factor)
+        check_integer("num_classes", num_classes)
+        check_integer("in_channels", in_channels)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         check_norm(norm)

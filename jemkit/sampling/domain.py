@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from jemkit.adapters import unpack_batch
+from jemkit.checks import check_integer
 
 __all__ = ["InputDomain"]
 
@@ -74,8 +75,7 @@ class InputDomain(nn.Module):
             raise ValueError(f"InputDomain needs low < high, got low={low!r}, high={high!r}")
         if per not in ("auto", "global", "channel", "feature"):
             raise ValueError(f"per must be 'auto', 'global', 'channel' or 'feature', got {per!r}")
-        if isinstance(fit_batches, bool) or not isinstance(fit_batches, int) or fit_batches < 1:
-            raise ValueError(f"fit_batches must be an integer >= 1, got {fit_batches!r}")
+        check_integer("fit_batches", fit_batches)
         self.declared = None if low is None else (float(low), float(high))
         self.per = per
         self.fit_batches = fit_batches

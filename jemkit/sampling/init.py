@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from jemkit.adapters import unpack_batch
+from jemkit.checks import check_integer
 
 __all__ = ["GaussianInit", "InitialDistribution", "UniformInit"]
 
@@ -102,8 +103,7 @@ class GaussianInit(InitialDistribution):
         self, low: float = -1.0, high: float = 1.0, fit_batches: int = 50, uniform_fraction: float = 0.0
     ) -> None:
         super().__init__(low, high)
-        if isinstance(fit_batches, bool) or not isinstance(fit_batches, int) or fit_batches < 1:
-            raise ValueError(f"fit_batches must be an integer >= 1, got {fit_batches!r}")
+        check_integer("fit_batches", fit_batches)
         if not 0.0 <= uniform_fraction <= 1.0:
             raise ValueError(f"uniform_fraction must be in [0, 1], got {uniform_fraction!r}")
         self.fit_batches = fit_batches

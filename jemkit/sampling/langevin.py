@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from jemkit.checks import check_integer
 from jemkit.sampling.amp import sampling_grad_scale
 
 __all__ = ["MALA", "PYLD", "SGLD", "EnergyFn", "Sampler", "Step", "energy_and_grad"]
@@ -95,12 +96,10 @@ class Sampler:
 def _check_chain_steps(n_steps: int) -> int:
     """A sampler's own number of steps: an integer >= 1. A sampler with 0 steps would train a JEM on its buffer's
     restarts; 0 ("no refinement") is for one call, ``sample(..., n_steps=0)`` or ``jem.purify(x, 0)``."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(
-            f"n_steps must be an integer >= 1, got {n_steps!r} (for no refinement in one call, pass n_steps=0 to "
-            "sample() or purify())"
-        )
-    return n_steps
+    try:
+        return check_integer("n_steps", n_steps)
+    except ValueError as err:
+        raise ValueError(f"{err} (for no refinement in one call, pass n_steps=0 to sample() or purify())") from None
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
