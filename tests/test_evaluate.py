@@ -6,7 +6,7 @@ import torch
 
 from jemkit import DigitsDataModule
 from jemkit.cli import main
-from jemkit.evaluate import evaluate, format_report
+from jemkit.evaluate import OODOptions, evaluate, format_report
 from jemkit.evaluate.command import load_datamodule, load_jem
 from jemkit.metrics import fit_temperature
 
@@ -14,19 +14,19 @@ CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"
 FAST = [
     "--max_samples",
     "48",
-    "--ood",
+    "--ood.sets",
     "[uniform, interp]",
-    "--scores",
+    "--ood.scores",
     "[logpx, msp]",
     "--progress",
     "false",
-    "--samples_per_class",
+    "--samples.per_class",
     "2",
-    "--temperature_scaling",
+    "--calibration.temperature_scaling",
     "true",
-    "--defense_steps",
+    "--robustness.defense_steps",
     "2",
-    "--attacks",
+    "--robustness.attacks",
     '[{"kind": "clean"}, {"kind": "pgd", "norm": "linf", "eps": 0.1, "steps": 3}, {"kind": "noise", "std": 0.2}]',
 ]
 
@@ -79,11 +79,11 @@ def test_evaluate_python_api_with_explicit_datamodule(tmp_path):
             jem,
             _DigitsWithExtra(),
             tmp_path,
-            ood=[],
-            ood_datasets={"toy": _toy_test(GaussianMixtureDataModule)},
-            attacks=[],
+            ood=OODOptions(sets=[]),
+            ood_data={"toy": _toy_test(GaussianMixtureDataModule)},
+            robustness=False,
             progress=False,
-            num_sample_images=0,
+            samples=False,
         )
 
 
@@ -119,17 +119,17 @@ def test_evaluate_command_scores_user_ood_datamodules(tmp_path):
         str(CKPT),
         "--out",
         str(out),
-        "--ood",
+        "--ood.sets",
         "[]",
-        "--attacks",
+        "--robustness.attacks",
         "[]",
         "--progress",
         "false",
         "--ood_data",
         '[{"class_path": "tests.test_evaluate.ShiftedDigits"}]',
-        "--samples_per_class",
+        "--samples.per_class",
         "0",
-        "--scores",
+        "--ood.scores",
         "[logpx]",
         "--max_samples",
         "64",

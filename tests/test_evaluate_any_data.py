@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jemkit import JEM, ReplayBuffer
 from jemkit.data import TabularDataModule
-from jemkit.evaluate import evaluate
+from jemkit.evaluate import OODOptions, SampleOptions, evaluate
 from jemkit.models import MLP
 from tests.helpers import trainer
 
@@ -41,7 +41,13 @@ def binary_jem(tmp_path_factory):
 def test_a_binary_head_is_evaluated_from_a_datamodule_with_loaders_only(binary_jem, tmp_path):
     jem, data = binary_jem
     report = evaluate(
-        jem, LoadersOnly(data), tmp_path, ood=["uniform", "shuffled"], attacks=[], num_sample_images=2, progress=False
+        jem,
+        LoadersOnly(data),
+        tmp_path,
+        ood=OODOptions(sets=["uniform", "shuffled"]),
+        robustness=False,
+        samples=SampleOptions(per_class=2),
+        progress=False,
     )
     assert report["num_test"] == len(data.test_dataset)
     assert report["calibration"]["accuracy"] > 0.9  # measured 0.95-0.97 after 150 steps
@@ -54,4 +60,4 @@ def test_data_of_another_shape_than_the_model_is_named(binary_jem, tmp_path):
     jem, _ = binary_jem
     wine = TabularDataModule(dataset="wine")
     with pytest.raises(ValueError, match=r"inputs of shape \(13,\) but the checkpoint's model takes \(30,\)"):
-        evaluate(jem, wine, tmp_path, attacks=[], progress=False)
+        evaluate(jem, wine, tmp_path, robustness=False, progress=False)

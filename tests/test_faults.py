@@ -188,7 +188,11 @@ def test_a_binary_head_is_not_mistaken_for_bad_labels(tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--ood", "[uniform,imagenet]"], r"unknown --ood set\(s\) \['imagenet'\]"), (["--scores", "[logpx,foo]"], "foo")],
+    [
+        (["--ood.sets", "[uniform,imagenet]"], r"unknown OOD set\(s\) \['imagenet'\]"),
+        (["--ood.scores", "[logpx,foo]"], "foo"),
+        (["--robustness.attacks", '[{"kind": "pgd", "eps_01": -1}]'], "eps_01 must be a finite number >= 0"),
+    ],
 )
 def test_evaluate_refuses_bad_options_before_writing_anything(tmp_path, capsys, option, message):
     out = tmp_path / "eval"
@@ -200,7 +204,7 @@ def test_evaluate_refuses_bad_options_before_writing_anything(tmp_path, capsys, 
 
 def test_evaluate_names_both_shapes_when_the_data_does_not_fit_the_checkpoint(tmp_path, capsys):
     argv = ["evaluate", "--ckpt", "checkpoints/jem-digits.ckpt", "--out", str(tmp_path / "eval")]
-    argv += ["--data", "jemkit.data.GaussianMixtureDataModule", "--attacks", "[]", "--progress", "false"]
+    argv += ["--data", "jemkit.data.GaussianMixtureDataModule", "--robustness.attacks", "[]", "--progress", "false"]
     with pytest.raises(SystemExit):
         main(argv)
     assert "inputs of shape (2,) but the checkpoint's model takes (1, 8, 8)" in capsys.readouterr().err

@@ -226,9 +226,10 @@ def test_evaluate_command_measures_fid_and_is_of_the_shipped_checkpoint(tmp_path
     from jemkit.evaluate.command import run
 
     out = tmp_path / "eval"
-    args = ["--ckpt", str(CKPT), "--out", str(out), "--ood", "[]", "--attacks", "[]", "--progress", "false"]
-    args += ["--samples_per_class", "0", "--temperature_scaling", "false"]
-    args += ["--fid_samples", "12", "--fid_steps", "5", "--fid_feature", "tests.test_generative.digit_features"]
+    args = ["--ckpt", str(CKPT), "--out", str(out), "--ood.sets", "[]", "--robustness.attacks", "[]"]
+    args += ["--progress", "false", "--samples.per_class", "0", "--calibration.temperature_scaling", "false"]
+    args += ["--generative.num_samples", "12", "--generative.fresh_steps", "5"]
+    args += ["--generative.feature", "tests.test_generative.digit_features"]
     report = run(args)
     section = json.loads((out / "report.json").read_text())["generative"]
     assert section == report["generative"]
@@ -240,5 +241,5 @@ def test_evaluate_command_measures_fid_and_is_of_the_shipped_checkpoint(tmp_path
 
 
 def digit_features() -> nn.Module:
-    """A feature network given to ``--fid_feature`` as a dotted path: the raw pixels."""
+    """A feature network given to ``--generative.feature`` as a dotted path: the raw pixels."""
     return nn.Flatten()

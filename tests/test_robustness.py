@@ -9,18 +9,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jemkit import JEM, MALA, PYLD, SGLD, ReplayBuffer
 from jemkit.data import DigitsDataModule
-from jemkit.evaluate.attacks import autoattack
-from jemkit.evaluate.command import build_parser, robustness_attacks
+from jemkit.evaluate.attack_config import attack_list
+from jemkit.evaluate.attacks import autoattack, gaussian_noise_corruption, pgd_attack
+from jemkit.evaluate.calibration import CalibrationOptions
+from jemkit.evaluate.command import build_parser
+from jemkit.evaluate.defense import Defense, jem_defense
+from jemkit.evaluate.ood import OODOptions
 from jemkit.evaluate.report import evaluate, format_report
-from jemkit.evaluate.robustness import (
-    Defense,
-    gaussian_noise_corruption,
-    jem_defense,
-    pgd_attack,
-    robust_accuracy,
-    threat_model,
-    unrolled_purify,
-)
+from jemkit.evaluate.robustness import RobustnessOptions, robust_accuracy
+from jemkit.evaluate.samples import SampleOptions
+from jemkit.evaluate.threat import threat_model
+from jemkit.sampling.unrolled import unrolled_refine as unrolled_purify
 
 HAS_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
 
@@ -504,24 +503,34 @@ def test_budgets_in_both_units(digits):
     )
     assert on_01_data[0]["eps"] == on_01_data[0]["eps_01"] == 0.1
     assert on_01_data[0]["accuracy"] == pytest.approx(in_data_units[0]["accuracy"], abs=0.05)
-    cifar = robust_accuracy(model, [(x, y)], robustness_attacks([], budgets="cifar"), progress=False)
+    cifar = robust_accuracy(model, [(x, y)], attack_list([], budgets="cifar"), progress=False)
     assert [r["attack"] for r in cifar] == ["clean", "pgd-linf", "pgd-l2"]
     assert [r["eps_01"] for r in cifar[1:]] == pytest.approx([8 / 255, 0.5])
     assert [r["eps"] for r in cifar[1:]] == pytest.approx([16 / 255, 1.0])
 
 
 def test_command_line_robustness_options():
-    attacks = robustness_attacks([{"kind": "clean"}, {"kind": "pgd", "eps": 0.1, "norm": "l2"}], autoattack=True)
+    attacks = attack_list([{"kind": "clean"}, {"kind": "pgd", "eps": 0.1, "norm": "l2"}], autoattack=True)
     assert attacks[1:] == [
         {"kind": "pgd", "eps": 0.1, "norm": "l2"},
         {"kind": "autoattack", "norm": "l2", "eps": 0.1, "steps": 100},
     ]
     with pytest.raises(ValueError, match="unknown budgets 'imagenet'; expected one of cifar"):
-        robustness_attacks([], budgets="imagenet")
-    args = "--ckpt x.ckpt --budgets cifar --autoattack true --adaptive [bpda] --eot 5 --defense_draws 7"
-    cfg = build_parser().parse_args([*args.split(), "--data_range", "[0, 1]", "--defense_steps", "10"])
-    assert (cfg.budgets, cfg.autoattack, cfg.adaptive, cfg.eot, cfg.defense_draws) == ("cifar", True, ["bpda"], 5, 7)
-    assert tuple(cfg.data_range) == (0.0, 1.0) and cfg.fixed_noise_control is True
+        attack_list([], budgets="imagenet")
+    args = "--ckpt x.ckpt --robustness.budgets cifar --robustness.autoattack true --robustness.adaptive [bpda]"
+    extra = ["--robustness.eot", "5", "--robustness.draws", "7", "--robustness.defense_steps", "10"]
+    parser = build_parser()
+    options = parser.instantiate_classes(parser.parse_args([*args.split(), *extra]))["robustness"]
+    assert isinstance(options, RobustnessOptions)
+    assert (options.budgets, options.autoattack, options.adaptive, options.eot, options.draws) == (
+        "cifar",
+        True,
+        ["bpda"],
+        5,
+        7,
+    )
+    assert options.defense_steps == 10 and options.fixed_noise_control is True
+    assert [a["kind"] for a in options.attack_configs()] == ["clean", "pgd", "autoattack", "pgd", "autoattack"]
 
 
 def test_the_report_names_each_attack_and_the_threat_model(digits):
@@ -546,30 +555,41 @@ def test_the_report_names_each_attack_and_the_threat_model(digits):
 
 
 class _Points:
-    """A datamodule of unbounded points (``data_range = None``), as tabular data has."""
-
-    data_range = None
+    """A datamodule of tabular points whose two features have different ranges."""
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        x = torch.randn(40, 2) * 3
+        x = torch.randn(40, 2) * torch.tensor([3.0, 0.5])
         self.test_dataset = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
     def setup(self, stage: str) -> None:
         pass
 
 
-def test_the_evaluation_takes_the_data_range_from_the_datamodule(tmp_path):
+def test_the_evaluation_attacks_inside_the_jems_input_domain(tmp_path):
     jem = _tiny_jem(PYLD(n_steps=2))
-    attacks = [{"kind": "pgd", "eps": 5.0, "steps": 2}]
-    kwargs = {"ood": [], "temperature_scaling": False, "num_sample_images": 0, "progress": False, "defense_steps": 2}
-    report = evaluate(jem, _Points(), tmp_path, attacks=attacks, **kwargs)
+    data = _Points()
+    jem.domain.fit(data.test_dataset.tensors[0])  # a box per feature: [-6.6, 6.1] and [-1.0, 1.1] or so
+    kwargs = {"ood": OODOptions(sets=[]), "samples": SampleOptions(per_class=0), "progress": False}
+    kwargs["calibration"] = CalibrationOptions(temperature_scaling=False)
+    with pytest.raises(ValueError, match=r"eps=5\.0 is in data units, but the input domain.s channels or features"):
+        evaluate(jem, data, tmp_path, robustness=RobustnessOptions(attacks=[{"kind": "pgd", "eps": 5.0}]), **kwargs)
+    options = RobustnessOptions(attacks=[{"kind": "pgd", "eps_01": 0.1, "steps": 2}], defense_steps=2)
+    report = evaluate(jem, data, tmp_path, robustness=options, **kwargs)
     robustness = report["robustness"]
-    assert robustness["threat_model"]["data_range"] is None and robustness["rows"][0]["eps_01"] is None
-    assert robustness["rows"][0]["unrolled_accuracy"] is not None
-    assert "budgets in data units (unbounded data)" in format_report(report)
-    boxed = evaluate(jem, _Points(), tmp_path, attacks=attacks, robustness={"clip": (-9.0, 11.0)}, **kwargs)
-    assert boxed["robustness"]["rows"][0]["eps_01"] == pytest.approx(0.25)
+    low, high = jem.domain.bounds()
+    assert robustness["threat_model"]["data_range"] == pytest.approx([low, high])
+    assert "a range per channel or feature" in robustness["threat_model"]["box"]
+    row = robustness["rows"][0]
+    assert row["eps_01"] == pytest.approx(0.1) and row["eps"] is None and row["unrolled_accuracy"] is not None
+    # attacked inputs stay inside each feature's own box
+    x, y = data.test_dataset.tensors
+    attacked = []
+    model = lambda t: attacked.append(t.detach()) or jem(t)  # noqa: E731
+    robust_accuracy(model, [(x, y)], [{"kind": "pgd", "eps_01": 0.5, "steps": 3}], clip=jem.domain, progress=False)
+    seen = torch.cat(attacked)
+    assert (seen >= jem.domain.low - 1e-5).all() and (seen <= jem.domain.high + 1e-5).all()
+    assert (seen[:, 0].max() - seen[:, 0].min()) > 4 * (seen[:, 1].max() - seen[:, 1].min()) / 2
 
 
 def test_defence_option_errors(digits):
@@ -592,7 +612,9 @@ def test_defence_option_errors(digits):
         run(defense=_identity, draws=0)
     with pytest.raises(TypeError, match="defense must be a Defense, a callable x -> x' or None, got int"):
         run(defense=42)
-    with pytest.raises(ValueError, match="give eps \\(data units\\) or eps_01 \\(on \\[0, 1\\] inputs\\), not both"):
+    with pytest.raises(
+        ValueError, match="give eps \\(data units\\) or eps_01 \\(a fraction of the box's width\\), not both"
+    ):
         run([{"kind": "pgd", "eps": 0.1, "eps_01": 0.05}])
     with pytest.raises(ValueError, match="eps_01 needs the data range: pass clip=\\(low, high\\)"):
         run([{"kind": "pgd", "eps_01": 0.05}], clip=None)

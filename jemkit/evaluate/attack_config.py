@@ -123,7 +123,9 @@ class AttackBox:
         fraction_key = f"{key}_01"
         if parsed.get(fraction_key) is not None:
             if parsed[key] is not _REQUIRED:
-                raise ValueError(f"give {key} (data units) or {fraction_key} (fraction of the box), not both: {parsed}")
+                raise ValueError(
+                    f"give {key} (data units) or {fraction_key} (a fraction of the box's width), not both: {parsed}"
+                )
             if self.width is None:
                 raise ValueError(f"{fraction_key} needs the data range: pass clip=(low, high), got clip=None")
             parsed[key] = check_nonnegative(fraction_key, parsed[fraction_key]) * self.width

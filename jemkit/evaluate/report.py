@@ -3,7 +3,7 @@
 ``evaluate(jem, datamodule, out_dir)`` is what ``jemkit evaluate`` runs; it is also the Python API. Each section has
 its own options object (:class:`CalibrationOptions`, :class:`OODOptions`, :class:`RobustnessOptions`,
 :class:`SampleOptions`, :class:`GenerativeOptions`), which the command line reads under the same names
-(``--robustness.defense_steps 10``); ``None`` skips a section. It writes ``report.json`` and PNG figures into
+(``--robustness.defense_steps 10``); ``False`` skips a section. It writes ``report.json`` and PNG figures into
 ``out_dir`` and returns the report as a dict.
 """
 
@@ -37,15 +37,22 @@ def _check_input_shape(jem: Any, test_set: Dataset) -> None:
         )
 
 
+def _options(value: Any, default: type) -> Any:
+    """A section's options: ``None`` (or ``True``) its defaults, ``False`` skipped (``None`` here), else as given."""
+    if value is False:
+        return None
+    return default() if value is None or value is True else value
+
+
 def evaluate(
     jem: Any,
     datamodule: Any,
     out_dir: str | Path,
-    calibration: CalibrationOptions | None = None,
-    ood: OODOptions | None = None,
-    robustness: RobustnessOptions | None = None,
-    samples: SampleOptions | None = None,
-    generative: GenerativeOptions | None = None,
+    calibration: CalibrationOptions | bool | None = None,
+    ood: OODOptions | bool | None = None,
+    robustness: RobustnessOptions | bool | None = None,
+    samples: SampleOptions | bool | None = None,
+    generative: GenerativeOptions | bool | None = None,
     ood_data: dict[str, Dataset] | None = None,
     max_samples: int | None = 1000,
     batch_size: int = 128,
@@ -64,22 +71,28 @@ def evaluate(
         robustness: the robustness section's options (default :class:`RobustnessOptions`: PGD and noise inside
             the JEM's input domain, no defence).
         samples: the sample pictures' options (default :class:`SampleOptions`).
-        generative: FID/IS of the JEM's samples against the test split (default: skipped).
+        generative: FID/IS of the JEM's samples against the test split (:class:`GenerativeOptions`; default:
+            skipped).
         ood_data: more OOD sets ``{name: Dataset}`` of the test data's input shape.
         max_samples: cap on the test (and each OOD) set for OOD and robustness; ``None`` for all.
         batch_size: evaluation batch size.
         progress: show progress bars.
 
-    The model is evaluated in eval mode; every submodule's train/eval flag is restored afterwards.
+    Every section's argument takes its options object, ``None`` for its defaults or ``False`` to skip it. The
+    model is evaluated in eval mode; every submodule's train/eval flag is restored afterwards.
     """
     options = {
-        "calibration": calibration or CalibrationOptions(),
-        "ood": ood or OODOptions(),
-        "robustness": robustness or RobustnessOptions(),
-        "samples": samples or SampleOptions(),
+        name: _options(value, default)
+        for name, value, default in (
+            ("calibration", calibration, CalibrationOptions),
+            ("ood", ood, OODOptions),
+            ("robustness", robustness, RobustnessOptions),
+            ("samples", samples, SampleOptions),
+            ("generative", generative, GenerativeOptions),
+        )
     }
-    for name, section in (*options.items(), ("generative", generative)):  # refuse bad options before any work
-        if name == "robustness":
+    for name, section in options.items():  # refuse bad options before any work is done
+        if name == "robustness" and section is not None:
             section.check(attack_clip(jem))
         elif section is not None:
             section.check()
@@ -92,9 +105,7 @@ def evaluate(
         )
     _check_input_shape(jem, test_set)
     with sampling_context(jem, "eval"):
-        report = _sections(
-            jem, datamodule, test_set, out, options, generative, ood_data, max_samples, batch_size, progress
-        )
+        report = _sections(jem, datamodule, test_set, out, options, ood_data, max_samples, batch_size, progress)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -105,33 +116,36 @@ def _sections(
     test_set: Dataset,
     out: Path,
     options: dict[str, Any],
-    generative: GenerativeOptions | None,
     ood_data: dict[str, Dataset] | None,
     max_samples: int | None,
     batch_size: int,
     progress: bool,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"data": type(datamodule).__name__, "num_test": len(test_set), "figures": {}}
-    calibration: CalibrationOptions = options["calibration"]
-    val_set = split_dataset(datamodule, "validate") if calibration.temperature_scaling else None
-    section, figures = calibration_section(jem, test_set, val_set, out, calibration, batch_size, progress)
-    report |= section
-    report["figures"] |= figures
-    ood, figures = ood_section(jem, test_set, options["ood"], ood_data, out, max_samples, batch_size, progress)
-    if ood:
-        report["ood"] = ood
+    calibration: CalibrationOptions | None = options["calibration"]
+    if calibration is not None:
+        val_set = split_dataset(datamodule, "validate") if calibration.temperature_scaling else None
+        section, figures = calibration_section(jem, test_set, val_set, out, calibration, batch_size, progress)
+        report |= section
         report["figures"] |= figures
-    robustness: RobustnessOptions = options["robustness"]
-    if robustness.attack_configs():
+    if options["ood"] is not None:
+        ood, figures = ood_section(jem, test_set, options["ood"], ood_data, out, max_samples, batch_size, progress)
+        if ood:
+            report["ood"] = ood
+            report["figures"] |= figures
+    robustness: RobustnessOptions | None = options["robustness"]
+    if robustness is not None and robustness.attack_configs():
         loader = capped_loader(test_set, batch_size, max_samples)
         report["robustness"] = robustness_section(jem, loader, robustness, progress)
-    samples: SampleOptions = options["samples"]
-    if samples.per_class > 0 and getattr(jem, "buffer", None) is not None and jem.buffer.is_initialized:
+    samples: SampleOptions | None = options["samples"]
+    buffer = getattr(jem, "buffer", None)
+    if samples is not None and samples.per_class > 0 and buffer is not None and buffer.is_initialized:
         data = torch.stack([test_set[i][0] for i in range(min(len(test_set), 64))])
         paths = save_sample_grids(
             jem, out, num_samples=samples.num_samples, per_class=samples.per_class, suffix="eval", data=data
         )
         report["figures"] |= {f"samples_{k}": str(v) for k, v in paths.items()}
+    generative: GenerativeOptions | None = options["generative"]
     if generative is not None and generative.num_samples > 0:
         real = DataLoader(test_set, batch_size=batch_size)
         metrics = generative_metrics(
@@ -144,7 +158,8 @@ def _sections(
 def format_report(report: dict[str, Any]) -> str:
     """A readable text rendering of :func:`evaluate`'s report."""
     parts = [f"Test set: {report['data']} ({report['num_test']} examples)", ""]
-    parts += format_calibration(report)
+    if "calibration" in report:
+        parts += format_calibration(report)
     if "ood" in report:
         parts += format_ood(report["ood"])
     if "robustness" in report:
