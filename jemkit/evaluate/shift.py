@@ -29,6 +29,7 @@ import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,8 +43,10 @@ from tqdm.auto import tqdm
 
 from jemkit.adapters import select_logits, unpack_batch
 from jemkit.checks import check_integer
-from jemkit.evaluate.report import calibration_report
+from jemkit.evaluate.calibration import calibration_report
+from jemkit.evaluate.plots import save_figure
 from jemkit.evaluate.samples import picture_kind
+from jemkit.evaluate.tables import text_table
 from jemkit.sampling.domain import InputDomain
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "format_shift",
     "shift_figure",
     "shift_report",
+    "shift_section",
 ]
 
 SHIFTS: dict[str, tuple[str, ...]] = {
@@ -84,7 +88,7 @@ SEVERITIES: dict[str, tuple[float, ...]] = {
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to the HSV value
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # side of the coarse image, a fraction of the side
     "jpeg": (80.0, 65.0, 58.0, 50.0, 40.0),  # JPEG quality
-    "elastic": (0.01, 0.02, 0.03, 0.04, 0.05),  # ours: RMS displacement, a fraction of the side (smooth at 1/8 side)
+    "elastic": (0.01, 0.02, 0.03, 0.04, 0.05),  # ours: RMS displacement, a fraction of the side
     # signals, per channel: in units of the training std unless said otherwise
     "time_shift": (0.05, 0.1, 0.15, 0.2, 0.3),  # shift, a fraction of the length, either direction
     "amplitude_scaling": (1.25, 1.5, 2.0, 2.5, 3.0),  # gain c or 1/c around the example's mean
@@ -101,7 +105,6 @@ SEVERITIES: dict[str, tuple[float, ...]] = {
 
 _KIND_OF = {name: kind for kind, names in SHIFTS.items() for name in names}
 _ELASTIC_SMOOTHING = 1 / 8  # std of the elastic field's smoothing, a fraction of the image side
-_RMS_OF_SMOOTHED_UNIFORM = 0.163  # RMS of U(-1, 1) noise smoothed by a unit-sum 2-D Gaussian of std s is ~0.163 / s
 
 
 def data_kind(shape: Sequence[int]) -> str:
@@ -195,15 +198,20 @@ def _jpeg(x: Tensor, c: float, g: torch.Generator | None) -> Tensor:
 
 
 def _elastic(x: Tensor, c: float, g: torch.Generator | None) -> Tensor:
-    """torchvision's ElasticTransform, one random field per image: a field of ``U(-1, 1)`` displacements smoothed by
-    a Gaussian of 1/8 of the side, scaled so that its RMS is ``c`` times the side."""
-    height, width = x.shape[-2:]
-    sigma = _ELASTIC_SMOOTHING * min(height, width)
-    # torchvision moves pixels by alpha / 2 times the smoothed field, whose RMS is ~0.163 / sigma (sigma >= 1 pixel)
-    alpha = 2 * c * min(height, width) * max(sigma, 1.0) / _RMS_OF_SMOOTHED_UNIFORM
-    transform = T.ElasticTransform(alpha=alpha, sigma=sigma)
-    with _seeded(g):
-        return torch.stack([transform(image) for image in x]).clamp(0, 1)
+    """ImageNet-C's elastic deformation (without its affine part): pixels moved by a field of ``U(-1, 1)``
+    displacements smoothed by a Gaussian of 1/8 of the side, one field per image, scaled so that its RMS is ``c``
+    times the side; torchvision's ``elastic`` warps (``ElasticTransform`` draws one field per call, far slower)."""
+    n, height, width = x.shape[0], *x.shape[-2:]
+    side = min(height, width)
+    sigma = _ELASTIC_SMOOTHING * side
+    kernel = int(8 * sigma + 1) | 1  # ElasticTransform's kernel, odd, within reflection padding's reach
+    kernel = min(kernel, 2 * side - 1 if (2 * side - 1) % 2 else 2 * side - 2)
+    field = TF.gaussian_blur(_rand((n, 2, height, width), g) * 2 - 1, [kernel, kernel], [sigma, sigma])
+    field = field * (c * side / field.square().mean().sqrt().clamp_min(1e-12))  # RMS displacement c * side pixels
+    grid_units = field * torch.tensor([2 / width, 2 / height]).view(1, 2, 1, 1)  # pixels -> grid coordinates
+    displacement = grid_units.permute(0, 2, 3, 1)  # [N, H, W, 2] (x, y), as torchvision's ElasticTransform
+    warped = [TF.elastic(image, d.unsqueeze(0)) for image, d in zip(x, displacement, strict=True)]
+    return torch.stack(warped).clamp(0, 1)
 
 
 _IMAGE: dict[str, Callable[[Tensor, float, torch.Generator | None], Tensor]] = {
@@ -330,7 +338,7 @@ def corrupt(
 
     Example::
 
-        >>> x_blurred = corrupt(x_test, "gaussian_blur", 3, domain=jem.domain, generator=torch.Generator().manual_seed(0))
+        >>> blurred = corrupt(x_test, "gaussian_blur", 3, domain=jem.domain, generator=torch.Generator().manual_seed(0))
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"corrupt expects a batch of inputs [N, *shape], got {getattr(x, 'shape', type(x))}")
@@ -348,12 +356,8 @@ def corrupt(
         unit01 = ((domain.to_unit(data) + 1) / 2).clamp(0, 1)
         shifted = domain.from_unit(_IMAGE[name](unit01, c, generator) * 2 - 1)
     else:
-        shifted = _DATA[name](data, c, domain.cpu() if _on_device(domain) else domain, generator)
+        shifted = _DATA[name](data, c, domain, generator)  # the domain's statistics are copied to the CPU
     return shifted.to(device=device, dtype=dtype)
-
-
-def _on_device(domain: InputDomain) -> bool:
-    return domain.low is not None and domain.low.device.type != "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -540,14 +544,6 @@ def _cell(value: float | None, percent: bool = True) -> str:
     return f"{100 * value:.1f}" if percent else f"{value:.3f}"
 
 
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    cells = [list(header), *[list(r) for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def format_shift(section: dict[str, Any]) -> str:
     """A text rendering of :func:`shift_report`'s result: accuracy per shift and severity, then the summary rows
     (clean, each severity, the means) with NLL and ECE, raw and after the temperature. Figures in percent but NLL."""
@@ -583,7 +579,7 @@ def format_shift(section: dict[str, Any]) -> str:
         for label, m in summary_rows
     ]
     summary_header = ["set", "acc %", "NLL", "ECE %", *(["NLL(T)", "ECE(T) %"] if scaled else [])]
-    return "\n".join([title, _text_table(header, per_shift), "", _text_table(summary_header, summary)])
+    return "\n".join([title, text_table(header, per_shift), "", text_table(summary_header, summary)])
 
 
 def shift_figure(section: dict[str, Any]) -> Figure:
@@ -626,43 +622,42 @@ ADAPT_MODES = ("continual", "episodic")
 
 @dataclass
 class ShiftOptions:
-    """The shift section of an evaluation, as one object (``jemkit evaluate --shift``/``--adapt`` build it).
+    """What the shift section measures (``jemkit evaluate --shift.*``).
 
-    Attributes:
+    Args:
         shifts: shift names (:data:`SHIFTS`); ``None`` for all of the data's kind.
         severities: severities 1 to 5 to measure (the clean set is always measured).
         adapt: test-time adaptation: ``None``, ``"energy"`` (TEA: the contrastive energy with Langevin negatives)
-            or ``"tent"`` (entropy minimisation); both update only the normalisation layers' affine parameters.
+            or ``"tent"`` (entropy minimisation); both update only the normalisation layers' affine parameters
+            (:mod:`jemkit.adapt`).
         adapt_mode: ``"continual"`` (adapt over the batches of a set, reset between sets: Tent's and TEA's protocol)
             or ``"episodic"`` (reset before every batch).
         adapt_steps: optimiser updates per test batch (TEA and Tent: 1).
         adapt_lr: the adaptation's Adam learning rate (TEA and Tent: 1e-3).
-        max_samples: cap on the test items shifted (each set costs a pass over them; adaptation, many).
-        seed: seed of the corruptions.
+        adapt_arguments: further keyword arguments of the adapter, e.g. ``{"sampler": SGLD(40, 0.1, 0.01)}`` for
+            the energy adaptation's chains (see :class:`~jemkit.adapt.EnergyAdaptation`).
+        seed: seed of the corruptions: the same seed, the same shifted sets.
 
     Example::
 
-        >>> options = ShiftOptions(severities=(3, 5), adapt="energy")
+        >>> options = ShiftOptions(severities=[3, 5], adapt="energy")
         >>> section = options.report(jem, datamodule.test_dataset, temperature=1.3)
     """
 
-    shifts: tuple[str, ...] | None = None
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    shifts: list[str] | None = None
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     adapt: str | None = None
     adapt_mode: str = "continual"
     adapt_steps: int = 1
     adapt_lr: float = 1e-3
-    max_samples: int | None = 1000
+    adapt_arguments: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Further keyword arguments of the adapter (e.g. ``{"n_steps": 40}`` for the energy adaptation's chains)."""
 
-    def __post_init__(self) -> None:
-        if self.shifts is not None:
-            self.shifts = tuple(self.shifts)
-            for name in self.shifts:
-                _check_shift(name)
-        self.severities = tuple(self.severities)
+    def check(self, input_shape: Sequence[int] | None = None) -> None:
+        """Refuse unknown shifts (or shifts of another data kind than ``input_shape``'s), severities outside 1-5 and
+        unknown adaptation settings, before any work is done."""
+        for name in self.shifts or []:
+            _check_shift(name, input_shape)
         if not self.severities or any(isinstance(s, bool) or s not in (1, 2, 3, 4, 5) for s in self.severities):
             raise ValueError(f"severities must be integers from 1 to 5, got {self.severities!r}")
         if self.adapt is not None and self.adapt not in ("energy", "tent"):
@@ -670,19 +665,18 @@ class ShiftOptions:
         if self.adapt_mode not in ADAPT_MODES:
             raise ValueError(f"adapt_mode must be one of {ADAPT_MODES}, got {self.adapt_mode!r}")
         check_integer("adapt_steps", self.adapt_steps)
-        if not (isinstance(self.adapt_lr, (int, float)) and self.adapt_lr > 0):
+        if isinstance(self.adapt_lr, bool) or not (isinstance(self.adapt_lr, (int, float)) and self.adapt_lr > 0):
             raise ValueError(f"adapt_lr must be a number > 0, got {self.adapt_lr!r}")
-        if self.max_samples is not None:
-            check_integer("max_samples", self.max_samples)
         check_integer("seed", self.seed, minimum=0)
 
     def adapter(self, model: nn.Module, domain: InputDomain | None = None) -> Any:
-        """The adapter these options ask for around ``model`` (``None`` without adaptation)."""
+        """The adapter these options ask for around ``model`` (``None`` without adaptation); a classifier without
+        normalisation layers raises ``ValueError`` here."""
         if self.adapt is None:
             return None
         from jemkit.adapt import make_adapter
 
-        options = {"mode": self.adapt_mode, "steps": self.adapt_steps, "lr": self.adapt_lr, **self.extra}
+        options = {"mode": self.adapt_mode, "steps": self.adapt_steps, "lr": self.adapt_lr, **self.adapt_arguments}
         return make_adapter(self.adapt, model, domain=domain, **options).to(_model_device(model))
 
     def report(
@@ -693,9 +687,11 @@ class ShiftOptions:
         temperature: float | None = None,
         n_bins: int = 15,
         batch_size: int = 128,
+        max_samples: int | None = 1000,
         progress: bool = False,
     ) -> dict[str, Any]:
         """:func:`shift_report` with these options."""
+        self.check()
         domain = domain if domain is not None else getattr(model, "domain", None)
         return shift_report(
             model,
@@ -706,8 +702,25 @@ class ShiftOptions:
             shifts=self.shifts,
             n_bins=n_bins,
             batch_size=batch_size,
-            max_samples=self.max_samples,
+            max_samples=max_samples,
             adapt=self.adapter(model, domain),
             progress=progress,
             seed=self.seed,
         )
+
+
+def shift_section(
+    model: nn.Module,
+    test_set: Dataset,
+    options: ShiftOptions,
+    out: Path,
+    temperature: float | None = None,
+    n_bins: int = 15,
+    max_samples: int | None = 1000,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(section, figures)`` for the evaluation report: :meth:`ShiftOptions.report` on the test split (the
+    temperature is the calibration section's), and the figure of accuracy and ECE against severity."""
+    section = options.report(model, test_set, None, temperature, n_bins, batch_size, max_samples, progress)
+    return section, {"shift": str(save_figure(shift_figure(section), out / "shift.png"))}
