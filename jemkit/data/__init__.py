@@ -11,6 +11,7 @@ The digits, the Gaussian mixture, the scikit-learn tabular sets and the syntheti
 serve tests, tutorials and CI; the torchvision modules serve the benchmarks of the JEM papers.
 """
 
+from jemkit.data.cifar10c import CIFAR10CDataModule
 from jemkit.data.digits import DigitsDataModule
 from jemkit.data.outliers import WithOutliers
 from jemkit.data.signals import SignalsDataModule
@@ -26,6 +27,7 @@ from jemkit.data.vision import (
 )
 
 __all__ = [
+    "CIFAR10CDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitsDataModule",
