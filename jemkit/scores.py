@@ -7,20 +7,87 @@ class of AUROC/FPR95). The scores of the JEM paper (Grathwohl et al. 2020, Table
 - ``msp``: maximum softmax probability ``max_y p(y|x)`` (Hendrycks & Gimpel 2017),
 - ``max_logit``: ``max_y f(x)[y]``,
 - ``grad_norm``: ``-|| d log p(x) / dx ||_2`` (JEM's "approximate mass": data sits where the density is flat).
+
+Beside them, the post-hoc detectors a user gets without training (:mod:`jemkit.detectors`: Mahalanobis, relative
+Mahalanobis, KNN, ViM, from pytorch-ood) score the classifier's features, captured by a hook during the same forward
+(:class:`PostHocScores`), so one scoring loop (:func:`score_sets`) serves the evaluation report and ``OODMonitor``.
+
+:data:`RECOMMENDED_SCORE` is the one score jemkit recommends for a JEM: the report names it, never picked per test set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from jemkit.detectors import POSTHOC_DETECTORS, PostHocDetectors
 from jemkit.energy import log_px, log_py_given_x
+from jemkit.features import FeatureHook, extract_features, last_linear
 
-__all__ = ["SCORES", "compare_scores", "ood_scores", "reversed_scores", "score_batches", "score_sets"]
+__all__ = [
+    "RECOMMENDED_SCORE",
+    "SCORES",
+    "PostHocScores",
+    "compare_scores",
+    "ood_scores",
+    "reversed_scores",
+    "score_batches",
+    "score_sets",
+]
 
 SCORES: tuple[str, ...] = ("logpx", "msp", "max_logit", "grad_norm")
+
+RECOMMENDED_SCORE = "logpx"
+"""The OOD score jemkit recommends for a JEM, one rule for every data set (see ``benchmarks/RESULTS.md``)."""
+
+
+@dataclass
+class PostHocScores:
+    """Post-hoc detectors fitted on a classifier's training features, and the hook that captures its features.
+
+    Build it with :meth:`fit`; :func:`score_batches` then adds the detectors' scores (higher = more
+    in-distribution) to the model's own from the same forward.
+    """
+
+    hook: FeatureHook
+    detectors: PostHocDetectors
+
+    @classmethod
+    def fit(
+        cls,
+        model: nn.Module,
+        train_batches: Iterable,
+        names: Sequence[str] | None = None,
+        layer: str | None = None,
+        max_samples: int | None = 10_000,
+        device: torch.device | str | None = None,
+    ) -> PostHocScores:
+        """Fit ``names`` (default all of :data:`~jemkit.detectors.POSTHOC_DETECTORS`) on the features of up to
+        ``max_samples`` training inputs. ``model`` is the classifier, or a :class:`jemkit.JEM` (its ``classifier``'s
+        layers are read); ``layer`` names a layer of the classifier (default: the input of its last linear layer,
+        whose weights ViM also reads; ViM is skipped with a named layer)."""
+        classifier = getattr(model, "classifier", model)
+        hook = FeatureHook(classifier, layer)
+        z, y = extract_features(classifier, train_batches, layer, device, max_samples)
+        head = last_linear(classifier) if layer is None else None
+        names = list(POSTHOC_DETECTORS if names is None else names)
+        if head is None and names and "vim" in names and len(names) > 1:
+            names.remove("vim")  # ViM reads the head that maps these features to logits
+        detectors = PostHocDetectors(names).fit(
+            z, y, None if head is None else head.weight.detach(), None if head is None else _bias(head)
+        )
+        return cls(hook, detectors)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.detectors.detectors)
+
+
+def _bias(head: nn.Linear) -> Tensor | None:
+    return None if head.bias is None else head.bias.detach()
 
 
 def ood_scores(
@@ -61,13 +128,24 @@ def score_batches(
     scores: Sequence[str] = SCORES,
     temperature: float = 1.0,
     device: torch.device | str | None = None,
+    posthoc: PostHocScores | None = None,
 ) -> dict[str, Tensor]:
     """:func:`ood_scores` of every input in ``batches`` (``(x, ...)`` tuples or bare ``x``), concatenated:
-    ``{name: [N]}`` float32 on ``device`` (empty tensors when there are no batches)."""
-    parts: dict[str, list[Tensor]] = {name: [] for name in scores}
+    ``{name: [N]}`` float32 on ``device`` (empty tensors when there are no batches); with ``posthoc``, its
+    detectors' scores of the features of the same forward too."""
+    names = list(scores) + (posthoc.names if posthoc is not None else [])
+    parts: dict[str, list[Tensor]] = {name: [] for name in names}
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        for name, value in ood_scores(model, x.to(device), scores, temperature).items():
+        if posthoc is None:
+            values = ood_scores(model, x.to(device), scores, temperature)
+        else:
+            with posthoc.hook:
+                values = ood_scores(model, x.to(device), scores or ("max_logit",), temperature)
+                z = posthoc.hook.pop()
+            values = {name: values[name] for name in scores}
+            values |= {name: value.to(device) for name, value in posthoc.detectors.score(z).items()}
+        for name, value in values.items():
             parts[name].append(value.detach().float())
     return {name: torch.cat(v) if v else torch.empty(0, device=device) for name, v in parts.items()}
 
@@ -80,6 +158,7 @@ def score_sets(
     temperature: float = 1.0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    posthoc: PostHocScores | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """Scores of the in-distribution ``reference`` batches and of each OOD set's batches: ``(in_scores,
     {set: out_scores})``, the one scoring loop of the evaluation report and the ``OODMonitor`` callback (feed the
@@ -88,7 +167,7 @@ def score_sets(
 
     def score(batches: Iterable, desc: str) -> dict[str, Tensor]:
         bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
-        return score_batches(model, bar, scores, temperature, device)
+        return score_batches(model, bar, scores, temperature, device, posthoc)
 
     in_scores = score(reference, "OOD in-dist")
     return in_scores, {name: score(batches, f"OOD {name}") for name, batches in ood_sets.items()}

@@ -1,4 +1,10 @@
-"""The OOD section of the evaluation: how well each score tells the test split from OOD sets, with histograms."""
+"""The OOD section of the evaluation: how well each score tells the test split from OOD sets, with histograms.
+
+Scores are the model's own (:data:`jemkit.scores.SCORES`: ``logpx`` for a JEM) and the post-hoc detectors a user
+gets without training (Mahalanobis, relative Mahalanobis, KNN, ViM; :mod:`jemkit.detectors`), fitted on the training
+split's features, so that the report answers whether the JEM's training bought anything over its classifier plus
+that toolbox.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,15 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from jemkit.checks import check_integer
 from jemkit.data.ood import OOD_SETS, check_ood_dataset, make_ood_dataset
+from jemkit.detectors import POSTHOC_DETECTORS
 from jemkit.evaluate.plots import save_figure, score_histogram
 from jemkit.evaluate.splits import capped_loader
 from jemkit.evaluate.tables import text_table
-from jemkit.scores import SCORES, compare_scores, reversed_scores, score_sets
+from jemkit.scores import SCORES, PostHocScores, compare_scores, reversed_scores, score_sets
 
-__all__ = ["OODOptions", "format_ood", "ood_section"]
+__all__ = ["OODOptions", "format_ood", "ood_section", "ood_test_sets"]
 
 
 @dataclass
@@ -22,47 +30,71 @@ class OODOptions:
     """What the OOD section measures.
 
     Args:
-        sets: built-in OOD sets (see :data:`jemkit.data.ood.OOD_SETS`); the noise sets are drawn in the model's
-            input domain.
-        scores: OOD scores (see :data:`jemkit.scores.SCORES`), higher for inputs that look in-distribution.
+        sets: built-in OOD sets (see :data:`jemkit.data.ood.OOD_SETS`); the noise sets are drawn in the JEM's input
+            domain.
+        scores: the model's own OOD scores (see :data:`jemkit.scores.SCORES`), higher for in-distribution inputs.
+        detectors: post-hoc detectors fitted on the training split's features, some of ``mahalanobis``, ``rmd``,
+            ``knn``, ``vim`` (``[]``: none).
+        features: the classifier's layer whose output is the feature (default: the input of its last linear layer).
+        fit_samples: training inputs the detectors are fitted on.
     """
 
     sets: list[str] = field(default_factory=lambda: list(OOD_SETS))
     scores: list[str] = field(default_factory=lambda: list(SCORES))
+    detectors: list[str] = field(default_factory=lambda: list(POSTHOC_DETECTORS))
+    features: str | None = None
+    fit_samples: int = 10_000
 
     def check(self) -> None:
-        """Refuse unknown OOD sets and scores before any work is done or any file written."""
-        unknown_sets = [name for name in self.sets if name not in OOD_SETS]
-        if unknown_sets:
-            raise ValueError(
-                f"unknown OOD set(s) {unknown_sets}; built-in sets: {', '.join(OOD_SETS)} (others: ood_data)"
-            )
-        unknown_scores = [name for name in self.scores if name not in SCORES]
-        if unknown_scores:
-            raise ValueError(f"unknown OOD score(s) {unknown_scores}; expected some of {', '.join(SCORES)}")
+        """Refuse unknown OOD sets, scores and detectors before any work is done or any file written."""
+        for kind, given, known in (
+            ("OOD set(s)", self.sets, OOD_SETS),
+            ("OOD score(s)", self.scores, SCORES),
+            ("post-hoc detector(s)", self.detectors, POSTHOC_DETECTORS),
+        ):
+            unknown = [name for name in given if name not in known]
+            if unknown:
+                raise ValueError(f"unknown {kind} {unknown}; expected some of {', '.join(known)}")
+        check_integer("fit_samples", self.fit_samples)
+
+
+def ood_test_sets(
+    test_set: Dataset,
+    options: OODOptions,
+    domain: Any = None,
+    extra_sets: dict[str, Dataset] | None = None,
+    max_samples: int | None = 1000,
+) -> dict[str, Dataset]:
+    """The OOD sets of one evaluation (built once, so every model in it is scored on the same inputs), checked
+    against the test inputs' shape."""
+    n = max_samples and min(max_samples, len(test_set))
+    sets = {name: make_ood_dataset(name, test_set, n, domain=domain) for name in options.sets}
+    sets |= extra_sets or {}
+    input_shape = tuple(test_set[0][0].shape)
+    for name, dataset in sets.items():
+        check_ood_dataset(dataset, input_shape, name)
+    return sets
 
 
 def ood_section(
     model: Any,
     test_set: Dataset,
+    sets: dict[str, Dataset],
     options: OODOptions,
-    extra_sets: dict[str, Dataset] | None,
+    train_set: Dataset | None,
     out: Path,
     max_samples: int | None = 1000,
     batch_size: int = 128,
     progress: bool = False,
+    prefix: str = "",
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """``({set: {score: {auroc, aupr_in, aupr_out, fpr95}}}, figures)``, in-distribution test inputs positive, and
-    a histogram per score; ``({}, {})`` when there is no set or no score."""
-    n = max_samples and min(max_samples, len(test_set))
-    domain = getattr(model, "domain", None)
-    sets = {name: make_ood_dataset(name, test_set, n, domain=domain) for name in options.sets}
-    sets |= extra_sets or {}
-    if not sets or not options.scores:
+    """``({"ood": {set: {score: {auroc, aupr_in, aupr_out, fpr95}}}, "posthoc": {...}}, figures)``, in-distribution
+    test inputs positive, and a histogram per score (files named with ``prefix``); ``({}, {})`` when there is no set
+    or no score."""
+    posthoc, described = _fit_detectors(model, options, train_set, batch_size)
+    names = list(options.scores) + (posthoc.names if posthoc is not None else [])
+    if not sets or not names:
         return {}, {}
-    input_shape = tuple(test_set[0][0].shape)
-    for name, dataset in sets.items():
-        check_ood_dataset(dataset, input_shape, name)
     in_scores, out_scores = score_sets(
         model,
         capped_loader(test_set, batch_size, max_samples),
@@ -71,27 +103,57 @@ def ood_section(
         getattr(model, "temperature", 1.0),
         model.device,
         progress,
+        posthoc,
     )
     results = compare_scores(in_scores, out_scores)
     figures = {}
-    for s in options.scores:
+    for s in names:
         groups = {"in-distribution": in_scores[s]} | {name: values[s] for name, values in out_scores.items()}
         aurocs = {name: f"AUROC {results[name][s]['auroc']:.3f}" for name in sets}
         figure = score_histogram(groups, title=f"OOD score: {s}", xlabel=s, legend_extra=aurocs)
-        figures[f"ood_{s}"] = str(save_figure(figure, out / f"ood_{s}.png"))
-    return results, figures
+        figures[f"{prefix}ood_{s}"] = str(save_figure(figure, out / f"{prefix}ood_{s}.png"))
+    return {"ood": results, "posthoc": described}, figures
 
 
-def format_ood(ood: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+def _fit_detectors(
+    model: Any, options: OODOptions, train_set: Dataset | None, batch_size: int
+) -> tuple[PostHocScores | None, dict[str, Any]]:
+    """The detectors fitted on the training split, and what the report says of them (or why there are none)."""
+    if not options.detectors:
+        return None, {"detectors": []}
+    if train_set is None or len(train_set) == 0:
+        return None, {"detectors": [], "skipped": "the datamodule has no training data to fit them on"}
+    loader = capped_loader(train_set, batch_size, options.fit_samples)
+    posthoc = PostHocScores.fit(model, loader, options.detectors, options.features, options.fit_samples, model.device)
+    described = {
+        "detectors": posthoc.names,
+        "features": f"{posthoc.hook.capture} of {posthoc.hook.layer_name}",
+        "fit_samples": min(len(train_set), options.fit_samples),
+    }
+    if posthoc.detectors.skipped:
+        described["skipped"] = posthoc.detectors.skipped
+    return posthoc, described
+
+
+def format_ood(ood: dict[str, dict[str, dict[str, float]]], posthoc: dict[str, Any] | None = None) -> list[str]:
     """The OOD table, one row per set and score, and a warning line for each score that points the wrong way."""
     rows = [
         [name, score, *(values[k] for k in ("auroc", "aupr_in", "aupr_out", "fpr95"))]
         for name, by_score in ood.items()
         for score, values in by_score.items()
     ]
+    notes = []
+    if posthoc and posthoc.get("detectors"):
+        notes.append(
+            f"post-hoc detectors ({', '.join(posthoc['detectors'])}) fitted on {posthoc['fit_samples']} training "
+            f"inputs' features ({posthoc['features']})"
+        )
+    if posthoc and posthoc.get("skipped"):
+        notes.append(f"skipped: {posthoc['skipped']}")
     return [
         "OOD detection (in-distribution = positive)",
         text_table(["OOD set", "score", "AUROC", "AUPR-in", "AUPR-out", "FPR95"], rows),
+        *notes,
         *(f"! {message}" for message in reversed_scores(ood)),
         "",
     ]

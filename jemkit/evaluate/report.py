@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from jemkit.adapters import sampling_context
 from jemkit.evaluate.calibration import CalibrationOptions, calibration_section, format_calibration
 from jemkit.evaluate.generative import GenerativeOptions, format_generative, generative_metrics
-from jemkit.evaluate.ood import OODOptions, format_ood, ood_section
+from jemkit.evaluate.ood import OODOptions, format_ood, ood_section, ood_test_sets
 from jemkit.evaluate.robustness import RobustnessOptions, attack_clip, format_robustness, robustness_section
 from jemkit.evaluate.samples import SampleOptions, save_sample_grids
 from jemkit.evaluate.splits import capped_loader, split_dataset
@@ -128,11 +128,13 @@ def _sections(
         section, figures = calibration_section(jem, test_set, val_set, out, calibration, batch_size, progress)
         report |= section
         report["figures"] |= figures
-    if options["ood"] is not None:
-        ood, figures = ood_section(jem, test_set, options["ood"], ood_data, out, max_samples, batch_size, progress)
-        if ood:
-            report["ood"] = ood
-            report["figures"] |= figures
+    ood: OODOptions | None = options["ood"]
+    if ood is not None:
+        sets = ood_test_sets(test_set, ood, getattr(jem, "domain", None), ood_data, max_samples)
+        train_set = split_dataset(datamodule, "fit") if ood.detectors else None
+        section, figures = ood_section(jem, test_set, sets, ood, train_set, out, max_samples, batch_size, progress)
+        report |= section
+        report["figures"] |= figures
     robustness: RobustnessOptions | None = options["robustness"]
     if robustness is not None and robustness.attack_configs():
         loader = capped_loader(test_set, batch_size, max_samples)
@@ -161,7 +163,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "calibration" in report:
         parts += format_calibration(report)
     if "ood" in report:
-        parts += format_ood(report["ood"])
+        parts += format_ood(report["ood"], report.get("posthoc"))
     if "robustness" in report:
         parts += format_robustness(report["robustness"])
     if "generative" in report:

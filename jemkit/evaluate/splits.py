@@ -13,11 +13,11 @@ __all__ = ["capped_loader", "split_dataset"]
 
 
 def split_dataset(datamodule: Any, stage: str) -> Dataset | None:
-    """The test (``stage="test"``) or validation (``"validate"``) split: the datamodule's ``test_dataset`` /
-    ``val_dataset`` if it has one, else what its ``test_dataloader()`` / ``val_dataloader()`` yields, gathered;
-    ``None`` when it has neither."""
+    """The test (``stage="test"``), validation (``"validate"``) or training (``"fit"``) split: the datamodule's
+    ``test_dataset`` / ``val_dataset`` / ``train_dataset`` if it has one, else what its ``test_dataloader()`` /
+    ``val_dataloader()`` / ``train_dataloader()`` yields, gathered; ``None`` when it has neither."""
     datamodule.setup(stage)
-    name = "test" if stage == "test" else "val"
+    name = {"test": "test", "validate": "val", "fit": "train"}[stage]
     dataset = getattr(datamodule, f"{name}_dataset", None)
     if dataset is not None:
         return dataset
