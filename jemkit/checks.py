@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,11 +13,18 @@ from jemkit.energy import check_labels, check_logits
 
 __all__ = [
     "check_first_batch",
+    "check_input_scale",
     "check_input_shape",
     "check_integer",
     "check_jem_arguments",
+    "check_label_count",
     "check_nonnegative",
+    "input_scale_hint",
 ]
+
+LARGE_INPUT = 50.0
+"""Inputs reaching beyond this magnitude are far from the order-1 scale classifiers are initialised for (raw 0..255
+pixels, unstandardised features): :func:`check_input_scale` warns."""
 
 
 def check_integer(name: str, value: Any, minimum: int = 1) -> int:
@@ -43,8 +51,40 @@ def check_input_shape(x: Tensor, expected: Sequence[int] | None, stage: str) -> 
         )
 
 
+def check_label_count(x: Tensor, y: Any) -> None:
+    """One label per input: ``ValueError`` naming both counts (before any code masks inputs by their labels)."""
+    if isinstance(y, Tensor) and y.dim() >= 1 and isinstance(x, Tensor) and x.dim() >= 1 and len(y) != len(x):
+        raise ValueError(
+            f"a batch holds {len(x)} inputs but {len(y)} labels: every input needs one label (check the dataset's "
+            "__getitem__ or the loader's collate_fn)"
+        )
+
+
+def input_scale_hint(x: Tensor) -> str | None:
+    """What to do about inputs ``x`` reaching beyond :data:`LARGE_INPUT` in magnitude (``None`` when they do not)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0:
+        return None
+    low, high = (float(v) for v in x.detach().aminmax())
+    if not max(abs(low), abs(high)) > LARGE_INPUT:  # also False for NaN: named elsewhere
+        return None
+    return (
+        f"the training inputs span [{low:.4g}, {high:.4g}]: an untrained classifier's energies grow with the scale of "
+        "its inputs, and at this scale they can trip the DivergenceGuard's limits or swamp the cross-entropy with the "
+        "log p(x) terms. Scale the inputs to about [-1, 1] in the data pipeline: pixels in 0..255 as x / 127.5 - 1 (or "
+        "torchvision's ToTensor() then Normalize), features standardised as (x - mean) / std"
+    )
+
+
+def check_input_scale(x: Tensor) -> None:
+    """Warn when a first training batch ``x`` is far from order-1 scale (see :func:`input_scale_hint`)."""
+    hint = input_scale_hint(x)
+    if hint is not None:
+        warnings.warn(hint[0].upper() + hint[1:], UserWarning, stacklevel=2)
+
+
 def check_first_batch(x: Tensor, y: Tensor, logits: Tensor, num_classes: int | None) -> int:
     """Labels ``y [B]`` and the classifier's ``logits`` on a first batch fit each other: returns the class count."""
+    check_label_count(x, y)
     check_labels(y, x.shape[0])
     check_logits(logits)
     found = int(logits.shape[1])

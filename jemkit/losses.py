@@ -36,6 +36,7 @@ __all__ = [
     "EBM_LOSSES",
     "DrawnInputs",
     "JEMLogits",
+    "PAPER_MARGINS",
     "classification_loss",
     "contrastive_divergence_loss",
     "energy_l2_regularization",
@@ -238,12 +239,20 @@ def energy_l2_regularization(e_data: Tensor, e_sample: Tensor) -> Tensor:
     return e_data.square().mean() + e_sample.square().mean()
 
 
-def energy_margin_loss(e_in: Tensor, e_out: Tensor, margin_in: float = -23.0, margin_out: float = -5.0) -> Tensor:
+PAPER_MARGINS: tuple[float, float] = (-23.0, -5.0)
+"""``(margin_in, margin_out)`` of Liu et al. (2020) for CIFAR-10 and a WRN-40-2 (CIFAR-100: ``margin_in=-27``). They fit
+only that scale of energies: a JEM derives its margins from its classifier's own energies
+(:func:`margins_from_energies`)."""
+
+
+def energy_margin_loss(
+    e_in: Tensor, e_out: Tensor, margin_in: float = PAPER_MARGINS[0], margin_out: float = PAPER_MARGINS[1]
+) -> Tensor:
     """Energy-based outlier exposure (Liu et al. 2020): ``mean relu(E_in - m_in)^2 + mean relu(m_out - E_out)^2``.
 
     Squared hinges push in-distribution energies below ``margin_in`` and outliers' above ``margin_out``, and leave
     alone what is already on its side, so that the classifier's logits are not rescaled without bound. The defaults
-    are the paper's CIFAR-10 margins for a WRN-40-2 (CIFAR-100: ``margin_in=-27``). ``e_in [N]``, ``e_out [M]``.
+    are the paper's (:data:`PAPER_MARGINS`). ``e_in [N]``, ``e_out [M]``.
     """
     _check_sample_energies(e_in, e_out)
     if margin_in >= margin_out:
@@ -294,13 +303,13 @@ class DrawnInputs:
     key: tuple[int, int]  # (global step, batch index)
     data: Tensor  # the data with its training noise
     sample: Tensor | None = None  # unconditional samples
-    sample_y: Tensor | None = None  # class-conditional samples ...
-    y_sample: Tensor | None = None  # ... of these labels
+    conditional_sample: Tensor | None = None  # class-conditional samples (inputs) ...
+    conditional_labels: Tensor | None = None  # ... and the labels they were drawn for
     outlier: Tensor | None = None  # outliers of the energy-margin term (None: the samples serve, if any)
 
     def extra_batches(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The batches besides the data, in the order their logits are computed."""
-        return self.sample, self.sample_y, self.outlier
+        return self.sample, self.conditional_sample, self.outlier
 
 
 class JEMLogits(NamedTuple):
@@ -348,7 +357,7 @@ def jem_objective(
     y_sample: Tensor | None = None,
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     temperature: float = 1.0,
-    margins: tuple[float, float] = (-23.0, -5.0),
+    margins: tuple[float, float] | None = PAPER_MARGINS,
     classification: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The JEM loss and its terms: ``(loss, stats)``, every statistic a detached-able scalar tensor (no host sync).
@@ -357,6 +366,7 @@ def jem_objective(
     + pxy * (E(data, y) - E(sample_y, y_sample))``, each term present when its logits are and its weight is > 0
     (``energy_l2`` regularises the ``px`` contrast and comes with it).
     ``y [B]`` are the data's labels, ``y_sample`` the labels the class-conditional samples were drawn for;
+    ``margins`` are the energy-margin term's ``(margin_in, margin_out)``, needed when ``logits.outlier`` is given;
     ``classification(energies [B, C], y)`` replaces cross-entropy (see :func:`classification_loss`).
     """
     classify = classification or _cross_entropy_of_energies
@@ -369,6 +379,8 @@ def jem_objective(
         if weights["px"] > 0:  # the regulariser of the log p(x) contrast (not of a margin term using the samples)
             stats["energy_l2"] = energy_l2_regularization(e_data, e_sample)
     if logits.outlier is not None:
+        if margins is None:
+            raise ValueError("the energy-margin term needs margins=(margin_in, margin_out), got None")
         e_outlier = marginal_energy(logits.outlier, temperature)
         stats["margin"] = energy_margin_loss(e_data, e_outlier, *margins)
         stats["energy_outlier"] = e_outlier.mean()

@@ -31,7 +31,7 @@ from jemkit.checkpoint import (
     jemkit_section,
     load_with_clear_errors,
 )
-from jemkit.checks import check_first_batch, check_input_shape, check_jem_arguments
+from jemkit.checks import check_first_batch, check_input_scale, check_input_shape, check_jem_arguments
 from jemkit.divergence import DivergenceError
 from jemkit.energy import joint_energy, marginal_energy
 from jemkit.losses import DEFAULT_WEIGHTS, DrawnInputs, JEMLogits, jem_objective, margins_from_energies
@@ -215,8 +215,8 @@ class JEM(pl.LightningModule):
         logits = self._logits(drawn)
         bad_labels = (y < 0) | (y >= self.num_classes)  # named by DivergenceGuard, without a host sync here
         loss, stats = jem_objective(
-            logits, y.clamp(0, self.num_classes - 1), drawn.y_sample, self.weights, self.temperature,
-            self.margins or (-23.0, -5.0), self.classification_loss,
+            logits, y.clamp(0, self.num_classes - 1), drawn.conditional_labels, self.weights, self.temperature,
+            self.margins, self.classification_loss,
         )  # fmt: skip
         stats["bad_labels"] = bad_labels.sum().float()
         if drawn.sample is not None:
@@ -242,8 +242,8 @@ class JEM(pl.LightningModule):
         if weights["px"] > 0 or (weights["margin"] > 0 and x_out is None):
             drawn.sample = self.chains.draw(self.energy, n)
         if weights["pxy"] > 0:
-            drawn.y_sample = torch.randint(0, self.num_classes, (n,), device=x.device)
-            drawn.sample_y = self.chains.draw(self.energy, n, drawn.y_sample)
+            drawn.conditional_labels = torch.randint(0, self.num_classes, (n,), device=x.device)
+            drawn.conditional_sample = self.chains.draw(self.energy, n, drawn.conditional_labels)
         self._drawn = drawn
         return drawn
 
@@ -348,6 +348,8 @@ class JEM(pl.LightningModule):
             return
         with torch.no_grad(), sampling_context(self.classifier, "eval"):  # a probe: touches no statistics
             self.num_classes = check_first_batch(x, y, self(x[:2]), self.num_classes)
+        if stage == "train":
+            check_input_scale(x)
         world_size = self.trainer.world_size if self._trainer is not None else 1
         self.chains.prepare(tuple(x.shape[1:]), self.num_classes, x.device, world_size)  # this rank's shard
         self._checked_stages.add(stage)

@@ -347,6 +347,7 @@ def test_undeclared_domain_is_fitted_so_chains_stay_in_the_data_box(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*val_dataloader.*|.*does not have many workers.*")
+        warnings.filterwarnings("ignore", message="The training inputs span")  # advice on the classifier's inputs
         trainer(tmp_path, max_steps=3).fit(jem, loader(x, torch.arange(64) % 3))
     samples = jem.sample(32)
     assert float(samples.min()) >= 0.0 and float(samples.max()) <= 255.0

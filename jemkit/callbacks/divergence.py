@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from jemkit.adapters import unpack_batch
+from jemkit.checks import input_scale_hint
 from jemkit.divergence import DivergenceError, Guarded, divergence_reasons
 from jemkit.optim import scheduled_state_dict
 
@@ -59,6 +60,17 @@ def _bad_input(batch: Any, batch_idx: int) -> list[str]:
     return [
         f"the input batch {batch_idx} contains {kinds} (in samples {samples[:5]}{' ...' if len(samples) > 5 else ''})"
     ]
+
+
+def _scale_hint(batch: Any, batch_idx: int) -> str | None:
+    """When the diverged step's inputs are far from order-1 scale, that first: "Likely cause: the training inputs
+    span [0, 255] ... Scale the inputs ..." (see :func:`jemkit.checks.input_scale_hint`)."""
+    try:
+        x, _ = unpack_batch(batch)
+    except (TypeError, KeyError):
+        return None
+    hint = input_scale_hint(x)
+    return None if hint is None else f"Likely cause: {hint}."
 
 
 def _raise_bad_labels(batch: Any, batch_idx: int, num_classes: int) -> None:
@@ -207,7 +219,7 @@ class DivergenceGuard(Callback):
         if self.action == "raise":
             if reasons and reasons[0].startswith("the input"):
                 raise DivergenceError(f"{reasons[0]} (global step {trainer.global_step}): clean the data")
-            raise DivergenceError(f"{reason}. {_HINT}")
+            raise DivergenceError(f"{reason}. {_scale_hint(*self._batch) or _HINT}")
         self._pending = reason
 
     @override

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from jemkit.adapters import class_labels, resolve_sampling_mode, sampling_context, unpack_batch
+from jemkit.checks import check_label_count
 from jemkit.sampling.buffer import ReplayBuffer
 from jemkit.sampling.compiled import CompiledStep, ConditionalEnergy, resolve_compile_mode
 from jemkit.sampling.domain import InputDomain
@@ -90,6 +91,7 @@ class Chains:
         xs, ys = [], []
         for batch in itertools.islice(loader, batches):
             x, y = unpack_batch(batch)
+            check_label_count(x, y)  # before any mask of labels over inputs
             xs.append(x.to(device))
             ys.append(class_labels(y).to(device))
         if not xs:
@@ -117,11 +119,6 @@ class Chains:
     def reinit_nonfinite(self) -> int:
         """Restart the chains that went NaN/inf; returns how many (a host sync)."""
         return self.buffer.reinit_nonfinite()
-
-    def buffer_samples(self, n: int | None = None) -> Tensor:
-        """The first ``n`` (default: all) stored chain states, in data units."""
-        self._check_ready()
-        return self.domain.from_unit(self.buffer.samples[:n])
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
