@@ -14,9 +14,11 @@ from typing_extensions import override
 
 from jemkit.adapters import sampling_context
 from jemkit.callbacks._logging import log_to_tensorboard, run_dir
+from jemkit.checks import check_integer
 from jemkit.data.ood import check_ood_dataset, make_ood_dataset
+from jemkit.detectors import POSTHOC_DETECTORS
 from jemkit.evaluate.plots import save_figure, score_histogram
-from jemkit.scores import SCORES, compare_scores, reversed_scores, score_sets
+from jemkit.scores import SCORES, PostHocScores, compare_scores, reversed_scores, score_sets
 
 __all__ = ["OODMonitor"]
 
@@ -39,6 +41,11 @@ class OODMonitor(Callback):
         max_samples: inputs per set (in-distribution and each OOD set).
         batch_size: scoring batch size.
         save_histograms: write score histograms.
+        detectors: post-hoc detectors (pytorch-ood's, see :mod:`jemkit.detectors`) refitted at each measurement on
+            the features of the first ``fit_samples`` training inputs and logged beside the JEM's scores, so a run
+            shows whether its training beats what the classifier's features give without it (``()``: none).
+        features: the classifier's layer whose output is the feature (default: the input of its last linear layer).
+        fit_samples: training inputs the detectors are fitted on (the same ones on every rank).
 
     Raises:
         ValueError: an OOD set is empty or its inputs' shape differs from the validation data's.
@@ -57,6 +64,9 @@ class OODMonitor(Callback):
         max_samples: int = 512,
         batch_size: int = 128,
         save_histograms: bool = True,
+        detectors: Sequence[str] = POSTHOC_DETECTORS,
+        features: str | None = None,
+        fit_samples: int = 2000,
     ) -> None:
         if every_n_epochs < 1 or max_samples < 1 or batch_size < 1:
             raise ValueError(
@@ -75,6 +85,12 @@ class OODMonitor(Callback):
         self.max_samples = max_samples
         self.batch_size = batch_size
         self.save_histograms = save_histograms
+        unknown = [d for d in detectors if d not in POSTHOC_DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown post-hoc detector(s) {unknown}; expected some of {list(POSTHOC_DETECTORS)}")
+        self.detectors = tuple(detectors)
+        self.features = features
+        self.fit_samples = check_integer("fit_samples", fit_samples)
         self.last: dict[str, dict[str, dict[str, float]]] = {}
 
     @property
@@ -98,6 +114,22 @@ class OODMonitor(Callback):
         indices = range(trainer.global_rank, n, trainer.world_size)
         return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, shuffle=False)
 
+    def _fit_detectors(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PostHocScores | None:
+        """The post-hoc detectors on the first ``fit_samples`` training inputs (every rank fits the same ones)."""
+        if not self.detectors:
+            return None
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "train_dataset", None) if datamodule is not None else None
+        if dataset is None:
+            loader = trainer.train_dataloader
+            dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            rank_zero_warn("OODMonitor: no training dataset to fit the post-hoc detectors on; they are skipped")
+            return None
+        n = min(len(dataset), self.fit_samples)
+        loader = DataLoader(Subset(dataset, range(n)), batch_size=self.batch_size, shuffle=False)
+        return PostHocScores.fit(pl_module, loader, self.detectors, self.features, n, pl_module.device)
+
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs != 0:
@@ -111,6 +143,7 @@ class OODMonitor(Callback):
         for name, dataset in sets.items():
             check_ood_dataset(dataset, input_shape, name)
         with sampling_context(pl_module, "eval"):  # every submodule's own train/eval flag comes back after
+            posthoc = self._fit_detectors(trainer, pl_module)
             in_scores, out_scores = score_sets(
                 pl_module,
                 self._shard(reference, trainer),
@@ -118,6 +151,7 @@ class OODMonitor(Callback):
                 self.scores,
                 getattr(pl_module, "temperature", 1.0),
                 pl_module.device,
+                posthoc=posthoc,
             )
         results = compare_scores(in_scores, out_scores)
         for message in reversed_scores(results):
@@ -127,7 +161,7 @@ class OODMonitor(Callback):
                 for key, value in values.items():
                     pl_module.log(f"val/ood/{name}/{score}/{key}", value, on_epoch=True)
         histograms = {
-            s: {"in-distribution": in_scores[s]} | {n: o[s] for n, o in out_scores.items()} for s in self.scores
+            s: {"in-distribution": in_scores[s]} | {n: o[s] for n, o in out_scores.items()} for s in in_scores
         }
         self.last = results
         if self.save_histograms:

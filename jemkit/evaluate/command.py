@@ -19,6 +19,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import instantiate_module
 
+from jemkit.evaluate.baseline import load_baseline
 from jemkit.evaluate.calibration import CalibrationOptions
 from jemkit.evaluate.generative import GenerativeOptions
 from jemkit.evaluate.ood import OODOptions
@@ -58,6 +59,13 @@ def build_parser() -> ArgumentParser:
         type=list[LightningDataModule] | None,
         default=None,
         help="more OOD sets: datamodules whose test split is scored (class_path/init_args)",
+    )
+    parser.add_argument(
+        "--baseline_ckpt",
+        type=str | None,
+        default=None,
+        help="the plain classifier to compare with: a `jemkit fit` checkpoint (e.g. weights={px: 0}) or the weights "
+        "of the JEM's classifier architecture; evaluated the same way, printed side by side",
     )
     for name, options in SECTIONS.items():
         parser.add_class_arguments(options, name, help=(options.__doc__ or "").split("\n\n")[0])
@@ -111,11 +119,13 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     for ood_module in init.get("ood_data") or []:
         ood_module.setup("test")
         ood_data[type(ood_module).__name__] = ood_module.test_dataset
+    baseline = load_baseline(cfg.baseline_ckpt, jem, device) if cfg.baseline_ckpt else None
     report = evaluate(
         jem,
         datamodule,
         cfg.out,
         ood_data=ood_data,
+        baseline=baseline,
         max_samples=cfg.max_samples,
         batch_size=cfg.batch_size,
         progress=cfg.progress,

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from jemkit.adapters import sampling_context
+from jemkit.evaluate.baseline import comparison, format_comparison
 from jemkit.evaluate.calibration import CalibrationOptions, calibration_section, format_calibration
 from jemkit.evaluate.generative import GenerativeOptions, format_generative, generative_metrics
 from jemkit.evaluate.ood import OODOptions, format_ood, ood_section, ood_test_sets
@@ -54,6 +56,7 @@ def evaluate(
     samples: SampleOptions | bool | None = None,
     generative: GenerativeOptions | bool | None = None,
     ood_data: dict[str, Dataset] | None = None,
+    baseline: nn.Module | None = None,
     max_samples: int | None = 1000,
     batch_size: int = 128,
     progress: bool = True,
@@ -74,6 +77,9 @@ def evaluate(
         generative: FID/IS of the JEM's samples against the test split (:class:`GenerativeOptions`; default:
             skipped).
         ood_data: more OOD sets ``{name: Dataset}`` of the test data's input shape.
+        baseline: the plain classifier (:func:`~jemkit.evaluate.baseline.load_baseline`), evaluated beside the JEM
+            with the same calibration and OOD options on the same sets: ``report["baseline"]`` and
+            ``report["comparison"]`` (see :func:`~jemkit.evaluate.baseline.comparison`).
         max_samples: cap on the test (and each OOD) set for OOD and robustness; ``None`` for all.
         batch_size: evaluation batch size.
         progress: show progress bars.
@@ -106,8 +112,43 @@ def evaluate(
     _check_input_shape(jem, test_set)
     with sampling_context(jem, "eval"):
         report = _sections(jem, datamodule, test_set, out, options, ood_data, max_samples, batch_size, progress)
+    if baseline is not None:
+        with sampling_context(baseline, "eval"):
+            section = _baseline(baseline, datamodule, test_set, out, options, report, max_samples, batch_size, progress)
+        report["baseline"] = section
+        report["comparison"] = comparison(report, section)
+    report.pop("_ood_sets", None)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _baseline(
+    model: nn.Module,
+    datamodule: Any,
+    test_set: Dataset,
+    out: Path,
+    options: dict[str, Any],
+    report: dict[str, Any],
+    max_samples: int | None,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """The baseline's calibration and OOD sections, on the OOD sets the JEM was scored on; figures ``baseline_*``."""
+    section: dict[str, Any] = {"model": type(getattr(model, "classifier", model)).__name__}
+    calibration = options["calibration"] or CalibrationOptions(temperature_scaling=True)
+    val_set = split_dataset(datamodule, "validate") if calibration.temperature_scaling else None
+    cal, figures = calibration_section(model, test_set, val_set, out, calibration, batch_size, progress, "baseline_")
+    section |= cal
+    report["figures"] |= figures
+    ood: OODOptions | None = options["ood"]
+    if ood is not None and report.get("_ood_sets"):
+        train_set = split_dataset(datamodule, "fit") if ood.detectors else None
+        found, figures = ood_section(
+            model, test_set, report["_ood_sets"], ood, train_set, out, max_samples, batch_size, progress, "baseline_"
+        )
+        section |= found
+        report["figures"] |= figures
+    return section
 
 
 def _sections(
@@ -133,6 +174,7 @@ def _sections(
         sets = ood_test_sets(test_set, ood, getattr(jem, "domain", None), ood_data, max_samples)
         train_set = split_dataset(datamodule, "fit") if ood.detectors else None
         section, figures = ood_section(jem, test_set, sets, ood, train_set, out, max_samples, batch_size, progress)
+        report["_ood_sets"] = sets  # for the baseline: the same inputs
         report |= section
         report["figures"] |= figures
     robustness: RobustnessOptions | None = options["robustness"]
@@ -168,6 +210,8 @@ def format_report(report: dict[str, Any]) -> str:
         parts += format_robustness(report["robustness"])
     if "generative" in report:
         parts += ["Generative quality", format_generative(report["generative"]), ""]
+    if "comparison" in report:
+        parts += format_comparison(report["comparison"])
     if report["figures"]:
         parts += ["Figures"] + [f"  {k}: {v}" for k, v in report["figures"].items()]
     return "\n".join(parts)

@@ -1,0 +1,106 @@
+"""The baseline arm of the evaluation: the plain classifier, evaluated beside the JEM on the same data.
+
+A JEM earns its cost only where it beats the classifier it came from plus what a user gets without training
+(temperature scaling, post-hoc OOD detectors). ``jemkit evaluate --baseline_ckpt PATH`` evaluates that classifier
+the same way (calibration before and after temperature scaling, every OOD set with its own scores and the post-hoc
+detectors on its features) and :func:`comparison` puts the two side by side: for each OOD set, the JEM's
+recommended score (:data:`jemkit.scores.RECOMMENDED_SCORE`) against the best score of the plain classifier plus
+its toolbox.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jemkit.adapters import OutputKey, select_logits
+from jemkit.evaluate.tables import text_table
+from jemkit.scores import RECOMMENDED_SCORE
+
+__all__ = ["PlainClassifier", "comparison", "format_comparison", "load_baseline"]
+
+
+class PlainClassifier(nn.Module):
+    """A classifier as the evaluation reads a model: logits (``output_key`` selects them from a tuple or dict;
+    a one-logit head becomes two logits as in a JEM), ``device``, temperature 1."""
+
+    temperature = 1.0
+
+    def __init__(self, classifier: nn.Module, output_key: OutputKey = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.output_key = output_key
+
+    @property
+    def device(self) -> torch.device:
+        first = next(self.classifier.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return select_logits(self.classifier(x), self.output_key)
+
+
+def load_baseline(path: str, jem: Any, device: str | torch.device = "cpu") -> nn.Module:
+    """The baseline in the file at ``path``: a checkpoint of ``jemkit fit`` (any JEM, e.g. trained with
+    ``weights={px: 0}``), or the weights of the JEM's own classifier architecture (a ``state_dict``, or a checkpoint
+    holding one)."""
+    from jemkit.evaluate.command import load_jem
+    from jemkit.models import with_weights
+
+    try:
+        return load_jem(path, str(device))
+    except (ValueError, KeyError, TypeError):
+        pass  # not a jemkit fit checkpoint with a classifier config: a state_dict for the JEM's architecture
+    classifier = with_weights(copy.deepcopy(jem.classifier), path)
+    return PlainClassifier(classifier, getattr(jem, "output_key", None)).to(device)
+
+
+def _best(by_score: dict[str, dict[str, float]], names: list[str] | None = None) -> tuple[str, float]:
+    candidates = {k: v["auroc"] for k, v in by_score.items() if names is None or k in names}
+    name = max(candidates, key=lambda k: candidates[k])
+    return name, candidates[name]
+
+
+def comparison(report: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """The JEM beside the baseline: accuracy, ECE before and after temperature scaling, and per OOD set the JEM's
+    recommended score, its best score, and the baseline's best score (its own scores and post-hoc detectors)."""
+
+    def ece_scaled(section: dict[str, Any]) -> float | None:
+        return (section.get("temperature_scaling") or {}).get("ece")
+
+    rows: dict[str, Any] = {
+        "accuracy": [report["calibration"]["accuracy"], baseline["calibration"]["accuracy"]],
+        "ece": [report["calibration"]["ece"], baseline["calibration"]["ece"]],
+        "ece_scaled": [ece_scaled(report), ece_scaled(baseline)],
+    }
+    ood: dict[str, Any] = {}
+    for name, by_score in report.get("ood", {}).items():
+        if name not in baseline.get("ood", {}):
+            continue
+        recommended = by_score.get(RECOMMENDED_SCORE, {}).get("auroc")
+        ood[name] = {
+            "jem": {"score": RECOMMENDED_SCORE, "auroc": recommended},
+            "jem_best": dict(zip(("score", "auroc"), _best(by_score), strict=True)),
+            "baseline_best": dict(zip(("score", "auroc"), _best(baseline["ood"][name]), strict=True)),
+        }
+    return {"columns": ["jem", "baseline"], "rows": rows, "ood": ood}
+
+
+def format_comparison(compared: dict[str, Any]) -> list[str]:
+    """The side-by-side table of :func:`comparison`, as report lines."""
+    titles = {"accuracy": "accuracy", "ece": "ECE", "ece_scaled": "ECE after temperature scaling"}
+    rows = [[titles[k], *v, _delta(*v)] for k, v in compared["rows"].items()]
+    for name, o in compared["ood"].items():
+        jem, best, base = o["jem"], o["jem_best"], o["baseline_best"]
+        note = f"JEM best: {best['score']} {best['auroc']:.4f}; plain best: {base['score']}"
+        rows.append([f"AUROC {name}", jem["auroc"], base["auroc"], _delta(jem["auroc"], base["auroc"]), note])
+    header = ["", f"JEM ({RECOMMENDED_SCORE})", "plain + toolbox", "JEM - plain", "notes"]
+    rows = [r + [""] * (len(header) - len(r)) for r in rows]
+    return ["JEM beside the plain classifier", text_table(header, rows), ""]
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
