@@ -26,6 +26,7 @@ from jemkit.evaluate.ood import OODOptions
 from jemkit.evaluate.report import evaluate, format_report
 from jemkit.evaluate.robustness import RobustnessOptions
 from jemkit.evaluate.samples import SampleOptions
+from jemkit.evaluate.shift import ShiftOptions
 from jemkit.module import JEM
 
 __all__ = ["SECTIONS", "build_parser", "load_datamodule", "load_jem", "run"]
@@ -69,6 +70,13 @@ def build_parser() -> ArgumentParser:
     )
     for name, options in SECTIONS.items():
         parser.add_class_arguments(options, name, help=(options.__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--shift",
+        type=ShiftOptions | None,
+        default=None,
+        help="accuracy and calibration under corruptions of the test split (off by default): --shift '{}' for every "
+        "shift of the data's kind, or its options, e.g. --shift.severities [3,5] --shift.adapt energy",
+    )
     parser.add_argument("--max_samples", type=int | None, default=1000, help="cap per set for OOD/robustness")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -126,6 +134,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         cfg.out,
         ood_data=ood_data,
         baseline=baseline,
+        shift=init.get("shift"),
         max_samples=cfg.max_samples,
         batch_size=cfg.batch_size,
         progress=cfg.progress,

@@ -24,6 +24,7 @@ from jemkit.evaluate.generative import GenerativeOptions, format_generative, gen
 from jemkit.evaluate.ood import OODOptions, format_ood, ood_section, ood_test_sets
 from jemkit.evaluate.robustness import RobustnessOptions, attack_clip, format_robustness, robustness_section
 from jemkit.evaluate.samples import SampleOptions, save_sample_grids
+from jemkit.evaluate.shift import ShiftOptions, format_shift, shift_section
 from jemkit.evaluate.splits import capped_loader, split_dataset
 
 __all__ = ["evaluate", "format_report"]
@@ -39,11 +40,14 @@ def _check_input_shape(jem: Any, test_set: Dataset) -> None:
         )
 
 
-def _options(value: Any, default: type) -> Any:
-    """A section's options: ``None`` (or ``True``) its defaults, ``False`` skipped (``None`` here), else as given."""
+def _options(value: Any, default: type, on_by_default: bool = True) -> Any:
+    """A section's options: ``True`` its defaults, ``False`` skipped (``None`` here), ``None`` its defaults or
+    skipped as the section goes by default, else the options given."""
+    if value is None:
+        value = on_by_default
     if value is False:
         return None
-    return default() if value is None or value is True else value
+    return default() if value is True else value
 
 
 def evaluate(
@@ -55,6 +59,7 @@ def evaluate(
     robustness: RobustnessOptions | bool | None = None,
     samples: SampleOptions | bool | None = None,
     generative: GenerativeOptions | bool | None = None,
+    shift: ShiftOptions | bool | None = None,
     ood_data: dict[str, Dataset] | None = None,
     baseline: nn.Module | None = None,
     max_samples: int | None = 1000,
@@ -76,6 +81,9 @@ def evaluate(
         samples: the sample pictures' options (default :class:`SampleOptions`).
         generative: FID/IS of the JEM's samples against the test split (:class:`GenerativeOptions`; default:
             skipped).
+        shift: accuracy and calibration under corruptions of the test split, optionally with test-time adaptation
+            (:class:`~jemkit.evaluate.shift.ShiftOptions`; default: skipped; ``True``: every shift of the data's
+            kind at severities 1-5).
         ood_data: more OOD sets ``{name: Dataset}`` of the test data's input shape.
         baseline: the plain classifier (:func:`~jemkit.evaluate.baseline.load_baseline`), evaluated beside the JEM
             with the same calibration and OOD options on the same sets: ``report["baseline"]`` and
@@ -84,23 +92,26 @@ def evaluate(
         batch_size: evaluation batch size.
         progress: show progress bars.
 
-    Every section's argument takes its options object, ``None`` for its defaults or ``False`` to skip it. The
+    Every section's argument takes its options object, ``True`` for its defaults or ``False`` to skip it (``None``:
+    as the section goes by default). The
     model is evaluated in eval mode; every submodule's train/eval flag is restored afterwards.
     """
     options = {
-        name: _options(value, default)
-        for name, value, default in (
-            ("calibration", calibration, CalibrationOptions),
-            ("ood", ood, OODOptions),
-            ("robustness", robustness, RobustnessOptions),
-            ("samples", samples, SampleOptions),
-            ("generative", generative, GenerativeOptions),
-        )
+        "calibration": _options(calibration, CalibrationOptions),
+        "ood": _options(ood, OODOptions),
+        "robustness": _options(robustness, RobustnessOptions),
+        "samples": _options(samples, SampleOptions),
+        "generative": _options(generative, GenerativeOptions, on_by_default=False),
+        "shift": _options(shift, ShiftOptions, on_by_default=False),
     }
     for name, section in options.items():  # refuse bad options before any work is done
-        if name == "robustness" and section is not None:
+        if section is None:
+            continue
+        if name == "robustness":
             section.check(attack_clip(jem))
-        elif section is not None:
+        elif name == "shift":
+            section.check(getattr(getattr(jem, "buffer", None), "input_shape", None))
+        else:
             section.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +200,15 @@ def _sections(
             jem, out, num_samples=samples.num_samples, per_class=samples.per_class, suffix="eval", data=data
         )
         report["figures"] |= {f"samples_{k}": str(v) for k, v in paths.items()}
+    shift: ShiftOptions | None = options["shift"]
+    if shift is not None:
+        temperature = (report.get("temperature_scaling") or {}).get("temperature")
+        n_bins = calibration.n_bins if calibration is not None else 15
+        section, figures = shift_section(
+            jem, test_set, shift, out, temperature, n_bins, max_samples, batch_size, progress
+        )
+        report["shift"] = section
+        report["figures"] |= figures
     generative: GenerativeOptions | None = options["generative"]
     if generative is not None and generative.num_samples > 0:
         real = DataLoader(test_set, batch_size=batch_size)
@@ -208,6 +228,8 @@ def format_report(report: dict[str, Any]) -> str:
         parts += format_ood(report["ood"], report.get("posthoc"))
     if "robustness" in report:
         parts += format_robustness(report["robustness"])
+    if "shift" in report:
+        parts += ["Under distribution shift", format_shift(report["shift"]), ""]
     if "generative" in report:
         parts += ["Generative quality", format_generative(report["generative"]), ""]
     if "comparison" in report:
