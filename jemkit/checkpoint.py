@@ -13,6 +13,7 @@ import errno
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,15 @@ __all__ = [
     "check_writable",
     "clean_stale_temporaries",
     "is_unreadable_checkpoint",
-    "upgraded_checkpoint",
     "jemkit_section",
+    "load_checkpoint_file",
     "load_with_clear_errors",
+    "upgraded_checkpoint",
+    "upgraded_hyper_parameters",
 ]
+
+TRUST_HINT = "torch.load(path, weights_only=False)"
+"""How a user who trusts a refused checkpoint loads it anyway, named in the error (callers name their own option)."""
 
 
 def jemkit_section(classifier: nn.Module, num_classes: int | None, input_shape: tuple[int, ...] | None) -> dict:
@@ -69,14 +75,54 @@ def check_jemkit_section(checkpoint: dict[str, Any], classifier: nn.Module, num_
     return saved
 
 
-def upgraded_checkpoint(path: Any, legacy: dict[str, str]) -> io.BytesIO:
-    """The checkpoint at ``path`` with hyper-parameters of an older jemkit renamed (``legacy``: old name -> key of the
-    ``weights`` dict), as an in-memory file for ``load_from_checkpoint``: LightningCLI rebuilds a module strictly from
-    its recorded config, so a renamed argument would otherwise make the file unloadable."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = checkpoint.get("hyper_parameters", {})
+def load_checkpoint_file(
+    path: Any, map_location: Any = "cpu", weights_only: bool = True, trust_hint: str = TRUST_HINT
+) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file, weights-only unless the caller trusts the file, with one-line errors.
+
+    A file holding pickled Python objects besides tensors and plain containers (a model downloaded from somewhere can
+    carry code that runs when it is unpickled) is refused by weights-only loading before anything in it runs; that
+    refusal, and a truncated or corrupted file, become a ``ValueError`` naming the file, and for the first what to do
+    if its source is trusted (``trust_hint``: how the caller's user passes ``weights_only=False``).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        raise ValueError(_unloadable(path, err, trust_hint)) from err
+    except (RuntimeError, EOFError) as err:
+        if not is_unreadable_checkpoint(path):
+            raise
+        raise ValueError(_unloadable(path, err, trust_hint)) from err
+
+
+def _unloadable(path: Any, err: BaseException, trust_hint: str) -> str:
+    """Why ``path`` could not be loaded, in one line: truncated or corrupted, or refused as unsafe."""
+    if is_unreadable_checkpoint(path):
+        return f"{path} is truncated or corrupted: it cannot be read as a checkpoint"
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    what = f" ({found.group(1)})" if found else ""
+    return (
+        f"{path} is unsafe to load: besides tensors it holds pickled Python objects{what} that could run code, so "
+        f"weights-only loading refused it and nothing in it ran. If you trust its source, load it with {trust_hint}"
+    )
+
+
+def upgraded_hyper_parameters(hparams: dict[str, Any], legacy: dict[str, str]) -> dict[str, Any]:
+    """``hparams`` with the arguments of an older jemkit renamed (``legacy``: old name -> key of the ``weights``
+    dict): jemkit 0.1 recorded ``px_weight=0.1``, jemkit 0.2 records ``weights={"px": 0.1, ...}``."""
+    hparams = dict(hparams)
     weights = {key: hparams.pop(old) for old, key in legacy.items() if old in hparams}
-    hparams["weights"] = weights | dict(hparams.get("weights") or {})
+    if weights:
+        hparams["weights"] = weights | dict(hparams.get("weights") or {})
+    return hparams
+
+
+def upgraded_checkpoint(path: Any, legacy: dict[str, str], weights_only: bool = True) -> io.BytesIO:
+    """The checkpoint at ``path`` with its hyper-parameters upgraded (:func:`upgraded_hyper_parameters`), as an
+    in-memory file for ``load_from_checkpoint``: LightningCLI rebuilds a module strictly from its recorded config, so a
+    renamed argument would otherwise make the file unloadable."""
+    checkpoint = load_checkpoint_file(path, "cpu", weights_only)
+    checkpoint["hyper_parameters"] = upgraded_hyper_parameters(checkpoint.get("hyper_parameters", {}), legacy)
     upgraded = io.BytesIO()
     torch.save(checkpoint, upgraded)
     upgraded.seek(0)
@@ -85,13 +131,17 @@ def upgraded_checkpoint(path: Any, legacy: dict[str, str]) -> io.BytesIO:
 
 def load_with_clear_errors(load: Any, path: Any, legacy: dict[str, str], *args: Any, **kwargs: Any) -> Any:
     """``load(path, *args, **kwargs)`` (Lightning's ``load_from_checkpoint``) with errors that say what is wrong with
-    the file; a checkpoint whose hyper-parameters use ``legacy`` names is renamed in memory and loaded."""
+    the file (truncated, corrupted, unsafe to load: see :func:`load_checkpoint_file`); a checkpoint whose
+    hyper-parameters use ``legacy`` names is renamed in memory and loaded."""
+    trust_hint = "JEM.load_from_checkpoint(path, weights_only=False)"
     try:
         return load(path, *args, **kwargs)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+    except pickle.UnpicklingError as err:
+        raise ValueError(_unloadable(path, err, trust_hint)) from err
+    except (RuntimeError, OSError, EOFError) as err:
         if not is_unreadable_checkpoint(path):
             raise
-        raise ValueError(f"{path} is truncated or corrupted: it cannot be read as a checkpoint") from err
+        raise ValueError(_unloadable(path, err, trust_hint)) from err
     except KeyError as err:
         raise ValueError(
             f"{path} is not a Lightning checkpoint of a JEM (missing key {err}); expected a file written by "
@@ -100,7 +150,8 @@ def load_with_clear_errors(load: Any, path: Any, legacy: dict[str, str], *args: 
     except Exception as err:  # rebuilt strictly from its recorded CLI config, an older checkpoint names old arguments
         if not any(f"'{name}'" in str(err) for name in legacy):
             raise
-        return load(upgraded_checkpoint(path, legacy), *args, **kwargs)
+        upgraded = upgraded_checkpoint(path, legacy, weights_only=kwargs.get("weights_only") is not False)
+        return load(upgraded, *args, **kwargs)
 
 
 def is_unreadable_checkpoint(path: Any) -> bool:

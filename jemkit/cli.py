@@ -16,15 +16,18 @@ import importlib
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
+from jemkit.checkpoint import load_checkpoint_file, upgraded_hyper_parameters
 from jemkit.divergence import DivergenceError
 from jemkit.losses import objective_weights
-from jemkit.module import JEM
+from jemkit.module import _LEGACY_WEIGHTS, JEM
 from jemkit.presets import preset_config
 
 __all__ = ["JEMCLI", "main"]
@@ -45,6 +48,30 @@ class JEMCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "jemkit.checkpoint.AtomicCheckpointIO"}]})
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's reading of ``--ckpt_path``'s model settings (they replace the config's), with the checkpoint
+        loaded weights-only (a file with a pickle payload is refused in one line, ``--weights_only false`` loads a
+        trusted one) and the hyper-parameters of jemkit 0.1 renamed (``px_weight`` -> ``weights``), so that every
+        checkpoint that ``JEM.load_from_checkpoint`` loads also resumes."""
+        subcommand = self.config.get("subcommand")
+        settings = self.config[subcommand] if subcommand else None
+        ckpt_path = settings.get("ckpt_path") if settings is not None else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        trusted = settings.get("weights_only") is False
+        checkpoint = load_checkpoint_file(ckpt_path, "cpu", weights_only=not trusted, trust_hint="--weights_only false")
+        hparams = upgraded_hyper_parameters(checkpoint.get("hyper_parameters", {}), _LEGACY_WEIGHTS)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:  # a model class other than JEM, as LightningCLI records it
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"The model settings recorded in {ckpt_path} do not parse (see above)\n")
+            raise
+
     def before_instantiate_classes(self) -> None:
         """Resolve ``{default_root_dir}`` in any string of the config (logger ``save_dir``, checkpoint ``dirpath``):
         recipes write every output under the Trainer's ``default_root_dir``, so one override moves them all. Refuse
@@ -58,8 +85,10 @@ class JEMCLI(LightningCLI):
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """LightningCLI's parsing, except that ``--print_config`` shows the model with its preset and
-        defaults filled in."""
+        defaults filled in, and that a recipe given without the base it extends is named with the fix."""
         argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list):
+            _check_recipe_bases(argv)
         if not isinstance(argv, list) or "--print_config" not in argv:
             super().parse_arguments(parser, args)
             subcommand = self.config.get("subcommand")
@@ -81,6 +110,76 @@ class JEMCLI(LightningCLI):
         sub_parser = parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
         print(sub_parser.dump(config, skip_none=False, skip_validation=True), end="")
         sys.exit(0)
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    """The ``-c/--config`` values of a command line, in order."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (empty if the file cannot be read as one)."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _classifier_of(config: dict[str, Any]) -> dict[str, Any]:
+    """``model.classifier`` of a config (empty if it sets none)."""
+    model = config.get("model")
+    classifier = model.get("classifier") if isinstance(model, dict) else None
+    return classifier if isinstance(classifier, dict) else {}
+
+
+def _is_base(config: dict[str, Any]) -> bool:
+    """A base recipe sets a classifier (its ``class_path``) and no data."""
+    return "class_path" in _classifier_of(config) and "data" not in config
+
+
+def _extends_a_base(config: dict[str, Any]) -> bool:
+    """A dataset's recipe that extends a base sets the classifier's ``init_args`` but not its ``class_path``."""
+    classifier = _classifier_of(config)
+    return "init_args" in classifier and "class_path" not in classifier
+
+
+def _siblings(path: Path, kind: Any) -> list[str]:
+    """The YAML files beside ``path`` for which ``kind(config)`` holds."""
+    return [str(other) for other in sorted(path.parent.glob("*.y*ml")) if other != path and kind(_yaml_mapping(other))]
+
+
+def _check_recipe_bases(argv: list[str]) -> None:
+    """Recipes split into a base (``recipes/cifar_base.yaml``: classifier and training, no data) and the datasets'
+    files that extend it (``recipes/cifar10.yaml``: the data and the classifier's ``init_args``) are given together,
+    base first. Given alone or in the wrong order, ``ValueError`` with the command that works."""
+    names = _config_files(argv)
+    configs = [(name, _yaml_mapping(Path(name)) if Path(name).is_file() else {}) for name in names]
+    has_class_path = False
+    for name, config in configs:
+        if _extends_a_base(config) and not has_class_path:
+            bases = _siblings(Path(name), _is_base)
+            example = f"jemkit fit -c {bases[0]} -c {name}" if len(bases) == 1 else f"jemkit fit -c <base> -c {name}"
+            raise ValueError(
+                f"{name} sets the classifier's init_args but not its class_path: it extends a base recipe"
+                + (f" ({' or '.join(bases)})" if bases else "")
+                + f", which must come first: {example}"
+            )
+        has_class_path = has_class_path or "class_path" in _classifier_of(config)
+    given_data = any("data" in config for _, config in configs) or any(a.startswith("--data") for a in argv)
+    for name, config in configs:
+        extensions = _siblings(Path(name), _extends_a_base) if _is_base(config) and not given_data else []
+        if extensions:
+            raise ValueError(
+                f"{name} is a base recipe without data: give a dataset's file after it, e.g. "
+                f"jemkit fit -c {name} -c {extensions[0]} (or {', '.join(Path(e).name for e in extensions[1:])})"
+            )
 
 
 def _with_root(value: Any, root: str) -> Any:

@@ -75,3 +75,55 @@ def test_default_root_dir_moves_every_output_of_a_recipe(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()  # nothing under the recipe's own runs/digits
     assert (out / "checkpoints/best.ckpt").exists() and (out / "checkpoints/last.ckpt").exists()
     assert list((out / "logs").glob("version_*/metrics.csv")) and list((out / "logs").glob("version_*/config.yaml"))
+
+
+def _fast_fit(root: Path, steps: int) -> list[str]:
+    """Command-line options for a few steps of the digits recipe in ``root`` (a small network and buffer)."""
+    return [
+        f"--trainer.max_steps={steps}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--model.classifier.init_args.width=8",
+        "--model.buffer={class_path: jemkit.ReplayBuffer, init_args: {capacity: 64}}",
+    ]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_jemkit_0_1_resumes_from_the_command_line(tmp_path):
+    main(["fit", "-c", str(RECIPE), *_fast_fit(tmp_path, 2)])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    weights = hparams.pop("weights")
+    hparams.update({f"{name}_weight": value for name, value in weights.items()})  # as jemkit 0.1 recorded them
+    checkpoint["jemkit"]["version"] = "0.1.0"
+    legacy = tmp_path / "jemkit-0.1.ckpt"
+    torch.save(checkpoint, legacy)
+    assert JEM.load_from_checkpoint(legacy).weights == weights  # it loads ...
+    main(["fit", "-c", str(RECIPE), "--ckpt_path", str(legacy), *_fast_fit(tmp_path, 4)])  # ... and resumes
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 4 and resumed["hyper_parameters"]["weights"] == weights
+
+
+def test_a_dataset_recipe_without_its_base_names_the_base_to_give_first(capsys):
+    recipes = RECIPE.parent
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(recipes / "cifar10.yaml"), "--print_config"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"jemkit fit -c {recipes / 'cifar_base.yaml'} -c {recipes / 'cifar10.yaml'}" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:  # with the base first it resolves
+        main(["fit", "-c", str(recipes / "cifar_base.yaml"), "-c", str(recipes / "cifar10.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+
+
+def test_every_recipe_runs_alone_or_names_the_file_that_completes_it(capsys):
+    """Each file of recipes/ resolves on its own, except a base and the files that extend it: they name each other."""
+    for recipe in sorted(RECIPE.parent.glob("*.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "-c", str(recipe), "--print_config"])
+        err = capsys.readouterr().err
+        completes = "extends a base recipe" in err or "is a base recipe without data" in err
+        assert exit_info.value.code == 0 or (completes and "jemkit fit -c" in err), (recipe.name, err[-500:])
