@@ -10,14 +10,20 @@ in scenarios that differ in data, units and architecture (``SCENARIOS``), all of
 - ``wine``: scikit-learn's wine, 13 features standardised with the train split's statistics, an MLP;
 - ``cancer-binary``: breast cancer, 30 standardised features, an MLP with one output logit and 0/1 float labels;
 - ``signals`` / ``signals-bn``: a synthetic 40-step 1-D signal set in raw amplitudes, a Conv1d classifier without
-  and with BatchNorm1d.
+  and with BatchNorm1d;
+- ``wine-open`` / ``signals-open``: wine's classes 0-1 (class 2 held out) and signals 0-4 (5-9 held out), near-OOD
+  like ``openset``.
 
-For every run it reports test accuracy, NLL and ECE (15 bins), and the AUROC of each OOD score (``logpx``, ``msp``,
-``max_logit``, ``grad_norm``; in-distribution positive) against uniform noise over the training data's box (per
-feature for tabular rows, per channel otherwise), test inputs with their values permuted (pixels, features or time
-steps), mixtures of two test inputs and (open set) the held-out classes, plus the time per training step. Over seeds
-it gives mean and standard deviation, as a markdown table and JSON, and checks each JEM against the plain classifier
-of the same run (``TARGETS``).
+For every run it reports test accuracy, NLL and ECE (15 bins) before and after temperature scaling (``T`` fitted on
+the validation split), and the AUROC of each OOD score (in-distribution positive) against uniform noise over the
+training data's box (per feature for tabular rows, per channel otherwise), test inputs with their values permuted
+(pixels, features or time steps), mixtures of two test inputs and (open sets) the held-out classes, plus the time per
+training step. The scores: the classifier's own (``logpx``, ``msp``, ``max_logit``, ``grad_norm``) and the post-hoc
+toolbox a user gets without training, pytorch-ood's Mahalanobis, RMD, KNN and ViM on the run's own features
+(:mod:`jemkit.detectors`, fitted on its training split): so every JEM is set beside the plain classifier plus the
+toolbox, and the toolbox on the JEM's features shows what the JEM's representation is worth. Over seeds it gives mean
+and standard deviation, as markdown tables and JSON, and checks each JEM against the plain classifier of the same run
+(``TARGETS``; with ``--finetune``, against the pre-trained classifier).
 
     python benchmarks/quality.py --seeds 0 1 2 --steps 1500 --out benchmarks/results/quality
     python benchmarks/quality.py --configs plain default jempp --scenarios digits --seeds 0 --steps 300   # quick look
@@ -51,12 +57,41 @@ from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain,
 from jemkit.adapters import class_labels  # noqa: E402
 from jemkit.data import SignalsDataModule, TabularDataModule  # noqa: E402
 from jemkit.data.ood import InDomain, Interpolated, PixelShuffled, UniformNoise  # noqa: E402
+from jemkit.detectors import POSTHOC_DETECTORS, PostHocDetectors  # noqa: E402
+from jemkit.features import extract_features, last_linear  # noqa: E402
 from jemkit.metrics import CalibrationMetrics, ood_metrics  # noqa: E402
+from jemkit.metrics.temperature import fit_temperature  # noqa: E402
 from jemkit.models import MLP, SignalCNN, SmallCNN, SmallResNet  # noqa: E402
 from jemkit.optim import SAM  # noqa: E402
 from jemkit.scores import SCORES, score_batches  # noqa: E402
 
 OOD_SETS = ("noise", "shuffled", "mixtures", "heldout")
+ALL_SCORES = (*SCORES, *POSTHOC_DETECTORS)  # the classifier's own scores, then pytorch-ood's detectors on its features
+TOOLBOX_SETS = ("noise", "shuffled", "heldout")  # issue 26's targets against the post-hoc toolbox
+
+
+def _hold_out(dm: Any, kept: tuple[int, ...]) -> Any:
+    """Train on the classes ``kept`` only (relabelled ``0..k-1``): the other classes' test inputs become
+    ``dm.heldout_dataset``, near-OOD inputs, as ``DigitsDataModule(classes=...)`` does for the digits. The data module
+    is set up here (its standardisation statistics, if any, come from the full training split)."""
+    dm.setup("fit")
+    keep = torch.tensor(kept)
+    relabel = torch.full((int(dm.num_classes),), -1, dtype=torch.long)
+    relabel[keep] = torch.arange(len(kept))
+
+    def split(dataset: Any, held: bool) -> torch.utils.data.TensorDataset:
+        x, y = dataset.tensors
+        mask = torch.isin(class_labels(y), keep)
+        if held:
+            return torch.utils.data.TensorDataset(x[~mask], y[~mask])
+        return torch.utils.data.TensorDataset(x[mask], relabel[y[mask]])
+
+    dm.heldout_dataset = split(dm.test_dataset, held=True)
+    dm.train_dataset, dm.val_dataset, dm.test_dataset = (
+        split(d, held=False) for d in (dm.train_dataset, dm.val_dataset, dm.test_dataset)
+    )
+    dm.num_classes = len(kept)
+    return dm
 
 
 def _cnn(dm: Any, batchnorm: bool, width: int) -> torch.nn.Module:
@@ -80,7 +115,15 @@ SCENARIOS: dict[str, tuple[Callable[[], Any], Callable[[Any, bool, int], torch.n
         lambda: TabularDataModule(dataset="breast_cancer", batch_size=64, label_dtype="float"),
         lambda dm, bn, width: MLP(dm.input_shape[0], 1),
     ),
+    "wine-open": (
+        lambda: _hold_out(TabularDataModule(dataset="wine", batch_size=64), (0, 1)),
+        lambda dm, bn, width: MLP(dm.input_shape[0], dm.num_classes),
+    ),
     "signals": (lambda: SignalsDataModule(batch_size=64), lambda dm, bn, width: SignalCNN(dm.num_classes)),
+    "signals-open": (
+        lambda: _hold_out(SignalsDataModule(batch_size=64), (0, 1, 2, 3, 4)),
+        lambda dm, bn, width: SignalCNN(dm.num_classes),
+    ),
     "signals-bn": (
         lambda: SignalsDataModule(batch_size=64),
         lambda dm, bn, width: SignalCNN(dm.num_classes, norm="batch"),
@@ -95,6 +138,8 @@ TARGETS = {
     "shuffled": "log p(x) AUROC >= 0.90 against permuted inputs",
     "beats_plain": "log p(x) AUROC above the plain classifier's own on noise and permuted inputs",
     "stable": "no run diverged",
+    "ece_ts": "ECE after temperature scaling at most max(plain's after it, 1%) + 0.25 point",
+    "toolbox": "log p(x) AUROC >= the best post-hoc score on the plain classifier - 0.005 (noise, permuted, held out)",
 }
 
 
@@ -238,18 +283,47 @@ def run_one(
     calibration = CalibrationMetrics()
     calibration.update(logits, y_test)
     result: dict[str, Any] = {k: float(v) for k, v in calibration.compute().items() if k in ("acc", "nll", "ece")}
+    result |= _temperature_scaled(jem, dm, logits, y_test)
     loader = partial(torch.utils.data.DataLoader, batch_size=256)
     scores_in = score_batches(jem, loader(dm.test_dataset), SCORES, jem.temperature)
+    # the post-hoc toolbox on this run's own features: fitted on its training split, as a user would
+    detectors = _fit_detectors(jem.classifier, dm.train_dataset)
+    posthoc_in = detectors.score(extract_features(jem.classifier, loader(dm.test_dataset))[0])
     auroc: dict[str, dict[str, float]] = {}
     for name, dataset in _ood_sets(dm, seed).items():
         scores_out = score_batches(jem, loader(dataset), SCORES, jem.temperature)
         auroc[name] = {s: float(ood_metrics(scores_in[s], scores_out[s])["auroc"]) for s in SCORES}
+        posthoc_out = detectors.score(extract_features(jem.classifier, loader(dataset))[0])
+        auroc[name] |= {d: float(ood_metrics(posthoc_in[d], posthoc_out[d])["auroc"]) for d in posthoc_in}
     result |= {
         "auroc": auroc,
+        "posthoc_skipped": detectors.skipped,
         "ms_per_step": 1000.0 * seconds / steps if steps else 0.0,
         "diverged": not math.isfinite(result["nll"]),
     }
     return {"scenario": scenario, "config": config, "seed": seed, **result}
+
+
+def _temperature_scaled(jem: Any, dm: Any, test_logits: torch.Tensor, y_test: torch.Tensor) -> dict[str, float]:
+    """Temperature scaling (Guo et al. 2017), the calibration a user gets without training: ``T`` fitted by NLL on
+    the validation split (never the test set), then the test NLL and ECE of ``logits / T``."""
+    x_val, y_val = dm.val_dataset.tensors
+    with torch.no_grad():
+        val_logits = jem(x_val).float()
+    temperature = fit_temperature(val_logits, class_labels(y_val))
+    scaled = CalibrationMetrics()
+    scaled.update(test_logits / temperature, y_test)
+    values = scaled.compute()
+    return {"temperature": temperature, "nll_ts": float(values["nll"]), "ece_ts": float(values["ece"])}
+
+
+def _fit_detectors(classifier: torch.nn.Module, train_dataset: Any) -> PostHocDetectors:
+    """pytorch-ood's Mahalanobis, RMD, KNN and ViM with jemkit's defaults, fitted on the training split's features
+    (the input of the classifier's last linear layer; ViM also reads that layer's weight and bias)."""
+    z, y = extract_features(classifier, torch.utils.data.DataLoader(train_dataset, batch_size=256))
+    head = last_linear(classifier)
+    weight, bias = (None, None) if head is None else (head.weight, head.bias)
+    return PostHocDetectors().fit(z, y, weight, bias)
 
 
 def _run_star(args: tuple) -> dict[str, Any]:
@@ -274,10 +348,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         ok = [r for r in group if "error" not in r]
         entry: dict[str, Any] = {"seeds": len(group), "failed": [r["error"] for r in group if "error" in r]}
         if ok:
-            for key in ("acc", "nll", "ece", "ms_per_step"):
+            for key in ("acc", "nll", "ece", "nll_ts", "ece_ts", "temperature", "ms_per_step"):
                 entry[key] = _mean_sd([r[key] for r in ok])
             entry["auroc"] = {
-                name: {s: _mean_sd([r["auroc"][name][s] for r in ok]) for s in SCORES} for name in ok[0]["auroc"]
+                name: {s: _mean_sd([r["auroc"][name][s] for r in ok]) for s in scores}
+                for name, scores in ok[0]["auroc"].items()
             }
         summary.setdefault(scenario, {})[config] = entry
     return summary
@@ -304,18 +379,27 @@ def markdown(
     ]
     for scenario, configs in summary.items():
         sets = [s for s in OOD_SETS if any(s in c.get("auroc", {}) for c in configs.values())]
-        header = "| config | acc % | NLL | ECE % | " + " | ".join(f"logpx vs {s}" for s in sets) + " | ms/step |"
+        header = (
+            "| config | acc % | NLL | ECE % | ECE % after TS (T) | "
+            + " | ".join(f"logpx vs {s}" for s in sets)
+            + " | ms/step |"
+        )
         lines += [f"**{scenario}**", "", header]
-        lines.append("|---" * (5 + len(sets)) + "|")
+        lines.append("|---" * (6 + len(sets)) + "|")
         for name, c in configs.items():
             if "acc" not in c:
                 lines.append(f"| {name} | failed: {c['failed'][0][:80]} |")
                 continue
             row = [name, _cell(c["acc"], 100, 1), _cell(c["nll"]), _cell(c["ece"], 100, 1)]
+            row.append(f"{_cell(c['ece_ts'], 100, 1)} ({c['temperature'][0]:.2f})")
             row += [_cell(c["auroc"][s]["logpx"]) for s in sets]
             row.append(f"{c['ms_per_step'][0]:.0f}")
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", "| config | " + " | ".join(f"best vs {s}" for s in sets) + " |", "|---" * (1 + len(sets)) + "|"]
+        lines += [
+            "",
+            "| config | " + " | ".join(f"best own score vs {s}" for s in sets) + " |",
+            "|---" * (1 + len(sets)) + "|",
+        ]
         for name, c in configs.items():
             if "acc" not in c:
                 continue
@@ -324,17 +408,101 @@ def markdown(
                 best = max(SCORES, key=lambda score, s=s: c["auroc"][s][score][0])
                 cells.append(f"{_cell(c['auroc'][s][best])} ({best})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| config + post-hoc detector (own features) | " + " | ".join(f"vs {s}" for s in sets) + " |",
+            "|---" * (1 + len(sets)) + "|",
+        ]
+        for name, c in configs.items():
+            for detector in POSTHOC_DETECTORS:
+                if "acc" in c and all(detector in c["auroc"][s] for s in sets):
+                    cells = [_cell(c["auroc"][s][detector]) for s in sets]
+                    lines.append(f"| {name} + {detector} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _baseline(configs: dict[str, Any]) -> dict[str, Any] | None:
+    """The plain classifier of a run: trained with cross-entropy only, or (fine-tuning) the pre-trained one."""
+    for name in ("plain", "pretrained"):
+        if "acc" in configs.get(name, {}):
+            return configs[name]
+    return None
+
+
+def _best(c: dict[str, Any], ood_set: str, scores: tuple[str, ...]) -> tuple[str, float]:
+    """``(name, mean AUROC)`` of the best of ``scores`` against ``ood_set`` (picked per set: an oracle choice)."""
+    present = [s for s in scores if s in c["auroc"][ood_set]]
+    name = max(present, key=lambda s: c["auroc"][ood_set][s][0])
+    return name, c["auroc"][ood_set][name][0]
+
+
+def toolbox_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Every JEM configuration beside what its plain classifier gets without training (issue 26): calibration
+    before and after temperature scaling, then per OOD set the JEM's ``log p(x)`` against the best post-hoc score
+    of the plain classifier (its own scores and pytorch-ood's detectors on its features, best picked per set), and
+    the same detectors on the JEM's own features."""
+    cal = [
+        "| scenario | config | acc % plain / JEM | ECE % plain / JEM | ECE % after TS plain / JEM | T plain / JEM |",
+        "|---|---|---|---|---|---|",
+    ]
+    ood = [
+        "| scenario | config | OOD set | plain: best own score | plain + best detector | JEM logpx "
+        "| JEM + best detector | logpx >= best plain - 0.005 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario, configs in summary.items():
+        plain = _baseline(configs)
+        if plain is None:
+            continue
+        for name, c in configs.items():
+            if name in ("plain", "pretrained") or "acc" not in c:
+                continue
+            cal.append(
+                f"| {scenario} | {name} | {100 * plain['acc'][0]:.1f} / {100 * c['acc'][0]:.1f} "
+                f"| {100 * plain['ece'][0]:.1f} / {100 * c['ece'][0]:.1f} "
+                f"| {100 * plain['ece_ts'][0]:.1f} / {100 * c['ece_ts'][0]:.1f} "
+                f"| {plain['temperature'][0]:.2f} / {c['temperature'][0]:.2f} |"
+            )
+            for ood_set in OOD_SETS:
+                if ood_set not in c["auroc"] or ood_set not in plain["auroc"]:
+                    continue
+                own, own_auroc = _best(plain, ood_set, SCORES)
+                det, det_auroc = _best(plain, ood_set, POSTHOC_DETECTORS)
+                jem_det, jem_det_auroc = _best(c, ood_set, POSTHOC_DETECTORS)
+                logpx = c["auroc"][ood_set]["logpx"][0]
+                if ood_set in TOOLBOX_SETS:
+                    verdict = "yes" if logpx >= max(own_auroc, det_auroc) - 0.005 else "MISSED"
+                else:
+                    verdict = "(no target)"
+                ood.append(
+                    f"| {scenario} | {name} | {ood_set} | {own_auroc:.3f} ({own}) | {det_auroc:.3f} ({det}) "
+                    f"| {logpx:.3f} | {jem_det_auroc:.3f} ({jem_det}) | {verdict} |"
+                )
+    return "\n".join(
+        [
+            "Calibration: test ECE (15 bins) before and after temperature scaling (T fitted by NLL on the validation "
+            "split).",
+            "",
+            *cal,
+            "",
+            "OOD detection, AUROC (mean over seeds; in-distribution test inputs positive). Post-hoc detectors: "
+            "pytorch-ood's Mahalanobis, RMD, KNN and ViM on the input of the last linear layer, fitted on the "
+            "training split; 'best' is picked per OOD set, an oracle choice no user could make in advance.",
+            "",
+            *ood,
+            "",
+        ]
+    )
 
 
 def verdicts(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each JEM configuration against the plain classifier of the same scenario and run, on every ``TARGETS`` item."""
     rows = []
     for scenario, configs in summary.items():
-        plain = configs.get("plain")
+        plain = _baseline(configs)
         for name, c in configs.items():
-            if name in ("plain", "pretrained") or plain is None or "acc" not in plain:
+            if name in ("plain", "pretrained") or plain is None:
                 continue
             if "acc" not in c:
                 rows.append({"scenario": scenario, "config": name, "checks": {"stable": False}})
@@ -348,6 +516,12 @@ def verdicts(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "shuffled": logpx["shuffled"] >= 0.90,
                 "beats_plain": all(logpx[s] > plain_logpx[s] or logpx[s] >= 0.999 for s in logpx),
                 "stable": not c["failed"],
+                "ece_ts": c["ece_ts"][0] <= max(plain["ece_ts"][0], 0.01) + 0.0025,
+                "toolbox": all(
+                    c["auroc"][s]["logpx"][0] >= _best(plain, s, ALL_SCORES)[1] - 0.005
+                    for s in TOOLBOX_SETS
+                    if s in c["auroc"] and s in plain["auroc"]
+                ),
             }
             rows.append({"scenario": scenario, "config": name, "checks": checks})
     return rows
@@ -425,7 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = markdown(summary, steps, args.seeds, args.batchnorm, args.steps if args.finetune else None)
     checks = verdicts(summary)
     if checks:
-        table += "\n" + verdict_table(checks)
+        table += "\n" + verdict_table(checks) + "\n" + toolbox_table(summary)
     print(table)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {"settings": settings, "summary": summary, "verdicts": checks, "runs": runs}

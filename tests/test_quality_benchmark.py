@@ -20,6 +20,9 @@ def _check(summary: dict, scenario: str, configs: list[str]) -> None:
         )
         assert set(entry["auroc"]) == sets
         assert all(0.0 <= pair[0] <= 1.0 for scores in entry["auroc"].values() for pair in scores.values())
+        # every run carries the post-hoc toolbox on its own features and its temperature-scaled calibration
+        assert all(set(scores) == set(quality.ALL_SCORES) for scores in entry["auroc"].values())
+        assert entry["temperature"][0] > 0.0 and 0.0 <= entry["ece_ts"][0] <= 1.0
 
 
 def test_training_from_scratch_writes_json_and_markdown(tmp_path):
@@ -31,6 +34,30 @@ def test_training_from_scratch_writes_json_and_markdown(tmp_path):
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     table = Path(f"{out}.md").read_text()
     assert "| plain |" in table and "| default |" in table and "logpx vs heldout" in table
+    assert "| plain + mahalanobis |" in table and "| default + vim |" in table
+    checks = result["verdicts"][0]["checks"]
+    assert set(checks) == set(quality.TARGETS)
+    # the toolbox verdict is the documented comparison, recomputed from the summary
+    plain, jem = result["summary"]["openset"]["plain"], result["summary"]["openset"]["default"]
+    best_plain = {s: max(pair[0] for pair in plain["auroc"][s].values()) for s in ("noise", "shuffled", "heldout")}
+    expected = all(jem["auroc"][s]["logpx"][0] >= best_plain[s] - 0.005 for s in best_plain)
+    assert checks["toolbox"] == expected
+    row = next(line for line in table.splitlines() if line.startswith("| openset | default | heldout |"))
+    assert f"{best_plain['heldout']:.3f}" in row
+
+
+def test_held_out_classes_of_data_without_a_classes_option():
+    """``wine-open`` / ``signals-open``: the kept classes relabelled 0..k-1, the others' test rows held out."""
+    make_data, make_model = quality.SCENARIOS["wine-open"]
+    dm = make_data()
+    assert dm.num_classes == 2 and make_model(dm, False, 8).head.out_features == 2
+    for split in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
+        assert set(split.tensors[1].tolist()) == {0, 1}
+    assert set(dm.heldout_dataset.tensors[1].tolist()) == {2}
+    full = quality.TabularDataModule(dataset="wine", batch_size=64)
+    full.setup("fit")
+    held_rows = (full.test_dataset.tensors[1] == 2).sum().item()
+    assert len(dm.heldout_dataset) == held_rows and len(dm.test_dataset) + held_rows == len(full.test_dataset)
 
 
 @pytest.mark.slow
