@@ -11,7 +11,7 @@ its toolbox.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,9 @@ from torch import Tensor, nn
 from jemkit.adapters import OutputKey, select_logits
 from jemkit.evaluate.tables import text_table
 from jemkit.scores import RECOMMENDED_SCORE
+
+if TYPE_CHECKING:
+    from jemkit.module import JEM
 
 __all__ = ["PlainClassifier", "comparison", "format_comparison", "load_baseline"]
 
@@ -43,7 +46,7 @@ class PlainClassifier(nn.Module):
         return select_logits(self.classifier(x), self.output_key)
 
 
-def load_baseline(path: str, jem: Any, device: str | torch.device = "cpu") -> nn.Module:
+def load_baseline(path: str, jem: JEM, device: str | torch.device = "cpu") -> nn.Module:
     """The baseline in the file at ``path``: a checkpoint of ``jemkit fit`` (any JEM, e.g. trained with
     ``weights={px: 0}``), or the weights of the JEM's own classifier architecture (a ``state_dict``, or a checkpoint
     holding one)."""

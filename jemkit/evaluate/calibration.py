@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -81,7 +81,7 @@ def _reliability_figure(calibration: dict[str, Any], title: str) -> Any:
 
 
 def calibration_section(
-    model: Any,
+    model: nn.Module,
     test_set: Dataset,
     val_set: Dataset | None,
     out: Path,

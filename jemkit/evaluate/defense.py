@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from jemkit.checks import check_integer
 from jemkit.evaluate.attacks import Model
 from jemkit.sampling.unrolled import unrolled_refine
+
+if TYPE_CHECKING:
+    from jemkit.module import JEM
 
 __all__ = ["ADAPTIVE_ATTACKS", "Defense", "as_defense", "attacked_through", "defended_correct", "jem_defense"]
 
@@ -86,7 +89,7 @@ class Defense:
         return replace(self, purify=purify, differentiable=differentiable)
 
 
-def _sampler_is_random(jem: Any) -> bool:
+def _sampler_is_random(jem: JEM) -> bool:
     """Whether purification can differ between two calls: sampler noise (MALA always), or Dropout while sampling
     in train mode. Unknown samplers count as random (EOT costs time, not correctness)."""
     sampler = jem.sampler
@@ -96,7 +99,7 @@ def _sampler_is_random(jem: Any) -> bool:
     return random or (jem.chains.sampling_mode == "train" and dropout)
 
 
-def jem_defense(jem: Any, n_steps: int, checkpoint: bool = True) -> Defense:
+def jem_defense(jem: JEM, n_steps: int, checkpoint: bool = True) -> Defense:
     """JEM's defence, ``n_steps`` of its own sampler on ``E(x)`` from the input, with its exact gradient when the
     sampler has one (:func:`unrolled_refine`; MALA's accept/reject step has none, so only BPDA attacks it)."""
     check_integer("n_steps", n_steps)

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from jemkit.adapters import OutputKey, sampling_context, select_logits
 from jemkit.checks import check_integer
 from jemkit.evaluate.samples import SOURCES, draw, source_steps
+
+if TYPE_CHECKING:
+    from jemkit.module import JEM
 
 __all__ = [
     "SOURCES",
@@ -322,7 +325,7 @@ class GenerativeOptions:
 
 
 def generative_metrics(
-    jem: Any,
+    jem: JEM,
     real: Iterable[Any],
     num_samples: int = 1000,
     sources: Sequence[str] = SOURCES,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from torch.utils.data import Dataset
 
 from jemkit.checks import check_integer
@@ -77,7 +78,7 @@ def ood_test_sets(
 
 
 def ood_section(
-    model: Any,
+    model: nn.Module,
     test_set: Dataset,
     sets: dict[str, Dataset],
     options: OODOptions,
@@ -116,7 +117,7 @@ def ood_section(
 
 
 def _fit_detectors(
-    model: Any, options: OODOptions, train_set: Dataset | None, batch_size: int
+    model: nn.Module, options: OODOptions, train_set: Dataset | None, batch_size: int
 ) -> tuple[PostHocScores | None, dict[str, Any]]:
     """The detectors fitted on the training split, and what the report says of them (or why there are none)."""
     if not options.detectors:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,10 +27,13 @@ from jemkit.evaluate.samples import SampleOptions, save_sample_grids
 from jemkit.evaluate.shift import ShiftOptions, format_shift, shift_section
 from jemkit.evaluate.splits import capped_loader, split_dataset
 
+if TYPE_CHECKING:
+    from jemkit.module import JEM
+
 __all__ = ["evaluate", "format_report"]
 
 
-def _check_input_shape(jem: Any, test_set: Dataset) -> None:
+def _check_input_shape(jem: JEM, test_set: Dataset) -> None:
     input_shape = tuple(test_set[0][0].shape)
     expected = getattr(getattr(jem, "buffer", None), "input_shape", None)
     if expected is not None and input_shape != tuple(expected):
@@ -51,7 +54,7 @@ def _options(value: Any, default: type, on_by_default: bool = True) -> Any:
 
 
 def evaluate(
-    jem: Any,
+    jem: JEM,
     datamodule: Any,
     out_dir: str | Path,
     calibration: CalibrationOptions | bool | None = None,
@@ -163,7 +166,7 @@ def _baseline(
 
 
 def _sections(
-    jem: Any,
+    jem: JEM,
     datamodule: Any,
     test_set: Dataset,
     out: Path,

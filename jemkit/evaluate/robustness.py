@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,9 @@ from jemkit.evaluate.defense import (
 )
 from jemkit.evaluate.tables import text_table
 from jemkit.evaluate.threat import AttackProtocol, resolve_protocol, threat_model
+
+if TYPE_CHECKING:
+    from jemkit.module import JEM
 
 __all__ = ["RobustnessOptions", "attack_clip", "format_robustness", "robust_accuracy", "robustness_section"]
 
@@ -314,7 +317,7 @@ def attack_clip(model: Any) -> Any:
     return domain if domain is not None else (-1.0, 1.0)
 
 
-def robustness_section(jem: Any, loader: Iterable, options: RobustnessOptions, progress: bool = True) -> dict[str, Any]:
+def robustness_section(jem: JEM, loader: Iterable, options: RobustnessOptions, progress: bool = True) -> dict[str, Any]:
     """The report's robustness section: ``{"defense_steps", "threat_model", "rows"}``, attacks inside the JEM's
     input domain (a plain classifier without one: the box ``[-1, 1]``)."""
     clip = attack_clip(jem)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
@@ -27,6 +27,9 @@ from torchvision.utils import make_grid, save_image
 
 from jemkit.checks import check_integer
 from jemkit.evaluate.plots import save_figure
+
+if TYPE_CHECKING:
+    from jemkit.module import JEM
 
 __all__ = [
     "SOURCES",
@@ -86,7 +89,7 @@ def _no_restarts(jem: nn.Module) -> Iterator[None]:
         buffer.reinit_prob = prob
 
 
-def source_steps(jem: Any, source: str, fresh_steps: int | None = None) -> int:
+def source_steps(jem: JEM, source: str, fresh_steps: int | None = None) -> int:
     """Sampler steps run for ``source``: the sampler's own for buffer chains, ``fresh_steps`` (default 5x the
     sampler's) for fresh ones."""
     if source == "buffer":
@@ -94,7 +97,7 @@ def source_steps(jem: Any, source: str, fresh_steps: int | None = None) -> int:
     return int(fresh_steps) if fresh_steps is not None else 5 * int(jem.sampler.n_steps)
 
 
-def draw(jem: Any, source: str, n: int, steps: int, y: Tensor | None = None) -> Tensor:
+def draw(jem: JEM, source: str, n: int, steps: int, y: Tensor | None = None) -> Tensor:
     """``n`` samples from ``source``, the one way pictures, FID and IS draw them: ``"buffer"`` continues stored
     chains for ``steps`` steps (no random restarts, so the picture shows what the buffer holds), ``"fresh"`` starts
     new chains from the initial distribution and runs ``steps`` steps; class-conditional with labels ``y [n]``."""
@@ -107,7 +110,7 @@ def draw(jem: Any, source: str, n: int, steps: int, y: Tensor | None = None) -> 
 
 
 def draw_samples(
-    jem: Any, num_samples: int = 64, per_class: int = 8, fresh_steps: int | None = None
+    jem: JEM, num_samples: int = 64, per_class: int = 8, fresh_steps: int | None = None
 ) -> dict[str, Tensor]:
     """``{"buffer": [num_samples, ...], "class": [per_class * C, ...]}`` by :func:`draw`: chains continued from the
     replay buffer, and class-conditional chains from the initial distribution (``fresh_steps``, default 5x the
@@ -121,7 +124,7 @@ def draw_samples(
 
 @torch.no_grad()
 def energy_landscape(
-    jem: Any,
+    jem: JEM,
     samples: Tensor,
     extent: tuple[float, float] = (-1.0, 1.0),
     resolution: int = 120,
@@ -238,13 +241,13 @@ def feature_histograms(samples: Tensor, data: Tensor | None, title: str = "") ->
     return fig
 
 
-def _domain_range(jem: Any) -> tuple[float, float]:
+def _domain_range(jem: JEM) -> tuple[float, float]:
     domain = getattr(jem, "domain", None)
     return domain.bounds() if domain is not None else (-1.0, 1.0)
 
 
 def save_sample_grids(
-    jem: Any,
+    jem: JEM,
     out_dir: str | Path,
     num_samples: int = 64,
     per_class: int = 8,
