@@ -127,3 +127,11 @@ def test_the_options_refuse_unknown_detectors_before_any_work(tmp_path):
         evaluate(jem, DigitsDataModule(), tmp_path / "x", samples=SampleOptions(per_class=-1), robustness=False)
     with pytest.raises(ValueError, match="defense_steps must be an integer >= 0"):
         evaluate(jem, DigitsDataModule(), tmp_path / "x", robustness=RobustnessOptions(defense_steps=-2))
+
+
+def test_evaluate_gives_back_every_train_flag(tmp_path):
+    jem = load_jem(str(CKPT)).train()
+    jem.classifier.head.eval()  # a mixed state must come back as it was, module by module
+    before = {name: m.training for name, m in jem.named_modules()}
+    evaluate(jem, DigitsDataModule(), tmp_path, ood=OODOptions(sets=["uniform"], detectors=["knn"]), **FAST)
+    assert {name: m.training for name, m in jem.named_modules()} == before
