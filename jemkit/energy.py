@@ -42,8 +42,10 @@ def check_logits(logits: Tensor) -> None:
 def check_labels(y: Tensor, batch_size: int, num_classes: int | None = None) -> None:
     """Raise ``ValueError`` unless ``y`` holds ``batch_size`` integer class labels (in ``[0, num_classes)`` if given).
 
-    The one label check of jemkit (module, metrics, temperature scaling, attacks). The range check reads the labels'
-    extremes, a host sync: callers on a hot path leave ``num_classes`` out.
+    Shared by the first batch of each stage, the EBM losses, the metrics, temperature scaling, the attacks and the
+    class-conditional buffer (labels out of range during training are counted in the step, without a host sync, and
+    named by ``DivergenceGuard``). The range check reads the labels' extremes, a host sync: callers on a hot path
+    leave ``num_classes`` out.
     """
     if not isinstance(y, Tensor):
         raise ValueError(f"expected class labels as a Tensor [{batch_size}], got {type(y).__name__}")

@@ -73,3 +73,12 @@ def test_the_yaml_example_names_importable_classes():
                 if isinstance(node, dict) and "class_path" in node:
                     module, _, name = node["class_path"].rpartition(".")
                     assert hasattr(importlib.import_module(module), name), node["class_path"]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` runs the README's install-lint-format-test line, word for word, and nothing else."""
+    readme_line = next(line for block in _blocks("bash") for line in block.splitlines() if "python -m pytest" in line)
+    assert "ruff check ." in readme_line and "ruff format --check ." in readme_line
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = [line for line in ci if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert commands == [readme_line]

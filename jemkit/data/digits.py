@@ -2,9 +2,9 @@
 
 ``load_digits`` ships 1797 genuine handwritten digits inside scikit-learn, so tests, tutorials and CI can
 train and sample a JEM on real image data in seconds on a CPU and without internet access. By default images are
-scaled to the same ``[-1, 1]`` range as jemkit's other image modules, so samplers can start from uniform noise in
-``data_range``; ``normalization="unit"`` gives ``[0, 1]`` and ``normalization="standard"`` the mean/std-standardised
-pixels many user pipelines feed their classifiers.
+scaled to the same ``[-1, 1]`` range as jemkit's other image modules; ``normalization="unit"`` gives ``[0, 1]`` and
+``normalization="standard"`` the mean/std-standardised pixels many user pipelines feed their classifiers (a JEM's
+input domain is fitted on whichever it gets).
 """
 
 from __future__ import annotations

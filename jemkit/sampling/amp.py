@@ -6,7 +6,8 @@ the sampler's input gradients lose their precision or vanish. Lightning's ``Grad
 protects the weight gradients but not these. The sampler's backward gets the same treatment: the summed energy is
 multiplied by a power of two before the backward and the gradient divided by it at the float32 input (exactly), so
 the energies and their input gradients are unchanged and only the float16 gradients in between are moved into range.
-Every sampler takes its gradient through :func:`jemkit.sampling.langevin.energy_and_grad`, the one place that does it.
+Every sampler, and the unrolled refinement of :mod:`jemkit.sampling.unrolled`, takes its input gradient through
+:func:`jemkit.sampling.langevin.energy_and_grad`, so the scaling lives there only.
 bfloat16 has float32's exponent range and is left alone.
 """
 

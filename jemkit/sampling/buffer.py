@@ -3,7 +3,9 @@
 Short-run SGLD from noise gives poor samples; continuing chains across training steps gives good ones. The buffer
 stores the chains' last states on the module's device, hands out a batch of start points (a fraction re-initialised
 from the initial distribution so that the buffer never collapses) and takes back the refined samples. It is an
-``nn.Module`` whose tensors are registered buffers, so Lightning checkpoints carry it and ``.to(device)`` moves it.
+``nn.Module`` whose chains are plain tensors, not registered buffers (DDP would overwrite each rank's shard; see
+``__init__``); its ``_save_to_state_dict`` / ``_load_from_state_dict`` and ``_apply`` carry them into Lightning
+checkpoints and move them with ``.to(device)``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jemkit.energy import check_labels
 from jemkit.sampling.init import InitialDistribution, UniformInit
 
 __all__ = ["ReplayBuffer"]
@@ -198,8 +201,7 @@ class ReplayBuffer(nn.Module):
         else:
             if not self.conditional:
                 raise ValueError("labels were given but this ReplayBuffer is not conditional (conditional=False)")
-            if y.shape != (batch_size,):
-                raise ValueError(f"expected labels of shape [{batch_size}], got {tuple(y.shape)}")
+            check_labels(y, batch_size)
             slots_per_class = self.capacity // self.num_classes
             rows = torch.randint(0, slots_per_class, (batch_size,), device=device)
             idx = y.to(device).long() + rows * self.num_classes
