@@ -82,3 +82,13 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     commands = [line for line in ci if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert commands == [readme_line]
+
+
+def test_one_version_in_pyproject_package_and_changelog_and_py_typed_shipped():
+    import jemkit
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, flags=re.M).group(1)
+    changelog = re.search(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), flags=re.M).group(1)
+    assert jemkit.__version__ == version == changelog
+    assert (ROOT / "jemkit" / "py.typed").is_file() and 'jemkit = ["py.typed"]' in pyproject
