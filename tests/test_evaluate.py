@@ -187,3 +187,15 @@ def test_scores_that_point_the_wrong_way_are_flagged():
     text = format_report(report)
     assert "! grad_norm points the wrong way on noise: AUROC 0.210 < 0.5 (the negated score would give 0.790)" in text
     assert "logpx points the wrong way" not in text
+
+
+def test_evaluate_refuses_a_checkpoint_with_a_pickle_payload_in_one_line(tmp_path, capsys):
+    from tests.test_checkpoint_io import _checkpoint_with_a_payload
+
+    path, marker = _checkpoint_with_a_payload(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--ckpt", str(path), "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"jemkit: error: {path} is unsafe to load") and "load it with --weights_only false\n" in err
+    assert "Traceback" not in err and not marker.exists() and not (tmp_path / "eval").exists()

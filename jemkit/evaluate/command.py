@@ -12,6 +12,7 @@ The model comes from the checkpoint. The data defaults to the datamodule recorde
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import instantiate_module
 
+from jemkit.checkpoint import load_checkpoint_file
 from jemkit.evaluate.baseline import load_baseline
 from jemkit.evaluate.calibration import CalibrationOptions
 from jemkit.evaluate.generative import GenerativeOptions
@@ -30,6 +32,8 @@ from jemkit.evaluate.shift import ShiftOptions
 from jemkit.module import JEM
 
 __all__ = ["SECTIONS", "build_parser", "load_datamodule", "load_jem", "run"]
+
+TRUST_OPTION = "--weights_only false"
 
 SECTIONS: dict[str, type] = {
     "calibration": CalibrationOptions,
@@ -81,14 +85,20 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--weights_only",
+        type=bool,
+        default=True,
+        help="load checkpoints weights-only (refuses files carrying pickled code); false only for a trusted file",
+    )
     parser.add_argument("--progress", type=bool, default=True)
     return parser
 
 
-def load_jem(path: str, device: str = "cpu") -> JEM:
-    """Load a JEM checkpoint with errors that say what is wrong with the file."""
+def load_jem(path: str, device: str = "cpu", weights_only: bool = True) -> JEM:
+    """Load a JEM checkpoint with errors that say what is wrong with the file (weights-only unless trusted)."""
     try:
-        return JEM.load_from_checkpoint(path, map_location=device)
+        return JEM.load_from_checkpoint(path, map_location=device, weights_only=weights_only)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"checkpoint not found: {path}") from err
     except TypeError as err:
@@ -100,11 +110,12 @@ def load_jem(path: str, device: str = "cpu") -> JEM:
         ) from err
 
 
-def load_datamodule(path: str, data: Any = None) -> LightningDataModule:
+def load_datamodule(path: str, data: Any = None, weights_only: bool = True) -> LightningDataModule:
     """The datamodule given on the command line, else the one recorded in the checkpoint by LightningCLI."""
     if data is not None:
         return data
-    hparams = dict(torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {})
+    checkpoint = load_checkpoint_file(path, "cpu", weights_only, trust_hint=TRUST_OPTION)
+    hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     if "_class_path" not in hparams:
         raise ValueError(
@@ -121,8 +132,12 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     sections = {name: init[name] for name in SECTIONS}
     torch.manual_seed(cfg.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    jem = load_jem(cfg.ckpt, device)
-    datamodule = load_datamodule(cfg.ckpt, init.get("data"))
+    if not Path(cfg.ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {cfg.ckpt}")
+    # one safe read first: a file refused as unsafe is named with this command's option, and nothing in it runs
+    load_checkpoint_file(cfg.ckpt, "cpu", cfg.weights_only, trust_hint=TRUST_OPTION)
+    jem = load_jem(cfg.ckpt, device, cfg.weights_only)
+    datamodule = load_datamodule(cfg.ckpt, init.get("data"), cfg.weights_only)
     ood_data = {}
     for ood_module in init.get("ood_data") or []:
         ood_module.setup("test")
