@@ -152,7 +152,7 @@ def test_pxy_term_uses_conditional_buffer_and_logs(tmp_path):
 
 
 def test_validation_metrics_are_the_one_calibration_path_also_at_confidence_one(tmp_path):
-    from jemkit.evaluate.report import calibration_report
+    from jemkit.evaluate.calibration import calibration_report
     from jemkit.metrics import CalibrationMetrics, expected_calibration_error
 
     classifier = nn.Linear(2, 3)
