@@ -48,12 +48,12 @@ def divergence_reasons(stats: Mapping[str, Tensor], limits: Mapping[str, float] 
         return []
     limits = limits or {}
     names = list(stats)
-    values = torch.stack([stats[name].detach().float().reshape(()) for name in names])
-    bounds = torch.tensor([limits.get(name, math.inf) for name in names], device=values.device)
-    bad = ~torch.isfinite(values) | (values.abs() > bounds)
+    # One device-to-host copy of every value, judged on the host: no second read, no limits copied to the device.
+    values = torch.stack([stats[name].detach().float().reshape(()) for name in names]).tolist()
     reasons = []
-    for name, value, is_bad in zip(names, values.tolist(), bad.tolist(), strict=True):
-        if is_bad:
-            why = "non-finite" if not math.isfinite(value) else f"limit {limits[name]:.4g}"
-            reasons.append(f"{name}={value:.4g} ({why})")
+    for name, value in zip(names, values, strict=True):
+        if not math.isfinite(value):
+            reasons.append(f"{name}={value:.4g} (non-finite)")
+        elif abs(value) > limits.get(name, math.inf):
+            reasons.append(f"{name}={value:.4g} (limit {limits[name]:.4g})")
     return reasons

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -222,13 +223,23 @@ class JEM(pl.LightningModule):
         if drawn.sample is not None:
             stats["sample_norm"] = self.domain.to_unit(drawn.sample).flatten(1).norm(dim=1).mean()
         self.step_stats = {name: value.detach() for name, value in stats.items()}
-        self.log_dict(
-            {f"train/{k}": v for k, v in self.step_stats.items()}, on_step=True, on_epoch=False, batch_size=len(x)
-        )
-        acc = (logits.data.argmax(1) == y).float().mean()
-        self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=len(x))
-        self.log("train/acc_epoch", acc, on_step=False, on_epoch=True, batch_size=len(x))
+        self._log_step((logits.data.argmax(1) == y).float().mean(), len(x))
         return loss
+
+    def _log_step(self, acc: Tensor, batch_size: int) -> None:
+        """``train/loss`` and the epoch's accuracy every step; each term, energy and the step's accuracy on the steps
+        the loggers write (every ``Trainer(log_every_n_steps=...)``, 50 by default) and on the first, so that every key
+        exists from the start. Lightning's ``self.log`` costs about 0.4 ms a call on a CPU (10% of a default step on
+        the digits for eleven calls); ``step_stats`` holds every step's statistics for whoever needs them all."""
+        log = partial(self.log, on_step=True, on_epoch=False, batch_size=batch_size)
+        log("train/loss", self.step_stats["loss"])
+        self.log("train/acc_epoch", acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 1
+        if self.global_step == 0 or (every > 0 and (self.global_step + 1) % every == 0):
+            for name, value in self.step_stats.items():
+                if name != "loss":
+                    log(f"train/{name}", value)
+            log("train/acc", acc)
 
     def _draw(self, x: Tensor, x_out: Tensor | None, batch_idx: int) -> DrawnInputs:
         """The step's noisy data and samples, drawn once per ``(global step, batch)``."""

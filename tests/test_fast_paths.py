@@ -290,3 +290,62 @@ def test_only_fp16_autocast_scales_the_sampler_backward():
         assert sampling_grad_scale("cpu") == 1.0  # bfloat16 has float32's range
     with torch.autocast("cpu", dtype=torch.float16):
         assert sampling_grad_scale("cpu") == FP16_SAMPLING_GRAD_SCALE
+
+
+# ---------------------------------------------------------------------------------------------- per-step overheads
+def test_domain_maps_are_computed_once_and_follow_the_box():
+    from jemkit import InputDomain
+
+    domain = InputDomain().fit(torch.randn(200, 3, 4, 4) * 2 + 1)
+    u = torch.rand(5, 3, 4, 4) * 2 - 1
+    center, scale = domain.center_and_scale(u)
+    assert torch.equal(domain.from_unit(u), u * scale + center)  # bit for bit the uncached formula
+    assert torch.equal(domain.to_unit(domain.from_unit(u)), (u * scale + center - center) / scale)
+    assert domain._unit_map(u)[0] is domain._unit_map(u)[0]  # computed once
+    domain.fit(torch.randn(200, 3, 4, 4) * 5 - 3)  # a new box
+    center, scale = domain.center_and_scale(u)
+    assert torch.equal(domain.from_unit(u), u * scale + center)
+    domain.high.add_(1.0)  # changed in place
+    center, scale = domain.center_and_scale(u)
+    assert torch.equal(domain.from_unit(u), u * scale + center)
+    assert domain.from_unit(u.double()).dtype == torch.float64
+    fresh = InputDomain().fit(torch.randn(50, 3, 4, 4) * 3)
+    with torch.inference_mode():  # a map made in inference mode is not kept: it could not be saved for a backward
+        fresh.from_unit(u)
+    v = u.clone().requires_grad_(True)
+    fresh.from_unit(v).sum().backward()
+    torch.testing.assert_close(v.grad, fresh.center_and_scale(u)[1].expand_as(u).contiguous())
+
+
+def test_unit_box_maps_are_the_identity():
+    from jemkit import InputDomain
+
+    u = torch.rand(4, 2) * 2 - 1
+    assert InputDomain().from_unit(u) is u and InputDomain().to_unit(u) is u  # unfitted: [-1, 1]
+    assert InputDomain(low=-1, high=1).from_unit(u) is u
+    assert not torch.equal(InputDomain(low=0, high=1).from_unit(u), u)
+
+
+def test_step_statistics_are_logged_on_the_first_step_and_when_loggers_write(tmp_path, monkeypatch):
+    from tests.helpers import trainer
+
+    jem = JEM(SmallCNN(width=4), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=32))
+    logged: dict[int, set[str]] = {}
+    original = JEM.log
+
+    def spy(self, name, *args, **kwargs):
+        logged.setdefault(self.global_step, set()).add(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(JEM, "log", spy)
+    x, y = torch.rand(48, 1, 8, 8) * 2 - 1, torch.arange(48) % 10
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer(tmp_path, max_steps=6, log_every_n_steps=3).fit(jem, loader)
+    every_step = {"train/loss", "train/acc_epoch"}
+    full = every_step | {"train/acc", "train/ce", "train/px", "train/energy_data", "train/energy_sample"}
+    for step in range(6):
+        if step in (0, 2, 5):  # the first step and the steps the loggers write ((step + 1) % 3 == 0)
+            assert full <= logged[step]
+        else:
+            assert logged[step] == every_step
+    assert set(jem.step_stats) >= {"loss", "ce", "px", "energy_gap", "sample_norm"}  # every step's, for whoever reads

@@ -82,6 +82,7 @@ class InputDomain(nn.Module):
         # Plain tensors with hand-written state-dict hooks (below): their shape is only known once data is seen,
         # and checkpoints written before the domain existed have none of them.
         self.low = self.high = self.mean = self.std = None
+        self._map_cache: tuple[tuple[Any, ...], tuple[Tensor, Tensor, bool]] | None = None  # see _unit_map
         if self.declared is not None:
             self.low, self.high = torch.tensor(self.declared[0]), torch.tensor(self.declared[1])
 
@@ -152,19 +153,43 @@ class InputDomain(nn.Module):
         low, high = self._box(like)
         return (low + high) / 2, ((high - low) / 2).clamp_min(_MIN_HALF_RANGE)
 
+    def _unit_map(self, like: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """``(center, scale, identity)`` on ``like``'s device and dtype; ``identity`` when the box is ``[-1, 1]``.
+
+        Every sampler step maps its chains through the domain, so the map is computed once per device, dtype and
+        box (a box replaced or changed in place is seen by its tensors' identity and version counters) rather than in
+        six small operations per call. Values are those :meth:`center_and_scale` gives, converted as before, so the
+        maps are bit for bit what they were. Nothing computed in inference mode is kept: it could not be saved for a
+        later backward.
+        """
+        try:
+            versions = None if self.low is None else (self.low._version, self.high._version)
+        except RuntimeError:  # inference tensors have no version counter: compute afresh
+            versions = False
+        key = (self.low, self.high, versions, like.device, like.dtype)
+        cached = self.__dict__.get("_map_cache")  # absent from InputDomains pickled by earlier versions
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2:] == key[2:]:
+            return cached[1]
+        center, scale = self.center_and_scale(like)
+        center, scale = center.to(like.dtype), scale.to(like.dtype)
+        identity = bool((center == 0).all()) and bool((scale == 1).all())  # once per box: a host read
+        if versions is not False and not torch.is_inference_mode_enabled():
+            self._map_cache = (key, (center, scale, identity))
+        return center, scale, identity
+
     def to_unit(self, x: Tensor) -> Tensor:
-        """Data units -> unit coordinates, where the box is ``[-1, 1]``."""
-        center, scale = self.center_and_scale(x)
-        return (x - center.to(x.dtype)) / scale.to(x.dtype)
+        """Data units -> unit coordinates, where the box is ``[-1, 1]`` (``x`` itself when the box is ``[-1, 1]``)."""
+        center, scale, identity = self._unit_map(x)
+        return x if identity else (x - center) / scale
 
     def from_unit(self, u: Tensor) -> Tensor:
-        """Unit coordinates -> data units."""
-        center, scale = self.center_and_scale(u)
-        return u * scale.to(u.dtype) + center.to(u.dtype)
+        """Unit coordinates -> data units (``u`` itself when the box is ``[-1, 1]``)."""
+        center, scale, identity = self._unit_map(u)
+        return u if identity else u * scale + center
 
     def scale_like(self, x: Tensor) -> Tensor:
         """The half range, broadcastable to ``x [B, *shape]``: the unit in which noise and steps are measured."""
-        return self.center_and_scale(x)[1].to(x.dtype)
+        return self._unit_map(x)[1]
 
     # ------------------------------------------------------------------ checks and synthetic data
     def bounds(self) -> tuple[float, float]:

@@ -51,7 +51,8 @@ def energy_and_grad(
         energy = energy_fn(z)
         if energy.shape != z.shape[:1]:
             raise ValueError(f"energy_fn must return one energy per sample [{z.shape[0]}], got {tuple(energy.shape)}")
-        return energy.sum() * scale, energy
+        total = energy.sum()
+        return (total * scale if scale != 1.0 else total), energy  # no multiplication by 1: one kernel less a step
 
     if functional:
         grad, energy = torch.func.grad(scaled_total, has_aux=True)(x)
