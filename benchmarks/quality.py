@@ -57,17 +57,33 @@ from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain,
 from jemkit.adapters import class_labels  # noqa: E402
 from jemkit.data import SignalsDataModule, TabularDataModule  # noqa: E402
 from jemkit.data.ood import InDomain, Interpolated, PixelShuffled, UniformNoise  # noqa: E402
-from jemkit.detectors import POSTHOC_DETECTORS, PostHocDetectors  # noqa: E402
-from jemkit.features import extract_features, last_linear  # noqa: E402
+from jemkit.detectors import POSTHOC_DETECTORS  # noqa: E402
 from jemkit.metrics import CalibrationMetrics, ood_metrics  # noqa: E402
 from jemkit.metrics.temperature import fit_temperature  # noqa: E402
 from jemkit.models import MLP, SignalCNN, SmallCNN, SmallResNet  # noqa: E402
 from jemkit.optim import SAM  # noqa: E402
-from jemkit.scores import SCORES, score_batches  # noqa: E402
+from jemkit.scores import SCORES, PostHocScores, score_batches  # noqa: E402
 
 OOD_SETS = ("noise", "shuffled", "mixtures", "heldout")
 ALL_SCORES = (*SCORES, *POSTHOC_DETECTORS)  # the classifier's own scores, then pytorch-ood's detectors on its features
 TOOLBOX_SETS = ("noise", "shuffled", "heldout")  # issue 26's targets against the post-hoc toolbox
+
+# Score rules a JEM could recommend (issue 26, item 4), fused from the per-sample scores of the same forwards: each
+# part standardised with its mean and standard deviation on the in-distribution *validation* inputs (never a test or
+# OOD set), then summed ("a+b") or the smallest taken ("min(a,b)": an input is as in-distribution as its most doubtful
+# score says). name -> (how, parts).
+FUSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "logpx+mahalanobis": ("sum", ("logpx", "mahalanobis")),
+    "logpx+rmd": ("sum", ("logpx", "rmd")),
+    "logpx+knn": ("sum", ("logpx", "knn")),
+    "logpx+vim": ("sum", ("logpx", "vim")),
+    "logpx+mahalanobis+knn": ("sum", ("logpx", "mahalanobis", "knn")),
+    "mahalanobis+knn": ("sum", ("mahalanobis", "knn")),
+    "min(logpx,mahalanobis)": ("min", ("logpx", "mahalanobis")),
+    "min(logpx,knn)": ("min", ("logpx", "knn")),
+    "min(logpx,mahalanobis,knn)": ("min", ("logpx", "mahalanobis", "knn")),
+}
+RULE_CANDIDATES = ("logpx", *POSTHOC_DETECTORS, *FUSIONS)  # one rule each, the same for every scenario
 
 
 def _hold_out(dm: Any, kept: tuple[int, ...]) -> Any:
@@ -241,11 +257,14 @@ def run_one(
     width: int,
     pretrained: Path | None = None,
     save_to: Path | None = None,
+    dump: Path | None = None,
 ) -> dict[str, Any]:
     """Train one configuration with one seed and measure it; one torch thread, no logger, no checkpoints.
 
     ``pretrained``: start from these classifier weights (the fine-tuning scenario; ``steps=0`` measures them as they
-    are). ``save_to``: write the trained classifier's weights there.
+    are). ``save_to``: write the trained classifier's weights there. ``dump``: a folder where the per-sample scores
+    of every split and the validation and test logits are saved (``<scenario>-<config>-seed<seed>.pt``), for
+    analyses beyond the tables.
     """
     import lightning.pytorch as pl
 
@@ -285,19 +304,28 @@ def run_one(
     result: dict[str, Any] = {k: float(v) for k, v in calibration.compute().items() if k in ("acc", "nll", "ece")}
     result |= _temperature_scaled(jem, dm, logits, y_test)
     loader = partial(torch.utils.data.DataLoader, batch_size=256)
-    scores_in = score_batches(jem, loader(dm.test_dataset), SCORES, jem.temperature)
-    # the post-hoc toolbox on this run's own features: fitted on its training split, as a user would
-    detectors = _fit_detectors(jem.classifier, dm.train_dataset)
-    posthoc_in = detectors.score(extract_features(jem.classifier, loader(dm.test_dataset))[0])
-    auroc: dict[str, dict[str, float]] = {}
-    for name, dataset in _ood_sets(dm, seed).items():
-        scores_out = score_batches(jem, loader(dataset), SCORES, jem.temperature)
-        auroc[name] = {s: float(ood_metrics(scores_in[s], scores_out[s])["auroc"]) for s in SCORES}
-        posthoc_out = detectors.score(extract_features(jem.classifier, loader(dataset))[0])
-        auroc[name] |= {d: float(ood_metrics(posthoc_in[d], posthoc_out[d])["auroc"]) for d in posthoc_in}
+    # the post-hoc toolbox on this run's own features: fitted on its training split, as a user would; its scores come
+    # from the same forwards as the classifier's own (a hook on the last linear layer's input)
+    posthoc = PostHocScores.fit(jem, loader(dm.train_dataset), max_samples=None)
+    splits = {"val": dm.val_dataset, "test": dm.test_dataset, **_ood_sets(dm, seed)}
+    if dump is not None:
+        splits = {"train": dm.train_dataset, **splits}
+    scores = {
+        name: score_batches(jem, loader(d), SCORES, jem.temperature, posthoc=posthoc) for name, d in splits.items()
+    }
+    reference = standardisation(scores["val"])
+    for values in scores.values():
+        values |= fused_scores(values, reference)
+    auroc = {
+        name: {s: float(ood_metrics(scores["test"][s], values[s])["auroc"]) for s in scores["test"]}
+        for name, values in scores.items()
+        if name not in ("train", "val", "test")
+    }
+    if dump is not None:
+        _dump(dump, scenario, config, seed, jem, dm, scores)
     result |= {
         "auroc": auroc,
-        "posthoc_skipped": detectors.skipped,
+        "posthoc_skipped": posthoc.detectors.skipped,
         "ms_per_step": 1000.0 * seconds / steps if steps else 0.0,
         "diverged": not math.isfinite(result["nll"]),
     }
@@ -317,13 +345,41 @@ def _temperature_scaled(jem: Any, dm: Any, test_logits: torch.Tensor, y_test: to
     return {"temperature": temperature, "nll_ts": float(values["nll"]), "ece_ts": float(values["ece"])}
 
 
-def _fit_detectors(classifier: torch.nn.Module, train_dataset: Any) -> PostHocDetectors:
-    """pytorch-ood's Mahalanobis, RMD, KNN and ViM with jemkit's defaults, fitted on the training split's features
-    (the input of the classifier's last linear layer; ViM also reads that layer's weight and bias)."""
-    z, y = extract_features(classifier, torch.utils.data.DataLoader(train_dataset, batch_size=256))
-    head = last_linear(classifier)
-    weight, bias = (None, None) if head is None else (head.weight, head.bias)
-    return PostHocDetectors().fit(z, y, weight, bias)
+def standardisation(reference: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """``{score: (mean, sd)}`` of in-distribution reference scores ``{score: [N]}`` (the validation split's): what
+    :func:`fused_scores` standardises with. A constant score gets sd 1 (it then only shifts the sum)."""
+    stats = {}
+    for name, values in reference.items():
+        values = values.double()
+        sd = float(values.std()) if values.numel() > 1 else 0.0
+        stats[name] = (float(values.mean()), sd if sd > 0.0 and math.isfinite(sd) else 1.0)
+    return stats
+
+
+def fused_scores(
+    scores: dict[str, torch.Tensor], stats: dict[str, tuple[float, float]], fusions: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """The :data:`FUSIONS` of per-sample scores ``{score: [M]}`` (higher = more in-distribution): each part
+    standardised as ``(s - mean) / sd`` with ``stats`` (:func:`standardisation` of in-distribution validation
+    scores), then summed or the smallest taken. Fusions whose parts are missing (ViM without a head) are left out."""
+    out = {}
+    for name, (how, parts) in (FUSIONS if fusions is None else fusions).items():
+        if not all(p in scores and p in stats for p in parts):
+            continue
+        z = torch.stack([(scores[p].double() - stats[p][0]) / stats[p][1] for p in parts])
+        out[name] = (z.sum(0) if how == "sum" else z.min(0).values).float()
+    return out
+
+
+def _dump(folder: Path, scenario: str, config: str, seed: int, jem: Any, dm: Any, scores: dict[str, Any]) -> None:
+    """Per-sample scores of every split, and validation and test logits with their labels, for later analyses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    logits = {}
+    with torch.no_grad():
+        for split in ("val", "test"):
+            x, y = getattr(dm, f"{split}_dataset").tensors
+            logits[split] = (jem(x).float(), class_labels(y))
+    torch.save({"scores": scores, "logits": logits}, folder / f"{scenario}-{config}-seed{seed}.pt")
 
 
 def _run_star(args: tuple) -> dict[str, Any]:
@@ -537,6 +593,74 @@ def verdict_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(["Targets, against the plain classifier of the same run: " + legend + ".", "", *lines, ""])
 
 
+def _meets(c: dict[str, Any], plain: dict[str, Any], ood_set: str, rule: str) -> bool | None:
+    """Whether ``rule``'s mean AUROC reaches the plain classifier's best toolbox score - 0.005 (``None``: no rule)."""
+    if rule not in c["auroc"][ood_set]:
+        return None
+    return c["auroc"][ood_set][rule][0] >= _best(plain, ood_set, ALL_SCORES)[1] - 0.005
+
+
+def rule_table(summary: dict[str, dict[str, Any]], rules: tuple[str, ...] = RULE_CANDIDATES) -> str:
+    """Each candidate score rule of a JEM (issue 26, item 4: one rule for every scenario) against the plain
+    classifier's best toolbox score per OOD set (its own scores and the detectors on its features, best picked per
+    set), then how many targets each rule meets, on the JEM and, for reference, on the plain classifier."""
+    head = "| scenario | config | OOD set | plain + toolbox (best) | " + " | ".join(rules) + " |"
+    lines = [head, "|---" * (4 + len(rules)) + "|"]
+    tally: dict[tuple[str, str], dict[str, list]] = {}  # (config, rule) -> {"met", "sets", "missed"}
+    for scenario, configs in summary.items():
+        plain = _baseline(configs)
+        if plain is None:
+            continue
+        for name, c in configs.items():
+            if "acc" not in c:
+                continue
+            for ood_set in TOOLBOX_SETS:
+                if ood_set not in c["auroc"] or ood_set not in plain["auroc"]:
+                    continue
+                cells = []
+                for rule in rules:
+                    met = _meets(c, plain, ood_set, rule)
+                    entry = tally.setdefault((name, rule), {"met": [], "sets": [], "missed": []})
+                    if met is None:
+                        cells.append("-")
+                        continue
+                    entry["sets"].append(scenario)
+                    (entry["met"] if met else entry["missed"]).append((scenario, ood_set))
+                    cells.append(f"{c['auroc'][ood_set][rule][0]:.3f}{'' if met else ' miss'}")
+                if name in ("plain", "pretrained"):
+                    continue
+                best, value = _best(plain, ood_set, ALL_SCORES)
+                lines.append(f"| {scenario} | {name} | {ood_set} | {value:.3f} ({best}) | " + " | ".join(cells) + " |")
+    count = [
+        "| config | rule | targets met (scenario x OOD set) | scenarios with every target met | missed |",
+        "|---|---|---|---|---|",
+    ]
+    for (name, rule), entry in tally.items():
+        scenarios = list(dict.fromkeys(entry["sets"]))
+        failed = {sc for sc, _ in entry["missed"]}
+        missed = ", ".join(f"{sc} {ood_set}" for sc, ood_set in entry["missed"]) or "-"
+        count.append(
+            f"| {name} | {rule} | {len(entry['met'])} / {len(entry['sets'])} "
+            f"| {len([sc for sc in scenarios if sc not in failed])} / {len(scenarios)} | {missed} |"
+        )
+    return "\n".join(
+        [
+            "Score rules, AUROC (mean over seeds; in-distribution positive) against the plain classifier plus the "
+            "post-hoc toolbox (best of its own scores and pytorch-ood's detectors on its features, picked per OOD "
+            "set); 'miss': below that - 0.005. Fusions: each part standardised with its mean and sd on the "
+            "in-distribution validation inputs, then summed ('a+b') or the smallest taken ('min(a,b)').",
+            "",
+            *lines,
+            "",
+            "Targets met per rule (the same rule on the plain classifier, for reference: what the rule gets without a "
+            "JEM):",
+            "",
+            *count,
+            "",
+        ]
+    )
+
+
 def _map(fn: Callable[[tuple], dict[str, Any]], jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -563,7 +687,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
+    parser.add_argument("--dump", type=Path, help="save every run's per-sample scores and logits in this folder")
+    parser.add_argument(
+        "--from_json",
+        type=Path,
+        nargs="+",
+        help="train nothing: rebuild the tables from the runs of these result files (several runs merge)",
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        return _tables_from(args.from_json, args.out)
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {sorted(CONFIGS)}")
@@ -576,9 +709,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pretrain = [(sc, "plain", seed, args.steps, *common, None, path) for (sc, seed), path in paths.items()]
         _map(_run_star, [job for job in pretrain if not job[-1].exists()], args.workers)
         steps = args.finetune_steps or args.steps // 5
-        jobs = [(sc, "plain", seed, 0, *common, paths[sc, seed]) for sc in args.scenarios for seed in args.seeds]
+        jobs = [
+            (sc, "plain", seed, 0, *common, paths[sc, seed], None, args.dump)
+            for sc in args.scenarios
+            for seed in args.seeds
+        ]
         jobs += [
-            (sc, config, seed, steps, *common, paths[sc, seed])
+            (sc, config, seed, steps, *common, paths[sc, seed], None, args.dump)
             for seed in args.seeds
             for sc in args.scenarios
             for config in args.configs
@@ -586,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         steps = args.steps
         jobs = [
-            (sc, config, seed, args.steps, *common)
+            (sc, config, seed, args.steps, *common, None, None, args.dump)
             for seed in args.seeds
             for sc in args.scenarios
             for config in args.configs
@@ -595,20 +732,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.finetune:
         for run in runs[: len(args.scenarios) * len(args.seeds)]:
             run["config"] = "pretrained"
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings["trained_steps"] = steps
+    return _report(runs, settings, args.out)
+
+
+def _report(runs: list[dict[str, Any]], settings: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """Summarise runs, print the tables and write ``<out>.json`` / ``<out>.md``."""
     summary = summarise(runs)
-    table = markdown(summary, steps, args.seeds, args.batchnorm, args.steps if args.finetune else None)
+    seeds = sorted({r["seed"] for r in runs})
+    pretrain_steps = settings["steps"] if settings.get("finetune") else None
+    table = markdown(summary, settings["trained_steps"], seeds, settings.get("batchnorm", False), pretrain_steps)
     checks = verdicts(summary)
     if checks:
-        table += "\n" + verdict_table(checks) + "\n" + toolbox_table(summary)
+        table += "\n" + verdict_table(checks) + "\n" + toolbox_table(summary) + "\n" + rule_table(summary)
     print(table)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {"settings": settings, "summary": summary, "verdicts": checks, "runs": runs}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         # appended, not with_suffix: a name such as "px0.03" keeps its dot
-        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
-        Path(f"{args.out}.md").write_text(table + "\n")
+        Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+        Path(f"{out}.md").write_text(table + "\n")
     return result
+
+
+def _tables_from(files: list[Path], out: Path | None) -> dict[str, Any]:
+    """The tables of the runs saved in earlier result files, merged (e.g. scenarios run in separate invocations)."""
+    saved = [json.loads(Path(f).read_text()) for f in files]
+    settings = [r["settings"] for r in saved]
+    steps = {s.get("trained_steps", s.get("finetune_steps") or s["steps"]) for s in settings}
+    if len(steps) > 1:
+        raise ValueError(
+            f"the result files trained for different numbers of steps {sorted(steps)}: merge like with like"
+        )
+    merged = dict(settings[0]) | {"from_json": [str(f) for f in files], "trained_steps": steps.pop()}
+    return _report([run for r in saved for run in r["runs"]], merged, out)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds scripts
 import quality
@@ -20,8 +21,9 @@ def _check(summary: dict, scenario: str, configs: list[str]) -> None:
         )
         assert set(entry["auroc"]) == sets
         assert all(0.0 <= pair[0] <= 1.0 for scores in entry["auroc"].values() for pair in scores.values())
-        # every run carries the post-hoc toolbox on its own features and its temperature-scaled calibration
-        assert all(set(scores) == set(quality.ALL_SCORES) for scores in entry["auroc"].values())
+        # every run carries the post-hoc toolbox on its own features, the fused score rules and its temperature-scaled
+        # calibration
+        assert all(set(scores) == {*quality.ALL_SCORES, *quality.FUSIONS} for scores in entry["auroc"].values())
         assert entry["temperature"][0] > 0.0 and 0.0 <= entry["ece_ts"][0] <= 1.0
 
 
@@ -44,6 +46,30 @@ def test_training_from_scratch_writes_json_and_markdown(tmp_path):
     assert checks["toolbox"] == expected
     row = next(line for line in table.splitlines() if line.startswith("| openset | default | heldout |"))
     assert f"{best_plain['heldout']:.3f}" in row
+    # the score-rule table: every candidate's AUROC beside the same best plain score, 'miss' where it is below - 0.005
+    rule_rows = [line for line in table.splitlines() if line.startswith("| openset | default | heldout | ")]
+    rule_row = rule_rows[-1].split(" | ")
+    assert rule_row[3].startswith(f"{best_plain['heldout']:.3f}")
+    for rule, cell in zip(quality.RULE_CANDIDATES, rule_row[4:], strict=True):
+        auroc = jem["auroc"]["heldout"][rule][0]
+        assert cell.strip(" |") == f"{auroc:.3f}" + ("" if auroc >= best_plain["heldout"] - 0.005 else " miss")
+    # rebuilt from the saved runs alone, the tables are the same
+    merged = quality.main(["--from_json", f"{out}.json", "--out", str(tmp_path / "merged")])
+    assert (tmp_path / "merged.md").read_text() == table
+    assert merged["summary"] == result["summary"]
+
+
+def test_fused_scores_standardise_with_the_reference_statistics():
+    reference = {"logpx": torch.tensor([1.0, 3.0]), "knn": torch.tensor([-2.0, -2.0]), "mahalanobis": torch.ones(2)}
+    stats = quality.standardisation(reference)
+    assert stats["logpx"] == pytest.approx((2.0, 2.0**0.5)) and stats["knn"] == (-2.0, 1.0)  # constant: sd 1
+    scores = {"logpx": torch.tensor([2.0, 0.0]), "knn": torch.tensor([-1.0, -4.0]), "mahalanobis": torch.zeros(2)}
+    fusions = {"sum": ("sum", ("logpx", "knn")), "min": ("min", ("logpx", "knn")), "none": ("sum", ("logpx", "vim"))}
+    fused = quality.fused_scores(scores, stats, fusions)
+    z_logpx, z_knn = torch.tensor([0.0, -2.0 / 2.0**0.5]), torch.tensor([1.0, -2.0])
+    assert set(fused) == {"sum", "min"}  # a fusion with a missing part (ViM without a head) is left out
+    torch.testing.assert_close(fused["sum"], z_logpx + z_knn)
+    torch.testing.assert_close(fused["min"], torch.minimum(z_logpx, z_knn))
 
 
 def test_held_out_classes_of_data_without_a_classes_option():
