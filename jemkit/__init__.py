@@ -9,8 +9,10 @@ from jemkit.adapters import select_logits
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
 from jemkit.checkpoint import AtomicCheckpointIO
 from jemkit.data import DigitsDataModule, GaussianMixtureDataModule
+from jemkit.detectors import POSTHOC_DETECTORS, PostHocDetectors
 from jemkit.divergence import DivergenceError
 from jemkit.energy import energy_matrix, joint_energy, log_px, log_py_given_x, marginal_energy
+from jemkit.features import FeatureHook, extract_features, last_linear
 from jemkit.module import JEM
 from jemkit.sampling import MALA, PYLD, SGLD, Chains, GaussianInit, InputDomain, ReplayBuffer, UniformInit
 
@@ -20,7 +22,10 @@ __all__ = [
     "CalibrationMonitor",
     "Chains",
     "DivergenceGuard",
+    "FeatureHook",
     "OODMonitor",
+    "POSTHOC_DETECTORS",
+    "PostHocDetectors",
     "SampleGrid",
     "MALA",
     "PYLD",
@@ -34,7 +39,9 @@ __all__ = [
     "UniformInit",
     "__version__",
     "energy_matrix",
+    "extract_features",
     "joint_energy",
+    "last_linear",
     "log_px",
     "log_py_given_x",
     "marginal_energy",

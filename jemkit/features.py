@@ -161,8 +161,8 @@ class FeatureHook:
         return None
 
     def _keep(self, t: Any) -> None:
-        # Inputs of a linear layer are channels-last ([B, T, D] tokens); outputs of other layers channels-first.
-        channels_last = self.capture == "input" or isinstance(self.layer, nn.Linear)
+        # A linear layer's inputs and outputs are channels-last ([B, T, D] tokens); other layers' are channels-first.
+        channels_last = isinstance(self.layer, nn.Linear)
         z = pool_features(t, channels_last=channels_last)
         self._captured = (z.detach() if self.detach else z).float()
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from jemkit.adapters import OutputKey, sampling_context, select_logits
 from jemkit.checks import check_integer
 from jemkit.evaluate.samples import SOURCES, draw, source_steps
+from jemkit.features import FeatureHook
 
 if TYPE_CHECKING:
     from jemkit.module import JEM
@@ -52,7 +53,8 @@ _INSTALL_HINT = 'feature="inception" needs torch-fidelity: pip install "jemkit[f
 
 
 class PenultimateFeatures(nn.Module):
-    """A classifier's penultimate features: the flattened input of its last ``nn.Linear`` (or of ``layer``).
+    """A classifier's penultimate features: the input of its last ``nn.Linear`` (or of ``layer``), through
+    :class:`jemkit.features.FeatureHook`, the features the post-hoc OOD detectors read too.
 
     FID in this space needs no download and works on any input shape. The classifier runs in eval mode (BatchNorm's
     running statistics are used, never updated) without gradients, and every submodule's train flag comes back
@@ -60,7 +62,8 @@ class PenultimateFeatures(nn.Module):
 
     Args:
         classifier: the network (for a JEM: ``jem.classifier``).
-        layer: the layer whose input is the feature; default the last ``nn.Linear`` in ``classifier.modules()``.
+        layer: the layer whose input is the feature (pooled over positions when it has any); default the last
+            ``nn.Linear`` (:func:`jemkit.features.last_linear`).
         num_features: feature size; default ``layer.in_features`` (torchmetrics reads it instead of running a dummy
             299x299 image through the network).
 
@@ -72,38 +75,20 @@ class PenultimateFeatures(nn.Module):
 
     def __init__(self, classifier: nn.Module, layer: nn.Module | None = None, num_features: int | None = None) -> None:
         super().__init__()
-        if layer is None:
-            linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
-            if not linears:
-                raise ValueError(
-                    f"{type(classifier).__name__} has no nn.Linear layer to take penultimate features from: pass "
-                    "layer=<the module whose input is the feature> (and num_features=...)"
-                )
-            layer = linears[-1]
-        names = [name for name, m in classifier.named_modules() if m is layer]
-        if not names:
-            raise ValueError(f"layer {type(layer).__name__} is not a submodule of {type(classifier).__name__}")
+        hook = FeatureHook(classifier, layer, capture="input")
         if num_features is None:
-            num_features = getattr(layer, "in_features", None)
+            num_features = getattr(hook.layer, "in_features", None)
             if not isinstance(num_features, int):
-                raise ValueError(f"cannot tell the feature size of {type(layer).__name__}: pass num_features=...")
+                raise ValueError(f"cannot tell the feature size of {type(hook.layer).__name__}: pass num_features=...")
         self.classifier = classifier
-        self.layer_name = names[0]  # a name, not a second registration of the layer
+        self.__dict__["hook"] = hook  # not a second registration of the classifier's layer
         self.num_features = int(num_features)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, ...] -> features [B, num_features]`` (float32)."""
-        captured: list[Tensor] = []
-        layer = self.classifier.get_submodule(self.layer_name)
-        handle = layer.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-        try:
-            with torch.no_grad(), sampling_context(self.classifier, "eval"):
-                self.classifier(x)
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"layer {self.layer_name!r} was not called by {type(self.classifier).__name__}.forward")
-        return captured[-1].flatten(1).float()
+        with torch.no_grad(), sampling_context(self.classifier, "eval"), self.hook:
+            self.classifier(x)
+            return self.hook.pop()
 
 
 class ClassifierLogits(nn.Module):
