@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from jemkit.adapters import unpack_batch
@@ -23,7 +24,7 @@ def split_dataset(datamodule: Any, stage: str) -> Dataset | None:
         return dataset
     try:
         loader = getattr(datamodule, f"{name}_dataloader")()
-    except (AttributeError, NotImplementedError, TypeError):  # Lightning's default hooks raise when not defined
+    except (AttributeError, NotImplementedError, TypeError, MisconfigurationException):  # hooks left undefined
         return None
     xs, ys = [], []
     for batch in loader:
