@@ -58,3 +58,44 @@ def test_chains_errors():
         Chains(nn.Identity(), sampling_mode="batch")
     with pytest.raises(RuntimeError, match=r"no input shape yet: .*ReplayBuffer\(input_shape=...\)"):
         Chains(nn.Identity()).start(4)
+
+
+def test_yopo_chains_find_the_classifiers_first_layer_and_train(tmp_path):
+    import lightning.pytorch as pl
+
+    from jemkit import JEM
+    from jemkit.models import SmallCNN
+    from jemkit.sampling import PYLD
+    from tests.helpers import TinyMLP, toy_loader, trainer
+
+    pl.seed_everything(0)
+    cnn = JEM(SmallCNN(width=4), sampler=PYLD(n_steps=2, inner_steps=3), buffer=ReplayBuffer(capacity=32))
+    x = torch.rand(32, 1, 8, 8) * 2 - 1
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(32) % 10), batch_size=16)
+    trainer(tmp_path, max_steps=2).fit(cnn, data)
+    assert cnn.chains._first_layer[0] == "features.0.0"  # the first convolution
+    assert cnn.sample(3).shape == (3, 1, 8, 8) and torch.isfinite(cnn.step_stats["loss"])
+    mlp = JEM(TinyMLP(), sampler=PYLD(n_steps=1, inner_steps=2), buffer=ReplayBuffer(capacity=32))
+    trainer(tmp_path, max_steps=1).fit(mlp, toy_loader())
+    assert mlp.chains._first_layer[0] == "net.0"  # Flatten: the first module that takes the input
+    named = JEM(TinyMLP(), sampler=PYLD(n_steps=1, inner_steps=2, first_layer="net.9"), buffer=ReplayBuffer(32))
+    with pytest.raises(ValueError, match=r"first_layer='net\.9'.*no such submodule"):
+        trainer(tmp_path, max_steps=1).fit(named, toy_loader())
+    with pytest.raises(ValueError, match="compile does not take PYLD's inner"):
+        JEM(TinyMLP(), sampler=PYLD(inner_steps=2), compile=True)
+
+
+def test_yopo_chains_refuse_classifiers_that_transform_their_input_first():
+    from jemkit.sampling import PYLD
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.linear(2 * x)
+
+    chains = Chains(Scaled(), PYLD(n_steps=1, inner_steps=2), ReplayBuffer(capacity=8, input_shape=(2,)))
+    with pytest.raises(ValueError, match="takes its input as it is"):
+        chains.draw(lambda x, y=None: -chains.classifier(x).logsumexp(1), 4)

@@ -243,3 +243,77 @@ def test_gaussian_restarts_can_mix_in_uniform_draws_over_the_box():
     assert float(GaussianInit().fit(x, y, 1).sample(1000, (2,)).sub(0.5).abs().amax()) < 0.3
     with pytest.raises(ValueError, match="uniform_fraction must be in"):
         GaussianInit(uniform_fraction=1.5)
+
+
+# ---------------------------------------------------------------------------------------------- YOPO inner steps
+def _mlp_energy(first: nn.Module, rest: nn.Module):
+    return lambda x: -rest(first(x)).logsumexp(1)
+
+
+def test_yopo_steps_through_a_linear_layer_repeat_the_outer_gradient():
+    """With a linear first layer the inner gradient does not depend on x: N inner steps of s are one step of N * s."""
+    from jemkit.sampling import PYLD, FirstLayer
+
+    torch.manual_seed(0)
+    first, rest = nn.Linear(3, 16), nn.Sequential(nn.Tanh(), nn.Linear(16, 4))
+    energy = _mlp_energy(first, rest)
+    x0 = torch.randn(32, 3) * 0.1
+    wide = {"eps": 100.0, "clip": (-50.0, 50.0)}  # no clipping of gradients or samples
+    yopo = PYLD(n_steps=3, step_size=0.05, inner_steps=4, **wide).sample(energy, x0, first_layer=FirstLayer(first))
+    long_steps = PYLD(n_steps=3, step_size=0.2, **wide).sample(energy, x0)
+    torch.testing.assert_close(yopo, long_steps, atol=1e-5, rtol=1e-5)
+
+
+def test_yopo_inner_steps_hold_the_gradient_at_the_first_layers_output():
+    """A nonlinear first block: each inner step follows d<g(x), p>/dx with p = dE/dg taken at the outer point."""
+    from jemkit.sampling import PYLD, FirstLayer
+
+    torch.manual_seed(0)
+    first, rest = nn.Sequential(nn.Linear(2, 8), nn.Tanh()), nn.Linear(8, 3)
+    energy = _mlp_energy(first, rest)
+    x0 = torch.rand(16, 2) * 2 - 1
+    sampler = PYLD(n_steps=2, step_size=0.1, eps=0.5, inner_steps=3)
+    got = sampler.sample(energy, x0, first_layer=FirstLayer(first))
+    x = x0.clone()
+    for _ in range(2):  # the reference, with torch.func
+        z, vjp_first = torch.func.vjp(first, x)
+        p = torch.func.grad(lambda z: -rest(z).logsumexp(1).sum())(z)
+        for _ in range(3):
+            x = (x - 0.1 * vjp_first(p)[0].clamp(-0.5, 0.5)).clamp(-1, 1)
+            z, vjp_first = torch.func.vjp(first, x)
+    torch.testing.assert_close(got, x, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, PYLD(n_steps=2, step_size=0.3, eps=0.5).sample(energy, x0), atol=1e-3)
+
+
+def test_yopo_takes_one_full_forward_per_outer_step():
+    from jemkit.sampling import PYLD, FirstLayer
+
+    first, rest = nn.Linear(2, 8), nn.Sequential(nn.Tanh(), nn.Linear(8, 3))
+    calls = {"first": 0, "rest": 0}
+    first.register_forward_hook(lambda *a: calls.__setitem__("first", calls["first"] + 1))
+    rest.register_forward_hook(lambda *a: calls.__setitem__("rest", calls["rest"] + 1))
+    PYLD(n_steps=3, inner_steps=4).sample(_mlp_energy(first, rest), torch.zeros(4, 2), first_layer=FirstLayer(first))
+    assert calls["rest"] == 3  # full passes
+    assert calls["first"] == 3 + 3 * 3 + 1  # each full pass, three inner steps after each, the one-time check
+
+
+def test_yopo_refuses_what_it_cannot_do():
+    from jemkit.sampling import PYLD, FirstLayer
+
+    first, rest = nn.Linear(2, 8), nn.Linear(8, 3)
+    sampler = PYLD(n_steps=2, inner_steps=2)
+    with pytest.raises(ValueError, match="pass first_layer=FirstLayer"):
+        sampler.sample(_mlp_energy(first, rest), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="takes no compiled step"):
+        sampler.sample(_mlp_energy(first, rest), torch.zeros(4, 2), step=lambda x: x, first_layer=FirstLayer(first))
+    bypass = lambda x: -(rest(first(x)) + x.sum(1, keepdim=True)).logsumexp(1)  # noqa: E731
+    with pytest.raises(ValueError, match="reaches the energy other than through"):
+        sampler.sample(bypass, torch.rand(4, 2), first_layer=FirstLayer(first))
+    twice = lambda x: -rest(first(x) + first(x)).logsumexp(1)  # noqa: E731
+    with pytest.raises(ValueError, match="ran 2 times in one forward"):
+        sampler.sample(twice, torch.rand(4, 2), first_layer=FirstLayer(first))
+    with pytest.raises(ValueError, match="inner_steps must be"):
+        PYLD(inner_steps=0)
+    with pytest.raises(TypeError, match="first_layer must be a submodule's name"):
+        PYLD(first_layer=first)
+    assert "inner_steps=2" in repr(sampler) and "inner_steps" not in repr(PYLD())

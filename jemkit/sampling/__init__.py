@@ -4,7 +4,7 @@ from jemkit.sampling.buffer import ReplayBuffer
 from jemkit.sampling.chains import Chains
 from jemkit.sampling.domain import InputDomain
 from jemkit.sampling.init import GaussianInit, InitialDistribution, UniformInit
-from jemkit.sampling.langevin import MALA, PYLD, SGLD, EnergyFn, Sampler
+from jemkit.sampling.langevin import MALA, PYLD, SGLD, EnergyFn, FirstLayer, Sampler
 
 __all__ = [
     "MALA",
@@ -12,6 +12,7 @@ __all__ = [
     "Chains",
     "SGLD",
     "EnergyFn",
+    "FirstLayer",
     "GaussianInit",
     "InitialDistribution",
     "InputDomain",

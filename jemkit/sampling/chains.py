@@ -26,7 +26,7 @@ from jemkit.checks import check_label_count
 from jemkit.sampling.buffer import ReplayBuffer
 from jemkit.sampling.compiled import CompiledStep, ConditionalEnergy, resolve_compile_mode
 from jemkit.sampling.domain import InputDomain
-from jemkit.sampling.langevin import SGLD, Sampler, Step
+from jemkit.sampling.langevin import SGLD, EnergyFn, FirstLayer, Sampler, Step
 
 __all__ = ["Chains"]
 
@@ -70,6 +70,7 @@ class Chains:
         self.sampling_mode = resolve_sampling_mode(sampling_mode, classifier)  # the one check of the mode
         self.compile_mode = resolve_compile_mode(compile, self.sampler, classifier, self.sampling_mode)  # resolved once
         self._compiled: CompiledStep | None = None
+        self._first_layer: tuple[str, FirstLayer] | None = None  # the layer YOPO steps go through, by name
 
     @property
     def compiled(self) -> bool:
@@ -160,7 +161,57 @@ class Chains:
     def _run(self, energy: ConditionalEnergy, u0: Tensor, y: Tensor | None, n_steps: int | None) -> Tensor:
         unit_energy = UnitEnergy(energy, self.domain)
         with self._sampling(unit_energy, y) as (y, step):
-            return self.sampler.sample(lambda u: unit_energy(u, y), u0, n_steps=n_steps, step=step).detach()
+
+            def energy_fn(u: Tensor) -> Tensor:
+                return unit_energy(u, y)
+
+            if getattr(self.sampler, "inner_steps", 1) > 1:  # YOPO steps (PYLD): through the classifier's first layer
+                layer = self._yopo_layer(energy_fn, u0)
+                return self.sampler.sample(energy_fn, u0, n_steps=n_steps, step=step, first_layer=layer).detach()
+            return self.sampler.sample(energy_fn, u0, n_steps=n_steps, step=step).detach()
+
+    def _yopo_layer(self, energy_fn: EnergyFn, u0: Tensor) -> FirstLayer:
+        """The classifier's layer that YOPO steps go through: the sampler's ``first_layer`` by name, else the first
+        module that receives the classifier's input as it is (found once, by one forward on the start points)."""
+        name = getattr(self.sampler, "first_layer", None)
+        if name is None:
+            name = self._first_layer[0] if self._first_layer is not None else self._find_first_layer(energy_fn, u0)
+        if self._first_layer is None or self._first_layer[0] != name:
+            try:
+                module = self.classifier.get_submodule(name)
+            except AttributeError as err:
+                raise ValueError(f"PYLD(first_layer={name!r}): the classifier has no such submodule") from err
+            self._first_layer = (name, FirstLayer(module, self.domain.from_unit, f"the classifier's layer {name!r}"))
+        return self._first_layer[1]
+
+    def _find_first_layer(self, energy_fn: EnergyFn, u0: Tensor) -> str:
+        seen: dict[str, Any] = {}
+
+        def remember_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.setdefault("input", args[0] if args else None)
+
+        def first_to_take_it(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                if "layer" not in seen and args and args[0] is seen.get("input"):
+                    seen["layer"] = name
+
+            return hook
+
+        leaves = [(n, m) for n, m in self.classifier.named_modules() if n and next(m.children(), None) is None]
+        handles = [self.classifier.register_forward_pre_hook(remember_input)]
+        handles += [module.register_forward_pre_hook(first_to_take_it(name)) for name, module in leaves]
+        try:
+            with torch.no_grad():
+                energy_fn(u0)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "layer" not in seen:
+            raise ValueError(
+                "PYLD(inner_steps > 1) found no layer of the classifier that takes its input as it is (the classifier "
+                "transforms it first): name the layer with PYLD(first_layer=...), or use inner_steps=1"
+            )
+        return seen["layer"]
 
     @contextmanager
     def _sampling(self, energy: ConditionalEnergy, y: Tensor | None) -> Iterator[tuple[Tensor | None, Step | None]]:
@@ -180,9 +231,10 @@ class Chains:
             cached = self._compiled = CompiledStep(energy, self.sampler, self.compile_mode)
         return lambda x: cached(x, y)
 
-    # Compiled functions close over the original's energy: a copy or an unpickled object compiles its own on first use.
+    # Compiled functions close over the original's energy: a copy or an unpickled object compiles its own on first use
+    # (and finds its own first layer for YOPO steps).
     def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "_compiled"} | {"_compiled": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"} | {"_compiled": None, "_first_layer": None}
 
     def __deepcopy__(self, memo: dict[int, object]) -> Chains:
         clone = Chains.__new__(Chains)

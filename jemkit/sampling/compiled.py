@@ -64,6 +64,8 @@ def resolve_compile_mode(
             f"compile needs a sampler whose update is `update(x, grad)` (such as SGLD); {type(sampler).__name__} has "
             "none: sample eagerly (compile=False)"
         )
+    if getattr(sampler, "inner_steps", 1) > 1:
+        raise ValueError("compile does not take PYLD's inner (YOPO) steps: use inner_steps=1 or compile=False")
     if sampling_mode == "train" and has_batchnorm(classifier):
         raise ValueError(
             "compile cannot trace BatchNorm layers that update their running statistics while sampling "

@@ -10,7 +10,9 @@ synchronisation: everything stays on the device, so a GPU runs ahead of Python.
   algorithm, whose samples approach ``p(x) ∝ exp(-E(x))`` as the step shrinks.
 - :class:`PYLD`: JEM++'s proximal step, ``x <- clamp(x - step_size * clip(dE/dx, -eps, eps), low, high)`` (noise
   optional): each coordinate moves at most ``step_size * eps`` per step and never leaves the data range, so short
-  chains (JEM++: 5-10 steps) stay stable where SGLD with a unit step needs 20 or more.
+  chains (JEM++: 5-10 steps) stay stable where SGLD with a unit step needs 20 or more. With ``inner_steps > 1`` it
+  takes JEM++'s YOPO steps: one full backward to the first layer's output, then cheap steps through that layer only
+  (:class:`FirstLayer`).
 - :class:`MALA`: the Metropolis-adjusted Langevin algorithm, which corrects the discretisation bias exactly with a
   per-chain accept/reject step (used to check SGLD and where exact samples matter).
 """
@@ -18,15 +20,16 @@ synchronisation: everything stays on the device, so a GPU runs ahead of Python.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from jemkit.checks import check_integer
 from jemkit.sampling.amp import sampling_grad_scale
 
-__all__ = ["MALA", "PYLD", "SGLD", "EnergyFn", "Sampler", "Step", "energy_and_grad"]
+__all__ = ["MALA", "PYLD", "SGLD", "EnergyFn", "FirstLayer", "Sampler", "Step", "energy_and_grad"]
 
 EnergyFn = Callable[[Tensor], Tensor]
 """Maps inputs ``[B, ...]`` to energies ``[B]``."""
@@ -171,18 +174,70 @@ class SGLD(Sampler):
         return f"SGLD(n_steps={self.n_steps}, step_size={self.step_size}, noise_std={self.noise_std}, clip={self.clip})"
 
 
+class FirstLayer:
+    """A network's first layer seen from the sampler's coordinates: ``z = module(to_input(x))``, for YOPO steps.
+
+    JEM++'s inner steps hold the gradient ``p = dE/dz`` at the layer's output fixed and move the input through the
+    layer alone: ``x <- update(x, d<module(to_input(x)), p>/dx)``. That is exact at the point ``p`` was taken and a
+    first-order approximation after it; it needs every path from the input to the energy to pass through ``module``,
+    which :meth:`PYLD.sample` checks once (the first full gradient against the one through the layer).
+
+    With a linear first layer (a convolution or a linear map, JEM++'s own choice) the inner gradient does not depend on
+    ``x``: the inner steps repeat the outer step's gradient, and ``PYLD(n_steps=M, inner_steps=N)`` moves like
+    ``PYLD(n_steps=M, step_size=N * step_size)`` at the cost of ``M`` full backward passes. A nonlinear first block
+    (e.g. convolution and activation) makes the inner steps differ.
+
+    Args:
+        module: the layer; called by the network on its input exactly once per forward.
+        to_input: maps the sampler's coordinates to the layer's input (a JEM's chains: the input domain's map).
+        name: how to call the layer in messages.
+    """
+
+    def __init__(
+        self, module: nn.Module, to_input: Callable[[Tensor], Tensor] | None = None, name: str = "first layer"
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"FirstLayer needs an nn.Module, got {type(module).__name__}")
+        self.module, self.to_input, self.name = module, to_input, name
+        self.checked = False  # the first inner gradient is compared with the full one once
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(self.to_input(x) if self.to_input is not None else x)
+
+    @contextmanager
+    def recording(self) -> Iterator[list[Tensor]]:
+        """Collect the layer's outputs of the forward passes inside the block."""
+        outputs: list[Tensor] = []
+        handle = self.module.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            yield outputs
+        finally:
+            handle.remove()
+
+
 class PYLD(SGLD):
     """Proximal Langevin dynamics of JEM++ (Yang & Ji 2021): clipped gradient steps inside the data range.
 
     ``x <- clamp(x - step_size * clamp(dE/dx, -eps, eps) + noise_std * N(0, I), low, high)``. Same interface as
     :class:`SGLD` (``PYLD(n_steps=5)(energy_fn, x0)`` via :meth:`sample`), compilable, and any energy will do.
 
+    ``inner_steps > 1`` takes JEM++'s YOPO steps ("you only propagate once"): each of the ``n_steps`` outer steps runs
+    one full forward and backward, keeps the gradient at the first layer's output, and makes ``inner_steps`` updates
+    whose gradients go through the first layer only (see :class:`FirstLayer`); ``n_steps * inner_steps`` updates for
+    ``n_steps`` full backward passes. A JEM's chains find the first layer themselves (the first module that receives
+    the classifier's input) unless ``first_layer`` names it; a direct call to :meth:`sample` passes a
+    :class:`FirstLayer`. Opt-in: it is not compiled, and an attack through the defence (``jem.purify(x, n,
+    differentiable=True)``) unrolls full steps only.
+
     Args:
-        n_steps: steps per chain (JEM++: 5 to 10).
+        n_steps: steps per chain (JEM++: 5 to 10); with ``inner_steps``, the full backward passes per chain.
         step_size: multiplier of the clipped gradient (JEM++ CIFAR-10: 0.2).
         eps: per-coordinate bound on the gradient (JEM++: 1.0), so no coordinate moves more than ``step_size * eps``.
-        noise_std: standard deviation of the Gaussian noise per step (JEM++: none).
+        noise_std: standard deviation of the Gaussian noise per update (JEM++: none).
         clip: the data range ``(low, high)`` samples are clamped into (JEM++: ``(-1, 1)``).
+        inner_steps: updates per full backward pass (JEM++'s YOPO: 5; 1 = plain proximal steps).
+        first_layer: the classifier's submodule the inner steps go through, by name (e.g. ``"features.0"``, a
+            convolution with its activation); ``None``: the first module the classifier's input enters.
 
     Example::
 
@@ -196,21 +251,92 @@ class PYLD(SGLD):
         eps: float = 1.0,
         noise_std: float = 0.0,
         clip: tuple[float, float] = (-1.0, 1.0),
+        inner_steps: int = 1,
+        first_layer: str | None = None,
     ) -> None:
         if clip is None:
             raise ValueError("PYLD is proximal: it needs the data range clip=(low, high)")
         super().__init__(n_steps, step_size, noise_std, clip)
         self.eps = _check_positive("eps", eps)
+        self.inner_steps = check_integer("inner_steps", inner_steps)
+        if first_layer is not None and not isinstance(first_layer, str):
+            raise TypeError(f"first_layer must be a submodule's name or None, got {type(first_layer).__name__}")
+        self.first_layer = first_layer
 
     def update(self, x: Tensor, grad: Tensor) -> Tensor:
         """One proximal step given ``dE/dx``: plain tensor arithmetic, compilable with the energy."""
         return super().update(x, grad.clamp(-self.eps, self.eps))
 
+    def sample(
+        self,
+        energy_fn: EnergyFn,
+        x0: Tensor,
+        n_steps: int | None = None,
+        step: Step | None = None,
+        first_layer: FirstLayer | None = None,
+    ) -> Tensor:
+        """Run the chains from ``x0``; with ``inner_steps > 1``, YOPO steps through ``first_layer`` (required then)."""
+        if self.inner_steps == 1:
+            return super().sample(energy_fn, x0, n_steps, step)
+        if step is not None:
+            raise ValueError("PYLD with inner_steps > 1 takes no compiled step: sample eagerly (compile=False)")
+        if first_layer is None:
+            raise ValueError(
+                "PYLD(inner_steps > 1) steps through the network's first layer: pass first_layer=FirstLayer(module) "
+                "(a JEM's chains find it themselves), or use inner_steps=1"
+            )
+        x = x0.detach().clone()
+        for _ in range(self._steps(n_steps)):
+            grad, held = self._outer_gradient(energy_fn, x, first_layer)
+            x = self.update(x, grad)
+            for _ in range(self.inner_steps - 1):
+                x = self.update(x, _through_layer(first_layer, x, held))
+        return x
+
+    def _outer_gradient(self, energy_fn: EnergyFn, x: Tensor, layer: FirstLayer) -> tuple[Tensor, Tensor]:
+        """One full backward: ``dE/dx`` and the gradient held at the layer's output (scaled, see ``energy_and_grad``).
+
+        The first time for a layer, the gradient through the layer alone is compared with the full one: they differ
+        when some of the input reaches the energy without passing through the layer."""
+        scale = sampling_grad_scale(x.device.type)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            with layer.recording() as outputs:
+                energy = energy_fn(x)
+            if len(outputs) != 1:
+                raise ValueError(
+                    f"{layer.name} ran {len(outputs)} times in one forward of the energy; YOPO steps need a layer "
+                    "that runs exactly once on the input: name it with PYLD(first_layer=...)"
+                )
+            total = energy.sum()
+            grad, held = torch.autograd.grad(total * scale if scale != 1.0 else total, [x, outputs[0]])
+        if not layer.checked:
+            through = _through_layer(layer, x, held)
+            if not torch.allclose(through * scale, grad, rtol=1e-3, atol=1e-5 * float(grad.abs().max())):
+                raise ValueError(
+                    f"the input reaches the energy other than through {layer.name}: the gradient through it alone "
+                    "differs from the full one, so YOPO steps would follow a wrong gradient. Name the layer all of "
+                    "the input goes through with PYLD(first_layer=...), or use inner_steps=1"
+                )
+            layer.checked = True
+        return (grad / scale if scale != 1.0 else grad), held
+
     def __repr__(self) -> str:
+        yopo = f", inner_steps={self.inner_steps}, first_layer={self.first_layer!r}" if self.inner_steps > 1 else ""
         return (
             f"PYLD(n_steps={self.n_steps}, step_size={self.step_size}, eps={self.eps}, noise_std={self.noise_std}, "
-            f"clip={self.clip})"
+            f"clip={self.clip}{yopo})"
         )
+
+
+def _through_layer(layer: FirstLayer, x: Tensor, held: Tensor) -> Tensor:
+    """``d<layer(x), held>/dx``, unscaled: one YOPO inner step's gradient (``held`` as scaled by the outer step)."""
+    scale = sampling_grad_scale(x.device.type)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        z = layer(x)
+        (grad,) = torch.autograd.grad(z, x, grad_outputs=held.to(z.dtype))
+    return grad / scale if scale != 1.0 else grad
 
 
 class MALA(Sampler):
