@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,40 @@ from torch import Tensor, nn
 from jemkit.energy import check_labels
 from jemkit.sampling.init import InitialDistribution, UniformInit
 
-__all__ = ["ReplayBuffer"]
+__all__ = ["STORAGES", "ReplayBuffer"]
+
+Storage = Literal["float32", "bf16", "uint8"]
+STORAGES: dict[str, torch.dtype] = {"float32": torch.float32, "bf16": torch.bfloat16, "uint8": torch.uint8}
+"""Storage name -> dtype of the stored chains (``float32`` follows the module's floating dtype, e.g. under
+``.double()``; the compact ones keep theirs)."""
+_UINT8_LEVELS = 254  # codes 0..254 across [-1, 1]: steps of 2 / 254, with the centre 0 at code 127
+
+
+def encode(u: Tensor, dtype: torch.dtype, stochastic: bool = True) -> Tensor:
+    """Chains ``u`` (unit coordinates, float) in a storage ``dtype``; compact dtypes round stochastically, so that a
+    chain moving less than a rounding step per draw still moves on average.
+
+    ``uint8`` covers the box ``[-1, 1]``: values outside are clamped into it and NaN is stored at the centre
+    (a byte cannot hold it). ``bfloat16`` keeps the float32 range, infinities and NaN.
+    """
+    if dtype == torch.uint8:
+        scaled = (torch.nan_to_num(u.float(), nan=0.0).clamp(-1.0, 1.0) + 1.0) * (_UINT8_LEVELS / 2)
+        scaled = scaled + torch.rand_like(scaled) if stochastic else scaled + 0.5
+        return scaled.floor_().clamp_(0, _UINT8_LEVELS).to(torch.uint8)
+    if dtype == torch.bfloat16 and stochastic:
+        # Add random low bits to the float32 pattern and truncate: rounds up with the probability of the remainder.
+        u = u.float()
+        bits = u.view(torch.int32)
+        noisy = (bits + torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(-(1 << 16)).view(torch.float32)
+        return torch.where(torch.isfinite(noisy), noisy, u).to(torch.bfloat16)
+    return u.to(dtype)
+
+
+def decode(stored: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Stored chains as floats of ``dtype`` in unit coordinates (the inverse of :func:`encode` up to its rounding)."""
+    if stored.dtype == torch.uint8:
+        return stored.to(dtype) * (2.0 / _UINT8_LEVELS) - 1.0
+    return stored.to(dtype)
 
 
 def _rank_and_world_size() -> tuple[int, int]:
@@ -46,6 +79,9 @@ class ReplayBuffer(nn.Module):
         input_shape: shape of one sample without the batch dimension, or ``None`` to set it later.
         num_classes: number of classes; required for ``conditional=True`` by the time the buffer is filled.
         conditional: store samples per class so that :meth:`sample` can be asked for given labels.
+        storage: how chains are stored: ``"float32"`` (4 bytes a value), ``"bf16"`` (2 bytes: 8 significant bits) or
+            ``"uint8"`` (1 byte: 255 levels across the box ``[-1, 1]`` of the unit coordinates, where chains are
+            clamped). Compact storage rounds stochastically on every write; start points come back as float32.
 
     Example::
 
@@ -65,8 +101,11 @@ class ReplayBuffer(nn.Module):
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
         conditional: bool = False,
+        storage: Storage = "float32",
     ) -> None:
         super().__init__()
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {sorted(STORAGES)}, got {storage!r}")
         if capacity < 1:
             raise ValueError(f"ReplayBuffer capacity must be >= 1, got {capacity!r}")
         if not 0.0 <= reinit_prob <= 1.0:
@@ -79,10 +118,11 @@ class ReplayBuffer(nn.Module):
         self.init = init if init is not None else UniformInit()
         self.num_classes = num_classes
         self.conditional = conditional
+        self.storage = storage
         # Plain tensors, not registered buffers: DDP broadcasts registered buffers from rank zero (at wrap time and on
         # every forward), which would overwrite each rank's own shard. _apply / _save_to_state_dict /
         # _load_from_state_dict below give them the behaviour of buffers otherwise (.to(device), checkpoints).
-        self.samples = torch.empty(0)
+        self.samples = torch.empty(0, dtype=STORAGES[storage])
         self.labels = torch.empty(0, dtype=torch.long)
         if input_shape is not None:
             self.initialize(input_shape)
@@ -96,6 +136,7 @@ class ReplayBuffer(nn.Module):
             "input_shape": self.input_shape,
             "num_classes": self.num_classes,
             "conditional": self.conditional,
+            "storage": self.storage,
         }
 
     @property
@@ -106,6 +147,24 @@ class ReplayBuffer(nn.Module):
     def input_shape(self) -> tuple[int, ...] | None:
         return tuple(self.samples.shape[1:]) if self.is_initialized else None
 
+    @property
+    def chain_dtype(self) -> torch.dtype:
+        """The floating dtype start points come back in: the stored one for float32 storage (which follows the
+        module's floating dtype), float32 for compact storage."""
+        return self.samples.dtype if self.storage == "float32" and self.samples.is_floating_point() else torch.float32
+
+    def _stored_dtype(self, chain_dtype: torch.dtype) -> torch.dtype:
+        return chain_dtype if self.storage == "float32" else STORAGES[self.storage]
+
+    def chains(self, idx: Tensor | None = None) -> Tensor:
+        """The stored chains (all, or slots ``idx``) as floats in unit coordinates, whatever the storage."""
+        return decode(self.samples if idx is None else self.samples[idx], self.chain_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored chains take (this rank's shard)."""
+        return self.samples.numel() * self.samples.element_size()
+
     @torch.no_grad()
     def initialize(
         self,
@@ -114,7 +173,8 @@ class ReplayBuffer(nn.Module):
         dtype: torch.dtype = torch.float32,
         world_size: int = 1,
     ) -> None:
-        """Fill every slot of this rank's shard (``capacity / world_size`` slots) with fresh draws from ``init``."""
+        """Fill every slot of this rank's shard (``capacity / world_size`` slots) with fresh draws from ``init``
+        (drawn in ``dtype``; stored in it with float32 storage, encoded otherwise)."""
         if self.conditional and self.num_classes is not None and self.total_capacity < self.num_classes:
             raise ValueError(
                 f"capacity {self.total_capacity} is smaller than num_classes {self.num_classes}: no slot for some "
@@ -139,7 +199,7 @@ class ReplayBuffer(nn.Module):
     ) -> None:
         """Initialise the buffer unless it already holds this rank's shard (e.g. restored from a checkpoint)."""
         if not self.is_initialized or self.capacity != self.shard_size(world_size):
-            self.initialize(input_shape, device, self.samples.dtype, world_size)
+            self.initialize(input_shape, device, self.chain_dtype, world_size)
 
     def _fill(self, input_shape: Sequence[int], device: torch.device | str | None, dtype: torch.dtype) -> None:
         input_shape = tuple(int(s) for s in input_shape)
@@ -153,7 +213,8 @@ class ReplayBuffer(nn.Module):
                 f"capacity {self.capacity} is smaller than num_classes {self.num_classes}: no slot for some classes"
             )
         labels = self._slot_labels(device)
-        self.samples = self.init.sample(self.capacity, input_shape, device=device, dtype=dtype, y=labels)
+        fresh = self.init.sample(self.capacity, input_shape, device=device, dtype=dtype, y=labels)
+        self.samples = encode(fresh, self._stored_dtype(dtype))
         self.labels = labels if labels is not None else torch.empty(0, dtype=torch.long, device=device)
 
     def _slot_labels(self, device: torch.device | str) -> Tensor | None:
@@ -165,7 +226,7 @@ class ReplayBuffer(nn.Module):
     def reset(self) -> None:
         """Re-initialise every slot (keeps the shape); used after a divergence."""
         if self.is_initialized:
-            self._fill(self.samples.shape[1:], self.samples.device, self.samples.dtype)
+            self._fill(self.samples.shape[1:], self.samples.device, self.chain_dtype)
 
     @torch.no_grad()
     def reinit_nonfinite(self) -> int:
@@ -179,8 +240,8 @@ class ReplayBuffer(nn.Module):
         count = int(bad.sum())
         if count:
             labels = self.labels[bad] if self.conditional else None
-            fresh = self.init.sample(count, self.samples.shape[1:], self.samples.device, self.samples.dtype, labels)
-            self.samples[bad] = fresh
+            fresh = self.init.sample(count, self.samples.shape[1:], self.samples.device, self.chain_dtype, labels)
+            self.samples[bad] = encode(fresh, self.samples.dtype)
         return count
 
     def _check_ready(self) -> None:
@@ -205,7 +266,7 @@ class ReplayBuffer(nn.Module):
             slots_per_class = self.capacity // self.num_classes
             rows = torch.randint(0, slots_per_class, (batch_size,), device=device)
             idx = y.to(device).long() + rows * self.num_classes
-        x0 = self.samples[idx]
+        x0 = self.chains(idx)
         if self.reinit_prob > 0:
             labels = self.labels[idx] if self.conditional else None
             fresh = self.init.sample(batch_size, x0.shape[1:], device=device, dtype=x0.dtype, y=labels)
@@ -222,7 +283,7 @@ class ReplayBuffer(nn.Module):
                 f"cannot write samples of shape {tuple(x.shape)} at {tuple(idx.shape)} indices into a buffer of "
                 f"samples shaped {tuple(self.samples.shape[1:])}"
             )
-        self.samples[idx] = x.detach().to(self.samples.dtype)
+        self.samples[idx] = encode(x.detach(), self.samples.dtype)
 
     def shard_size(self, world_size: int) -> int:
         """Slots each of ``world_size`` ranks keeps of the ``total_capacity``."""
@@ -269,6 +330,8 @@ class ReplayBuffer(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> ReplayBuffer:
         super()._apply(fn, recurse)
         self.samples, self.labels = fn(self.samples), fn(self.labels)
+        if self.storage != "float32" and self.samples.dtype != STORAGES[self.storage]:  # .double(), .half(): keep it
+            self.samples = self.samples.to(STORAGES[self.storage])
         return self
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
@@ -307,6 +370,9 @@ class ReplayBuffer(nn.Module):
                     missing_keys.append(prefix + name)
                 continue
             current = getattr(self, name)
+            if name == "samples" and value.dtype != current.dtype and value.numel() > 0:
+                # stored in another storage (a checkpoint of a float32 buffer loaded into a compact one, ...)
+                value = encode(decode(value.detach()), current.dtype, stochastic=False)
             setattr(self, name, value.detach().to(device=current.device, dtype=current.dtype, copy=True))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -326,7 +392,8 @@ class ReplayBuffer(nn.Module):
 
     def extra_repr(self) -> str:
         shape = self.input_shape
+        storage = f", storage={self.storage!r}" if self.storage != "float32" else ""
         return (
             f"capacity={self.capacity}, reinit_prob={self.reinit_prob}, conditional={self.conditional}, "
-            f"input_shape={shape}, init={self.init!r}"
+            f"input_shape={shape}, init={self.init!r}{storage}"
         )
