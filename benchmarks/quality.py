@@ -78,9 +78,8 @@ FUSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "logpx+knn": ("sum", ("logpx", "knn")),
     "logpx+vim": ("sum", ("logpx", "vim")),
     "logpx+mahalanobis+knn": ("sum", ("logpx", "mahalanobis", "knn")),
-    "mahalanobis+knn": ("sum", ("mahalanobis", "knn")),
-    "min(logpx,mahalanobis)": ("min", ("logpx", "mahalanobis")),
-    "min(logpx,knn)": ("min", ("logpx", "knn")),
+    "logpx+mahalanobis+knn+rmd": ("sum", ("logpx", "mahalanobis", "knn", "rmd")),
+    "mahalanobis+knn": ("sum", ("mahalanobis", "knn")),  # the control: the same fusion without the JEM's density
     "min(logpx,mahalanobis,knn)": ("min", ("logpx", "mahalanobis", "knn")),
 }
 RULE_CANDIDATES = ("logpx", *POSTHOC_DETECTORS, *FUSIONS)  # one rule each, the same for every scenario
