@@ -9,13 +9,18 @@ Contenders, all starting from the same weights (deep copies of one model) on the
 
 - ``classifier``: ``zero_grad``, cross-entropy forward, backward, Adam step (bare PyTorch);
 - ``reference``: ``ReferenceJEM.step`` (host buffer, SGLD, three forwards, Adam);
-- ``jemkit``: ``jemkit.JEM`` fitted by a real ``lightning.Trainer``; a callback times each optimizer step from
-  ``on_train_batch_start`` to ``on_train_batch_end`` (training step, backward, Adam and Lightning's bookkeeping; the
-  batch already sits on the device, so no host-to-device copy is timed for anyone).
+- ``jemkit``: ``jemkit.JEM`` with the reference's algorithm (SGLD, uniform restarts, ``log p(x)`` at weight 1, Adam
+  1e-4) fitted by a real ``lightning.Trainer``; a callback times each optimizer step from ``on_train_batch_start`` to
+  ``on_train_batch_end`` (training step, backward, Adam and Lightning's bookkeeping; the batch already sits on the
+  device, so no host-to-device copy is timed for anyone);
+- with ``--also defaults``: ``jemkit_defaults``, ``JEM(model)`` with jemkit's defaults (PYLD 5, Gaussian restarts);
+  with ``--also plain``: ``jemkit_plain``, the classifier alone through the same Lightning loop
+  (``weights={"px": 0}``, no data noise): the baseline of a JEM step's overhead over plain training in Lightning.
 
-The same callback runs the two plain contenders next to every Trainer step, before jemkit's step on even iterations
-and after it on odd ones, so that a noisy machine slows all of them alike. Medians and interquartile ranges are over
-the timed iterations; ``--warmup`` iterations of each come first and are not timed.
+Every Trainer runs in a thread of its own and steps only when handed a baton, so exactly one contender runs at a time
+and all of them take turns every iteration, in an order that alternates between iterations, so that a noisy machine
+slows all of them alike. Medians and interquartile ranges are over the timed iterations; ``--warmup`` iterations of
+each come first and are not timed.
 
 Memory, per contender: ``state`` is the bytes of its tensors on the device (weights, gradients, Adam state, and the
 replay buffer where it lives there: jemkit's on the device, the reference's on the host); ``step peak`` is how far one
@@ -49,6 +54,7 @@ import re
 import resource
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -76,7 +82,8 @@ from jemkit.sampling.compiled import COMPILE_MODES
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: import the sibling file
 from reference_jem import ReferenceJEM
 
-CONTENDERS = ("classifier", "reference", "reference_amp", "jemkit")  # reference_amp: only with --precision bf16-mixed
+CONTENDERS = ("classifier", "reference", "reference_amp", "jemkit", "jemkit_defaults", "jemkit_plain")
+"""reference_amp: only with --precision bf16-mixed; jemkit_defaults, jemkit_plain: with --also defaults / plain."""
 
 # Dense bf16 tensor-core peak in TFLOP/s by model name (vendor data sheets, without sparsity; RTX 4090 with float32
 # accumulation); the first name found as a whole word in torch.cuda.get_device_name() wins, so "L4" does not match
@@ -225,38 +232,61 @@ class Meter:
         self.stop(name, i)
 
 
-class Interleave(Callback):
-    """Measures jemkit's Trainer steps and runs the plain contenders next to each of them.
+class Baton(Callback):
+    """Lets one Trainer step only when the coordinating thread hands it the baton, and times that step.
 
-    The plain contenders run before jemkit's step on even iterations and after it on odd ones.
+    The Trainer runs in a thread of its own; it waits for the baton before its first step and after every step, so
+    Lightning's bookkeeping between two steps runs while no other contender does (and untimed, as before).
     """
 
-    def __init__(self, meter: Meter, others: dict[str, Callable[[], object]]) -> None:
-        self.meter, self.others = meter, others
+    def __init__(self, name: str, meter: Meter) -> None:
+        self.name, self.meter = name, meter
+        self.go, self.done = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self._step = 0
 
-    def _run_others(self, i: int) -> None:
-        for name, fn in self.others.items():
-            self.meter.run(name, i, fn)
+    def take(self) -> None:
+        """Coordinator: run one step of this contender and wait until it is over."""
+        self.done.clear()
+        self.go.set()
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"contender {self.name} failed") from self.error
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        if i % 2 == 0:
-            self._run_others(i)
-        if self.meter.counts_flops(i):
+    def _wait(self) -> None:
+        self.go.wait()
+        self.go.clear()
+
+    def fit(self, trainer: pl.Trainer, module: pl.LightningModule, loader: DataLoader) -> None:
+        """Thread body: ``trainer.fit``; an error is handed to the coordinator."""
+        try:
+            trainer.fit(module, loader)
+        except BaseException as err:  # re-raised by the coordinator
+            self.error = err
+        finally:
+            self.done.set()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, _: int) -> None:
+        i = trainer.global_step
+        if i == 0:
+            self._wait()
+        if self.meter.counts_flops(i) and hasattr(pl_module, "chains"):
             # The FLOP counter sees dispatched ops, not the kernels inside a compiled graph: count the same step
             # eagerly (it is untimed), so that TFLOP/s is the work done per timed, compiled step.
             pl_module.chains.compile_mode = None
-        self.meter.start("jemkit", i)
+        self._step = i
+        self.meter.start(self.name, i)
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, _: int
     ) -> None:
-        self.meter.stop("jemkit", i)
-        if i % 2 == 1:
-            self._run_others(i)
+        self.meter.stop(self.name, self._step)
+        self.done.set()
+        self._wait()  # until the next iteration, or the release after the last one
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Now, before the Trainer's teardown moves the module and the optimizer state back to the CPU.
-        self.meter.state_mb["jemkit"] = state_mb(self.meter.device, [pl_module], trainer.optimizers[0])
+        self.meter.state_mb[self.name] = state_mb(self.meter.device, [pl_module], trainer.optimizers[0])
 
 
 def state_mb(device: torch.device, modules: Sequence[nn.Module], optimizer: Optimizer, *extra: Any) -> float:
@@ -296,6 +326,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--threads", type=int, help="torch CPU threads (default: torch's); 1 avoids oversubscribing shared cores"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--also",
+        nargs="*",
+        choices=["defaults", "plain"],
+        default=[],
+        help="also time jemkit's defaults (jemkit_defaults) and the classifier alone in Lightning (jemkit_plain)",
+    )
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -330,35 +367,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # `reference` is the original loop as written (float32); with bf16-mixed, `reference_amp` is the same loop with
     # plain autocast, so that jemkit is compared with both.
     ports = {"reference": reference_port(None)} | ({"reference_amp": reference_port(amp_dtype)} if amp_dtype else {})
-    jem = JEM(
-        copy.deepcopy(model),
-        sampler=SGLD(n_steps=args.steps),
-        buffer=ReplayBuffer(capacity=args.buffer_size),
-        compile=(args.compile_mode or True) if args.compile else False,
-        channels_last=args.channels_last,
-    )
-    compile_status = "step" if jem.chains.compiled else "off"
+    options = dict(compile=(args.compile_mode or True) if args.compile else False, channels_last=args.channels_last)
+    same = dict(sampler=SGLD(n_steps=args.steps), buffer=ReplayBuffer(capacity=args.buffer_size), lr=1e-4)
+    same["weights"] = {"px": 1.0, "energy_l2": 0.0}  # the reference's objective
+    modules = {"jemkit": JEM(copy.deepcopy(model), **same, **options)}
+    if "defaults" in args.also:
+        modules["jemkit_defaults"] = JEM(copy.deepcopy(model), **options)
+    if "plain" in args.also:
+        modules["jemkit_plain"] = JEM(copy.deepcopy(model), weights={"px": 0.0}, data_noise=0.0, **options)
+    compile_status = "step" if modules["jemkit"].chains.compiled else "off"
 
     meter = Meter(device, args.warmup, args.iters)
-    others: dict[str, Callable[[], object]] = {name: partial(port.step, x, y) for name, port in ports.items()}
-    others["classifier"] = partial(classifier.step, x, y)
+    plain: dict[str, Callable[[], object]] = {name: partial(port.step, x, y) for name, port in ports.items()}
+    plain["classifier"] = partial(classifier.step, x, y)
     total = args.warmup + args.iters + 1  # the last iteration counts FLOPs
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer = pl.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=1,
-            precision="bf16-mixed" if amp_dtype is not None else "32-true",
-            max_steps=total,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=root,
-            callbacks=[Interleave(meter, others)],
-        )
-        trainer.fit(jem, DataLoader(RepeatedBatch(x, y, total), batch_size=None))
+        batons, threads = {}, []
+        for name, module in modules.items():
+            batons[name] = Baton(name, meter)
+            trainer = pl.Trainer(
+                accelerator="gpu" if device.type == "cuda" else "cpu",
+                devices=1,
+                precision="bf16-mixed" if amp_dtype is not None else "32-true",
+                max_steps=total,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                default_root_dir=root,
+                callbacks=[batons[name]],
+            )
+            loader = DataLoader(RepeatedBatch(x, y, total), batch_size=None)
+            threads.append(threading.Thread(target=batons[name].fit, args=(trainer, module, loader), daemon=True))
+        for thread in threads:
+            thread.start()
+        for i in range(total):
+            lightning_names = list(batons)[i % len(batons) :] + list(batons)[: i % len(batons)]
+            turns = [*plain, *lightning_names] if i % 2 == 0 else [*lightning_names, *plain]
+            for name in turns:
+                if name in batons:
+                    batons[name].take()
+                else:
+                    meter.run(name, i, plain[name])
+        for baton in batons.values():  # release the Trainers after their last step, and let them finish
+            baton.go.set()
+        for thread, baton in zip(threads, batons.values(), strict=True):
+            thread.join()
+            if baton.error is not None:
+                raise RuntimeError(f"contender {baton.name} failed") from baton.error
 
     states = meter.state_mb | {"classifier": state_mb(device, [classifier.model], classifier.optimizer)}
     for name, port in ports.items():
@@ -386,6 +444,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reference/classifier": med["reference"] / med["classifier"],
         "jemkit/classifier": med["jemkit"] / med["classifier"],
     }
+    if "jemkit_defaults" in med:
+        ratios["jemkit_defaults/reference"] = med["jemkit_defaults"] / med["reference"]
+        ratios["jemkit_defaults/classifier"] = med["jemkit_defaults"] / med["classifier"]
+    if "jemkit_plain" in med:
+        ratios["jemkit_plain/classifier"] = med["jemkit_plain"] / med["classifier"]
+        if "jemkit_defaults" in med:
+            ratios["jemkit_defaults/jemkit_plain"] = med["jemkit_defaults"] / med["jemkit_plain"]
     if "reference_amp" in med:
         ratios["jemkit/reference_amp"] = med["jemkit"] / med["reference_amp"]
     if device.type == "cuda":
@@ -433,7 +498,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"precision {r['precision']}, compile {r['compile']} (mode {r['compile_mode']}), "
         f"channels-last {r['channels_last']}; {r['hardware']}; torch {r['torch']}, "
         f"lightning {r['lightning']}; {r['iters']} timed iterations after {r['warmup']} warm-up",
-        f"{'contender':<13} {'median ms':>10} {'IQR ms':>9} {'x classif.':>10} {'state MB':>9} {'step peak MB':>12} "
+        f"{'contender':<16} {'median ms':>10} {'IQR ms':>9} {'x classif.':>10} {'state MB':>9} {'step peak MB':>12} "
         f"{'peak MB':>9} {'GFLOP/it':>9} {'TFLOP/s':>8} {'% bf16 peak':>11}",
     ]
     base = r["contenders"]["classifier"]["median_ms"]
@@ -442,7 +507,7 @@ def format_table(result: dict[str, Any]) -> str:
         tflops = f"{c['tflops']:8.3f}" if c["tflops"] is not None else f"{'n/a':>8}"
         fraction = f"{100 * c['peak_fraction']:10.1f}%" if c["peak_fraction"] is not None else f"{'n/a':>11}"
         lines.append(
-            f"{name:<13} {c['median_ms']:10.1f} {c['iqr_ms']:9.1f} {c['median_ms'] / base:10.1f} "
+            f"{name:<16} {c['median_ms']:10.1f} {c['iqr_ms']:9.1f} {c['median_ms'] / base:10.1f} "
             f"{c['state_mb']:9.1f} {c['step_peak_mb']:12.1f} {c['peak_mb']:9.1f} {gflop} {tflops} {fraction}"
         )
     ratios = r["ratios"]
@@ -457,6 +522,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"jemkit / classifier = {ratios['jemkit/classifier']:.1f}",
         f"memory: {r['memory']}",
     ]
+    others = [
+        f"{pair} = {ratios[pair]:.2f}"
+        for pair in ("jemkit_defaults/reference", "jemkit_defaults/jemkit_plain", "jemkit_plain/classifier")
+        if pair in ratios
+    ]
+    if others:
+        lines.insert(-1, "   ".join(others))
     if r["peak_tflops"]:
         lines.append(f"% bf16 peak: achieved TFLOP/s over {r['peak_tflops']:.0f} TFLOP/s (dense bf16 of this device)")
     return "\n".join(lines)

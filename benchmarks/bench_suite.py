@@ -3,7 +3,9 @@
 Why: each configuration runs in a fresh process (clean allocator, compile caches and peak-memory counters), and the
 goals of the speed work are read off one table: jemkit's speed-up over the original float32 loop (goal >= 4x on a
 GPU), its achieved share of the device's bf16 peak (goal >= 50%), and its peak memory against the reference's
-(goal: no higher). Within each row all contenders were measured in the same process, interleaved.
+(goal: no higher); and issue 28's targets on any machine: the same algorithm at most 0.7x the reference's time, jemkit's
+defaults at most 0.25x, and a default step at most 3x a plain classifier step in the same Lightning loop. Within each
+row all contenders were measured in the same process, interleaved.
 
 Usage::
 
@@ -47,8 +49,9 @@ CONFIGS: dict[str, dict[str, list[str]]] = {
         "bf16-eager": ["--precision", "bf16-mixed"],
     },
 }
+ALSO = ["--also", "defaults", "plain"]  # jemkit's defaults and the classifier alone, in the same Lightning loop
 PRESETS: dict[str, list[str]] = {
-    "gpu": ["--device", "cuda", "--model", "wrn-28-10", "--batch", "64", "--steps", "20", "--iters", "10"],
+    "gpu": ["--device", "cuda", "--model", "wrn-28-10", "--batch", "64", "--steps", "20", "--iters", "10", *ALSO],
     "cpu": [
         "--device",
         "cpu",
@@ -62,9 +65,11 @@ PRESETS: dict[str, list[str]] = {
         "20",
         "--threads",
         "1",
+        *ALSO,
     ],
 }
 GOAL_SPEEDUP, GOAL_PEAK_FRACTION = 4.0, 0.5
+TARGET_SAME, TARGET_DEFAULTS, TARGET_VS_PLAIN = 0.7, 0.25, 3.0  # issue 28, on any machine
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
@@ -81,7 +86,9 @@ def _ms(contender: dict[str, Any] | None) -> float:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """A markdown table: one row per configuration, the times and the goal quantities."""
+    """A markdown table: one row per configuration, the times and the goal quantities (the defaults' and the plain
+    Lightning step's columns when they were measured)."""
+    extra = any("jemkit_defaults" in r["contenders"] or "jemkit_plain" in r["contenders"] for r in results.values())
     columns = [
         "config",
         "classifier ms",
@@ -94,10 +101,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         "% bf16 peak",
         "peak MB jemkit / ref",
     ]
+    if extra:
+        columns += ["defaults ms", "plain (Lightning) ms"]
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for name, result in results.items():
         c = result["contenders"]
         jem, ref, amp = c["jemkit"], c["reference"], c.get("reference_amp")
+        defaults, plain = c.get("jemkit_defaults"), c.get("jemkit_plain")
         fraction = jem.get("peak_fraction")
         cells = [
             name,
@@ -111,6 +121,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"{100 * fraction:.1f}" if fraction is not None else "n/a",
             f"{jem['peak_mb']:.0f} / {ref['peak_mb']:.0f}",
         ]
+        if extra:
+            cells += [f"{_ms(defaults):.1f}" if defaults else "-", f"{_ms(plain):.1f}" if plain else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -156,6 +168,30 @@ def goals(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"{config}: jemkit / reference at equal precision ({result['precision']}) = {ratio:.2f} "
                 f"(CPU goal: <= 1.10)"
             )
+    return lines + targets(results)
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 28's targets per configuration: same algorithm <= 0.7x the reference at equal precision, defaults <=
+    0.25x, a default step <= 3x a plain classifier step in the same Lightning loop (medians of interleaved steps)."""
+    met = {True: "met", False: "NOT met"}
+    lines = []
+    for config, result in results.items():
+        c = result["contenders"]
+        ref = _ms(c.get("reference_amp") or c["reference"])
+        same = _ms(c["jemkit"]) / ref
+        parts = [f"same algorithm / reference = {same:.2f} (<= {TARGET_SAME}: {met[same <= TARGET_SAME]})"]
+        if "jemkit_defaults" in c:
+            defaults = _ms(c["jemkit_defaults"]) / ref
+            parts.append(
+                f"defaults / reference = {defaults:.2f} (<= {TARGET_DEFAULTS}: {met[defaults <= TARGET_DEFAULTS]})"
+            )
+        if "jemkit_defaults" in c and "jemkit_plain" in c:
+            vs_plain = _ms(c["jemkit_defaults"]) / _ms(c["jemkit_plain"])
+            parts.append(
+                f"defaults / plain = {vs_plain:.2f} (<= {TARGET_VS_PLAIN:.0f}: {met[vs_plain <= TARGET_VS_PLAIN]})"
+            )
+        lines.append(f"{config}: " + "; ".join(parts))
     return lines
 
 

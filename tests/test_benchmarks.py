@@ -187,3 +187,18 @@ def test_bench_suite_goal_lines_on_gpu_results():
     assert "peak memory (plain): jemkit 900 MB vs reference 1000 MB (goal: no higher: met)" in met[3]
     rows = bench_suite.table({"fast": result(60.0, 300.0, 0.55, 1100.0, 1000.0)}).splitlines()
     assert rows[2] == "| fast | 20.0 | 300.0 | 190.0 | 60.0 | 5.00x | 3.17x | 1.00 | 55.0 | 1100 / 1000 |"
+
+
+def test_bench_step_also_times_the_defaults_and_the_plain_lightning_step(capsys):
+    argv = ["--model", "small_cnn", "--iters", "2", "--warmup", "1", "--threads", "1", "--batch", "8"]
+    result = bench_step.main([*argv, "--steps", "2", "--buffer-size", "64", "--also", "defaults", "plain"])
+    out = capsys.readouterr().out
+    assert set(result["contenders"]) == {"classifier", "reference", "jemkit", "jemkit_defaults", "jemkit_plain"}
+    for name in ("jemkit_defaults", "jemkit_plain"):
+        assert result["contenders"][name]["median_ms"] > 0 and result["contenders"][name]["gflop"] > 0
+    # a default step (5 PYLD steps, one shared forward) counts more FLOPs than the classifier alone in Lightning
+    assert result["contenders"]["jemkit_defaults"]["gflop"] > 3 * result["contenders"]["jemkit_plain"]["gflop"]
+    assert {"jemkit_defaults/reference", "jemkit_defaults/jemkit_plain", "jemkit_plain/classifier"} <= set(
+        result["ratios"]
+    )
+    assert "jemkit_defaults/jemkit_plain = " in out
