@@ -217,3 +217,28 @@ def test_shift_options_and_section(tmp_path):
     section, figures = shift_section(model, dataset, options, tmp_path, temperature=1.5)
     assert section["shifts"] == ["contrast", "pixelate"] and section["temperature"] == 1.5
     assert (tmp_path / "shift.png").is_file() and figures == {"shift": str(tmp_path / "shift.png")}
+
+
+def test_the_shift_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds scripts
+    import shift as benchmark
+
+    out = tmp_path / "shift"
+    argv = ["--scenarios", "wine-bn", "--seeds", "0", "--steps", "3", "--severities", "5", "--tea_steps", "1"]
+    result = benchmark.main([*argv, "--workers", "1", "--out", str(out)])
+    rows = result["summary"]["wine-bn"]
+    expected = {"plain", "plain + T", "plain + Tent", "plain + energy", "JEM", "JEM + T", "JEM + energy"}
+    assert set(rows) == expected and all(entry["seeds"] == 1 for entry in rows.values())
+    run = next(r for r in result["runs"] if r["config"] == "plain")
+    assert rows["plain + T"]["mean"]["ece"][0] == pytest.approx(run["rows"]["none"]["mean"]["ece_scaled"])
+    assert rows["plain + T"]["mean"]["accuracy"] == rows["plain"]["mean"]["accuracy"]
+    assert set(rows["JEM"]["per_shift"]) == set(SHIFTS["tabular"])
+    checks = result["verdicts"][0]["checks"]
+    assert checks["acc"] == (rows["JEM"]["mean"]["accuracy"][0] >= rows["plain"]["mean"]["accuracy"][0] - 0.01)
+    assert json.loads(Path(f"{out}.json").read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+    table = Path(f"{out}.md").read_text()
+    assert "| plain + energy |" in table and "| JEM + T |" in table and "feature_scaling" in table
