@@ -76,7 +76,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
 from jemkit import JEM, SGLD, ReplayBuffer
-from jemkit.models import SmallCNN, WideResNet
+from jemkit.models import MLP, SignalCNN, SmallCNN, WideResNet
 from jemkit.sampling.compiled import COMPILE_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: import the sibling file
@@ -104,6 +104,8 @@ BF16_PEAK_TFLOPS: dict[str, float] = {
 # name -> (constructor, input shape, default batch size)
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "small_cnn": (lambda: SmallCNN(num_classes=10, in_channels=1), (1, 8, 8), 64),  # digits-sized
+    "mlp": (lambda: MLP(13, num_classes=10), (13,), 64),  # tabular rows, wine-sized
+    "signal_cnn": (lambda: SignalCNN(num_classes=10), (1, 40), 64),  # 1-D signals, as benchmarks/quality.py's
     "wrn-16-2": (lambda: WideResNet(depth=16, widen_factor=2, num_classes=10), (3, 32, 32), 16),
     "wrn-28-10": (lambda: WideResNet(depth=28, widen_factor=10, num_classes=10), (3, 32, 32), 64),  # JEM's
 }
@@ -286,7 +288,9 @@ class Baton(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Now, before the Trainer's teardown moves the module and the optimizer state back to the CPU.
-        self.meter.state_mb[self.name] = state_mb(self.meter.device, [pl_module], trainer.optimizers[0])
+        # The replay buffer's chains are plain tensors (see ReplayBuffer), not among the module's buffers: add them.
+        chains = getattr(getattr(pl_module, "buffer", None), "samples", None)
+        self.meter.state_mb[self.name] = state_mb(self.meter.device, [pl_module], trainer.optimizers[0], chains)
 
 
 def state_mb(device: torch.device, modules: Sequence[nn.Module], optimizer: Optimizer, *extra: Any) -> float:

@@ -329,23 +329,30 @@ def test_unit_box_maps_are_the_identity():
 def test_step_statistics_are_logged_on_the_first_step_and_when_loggers_write(tmp_path, monkeypatch):
     from tests.helpers import trainer
 
-    jem = JEM(SmallCNN(width=4), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=32))
-    logged: dict[int, set[str]] = {}
+    logged: dict[int, dict[str, float]] = {}
     original = JEM.log
 
-    def spy(self, name, *args, **kwargs):
-        logged.setdefault(self.global_step, set()).add(name)
-        return original(self, name, *args, **kwargs)
+    def spy(self, name, value, *args, **kwargs):
+        logged.setdefault(self.global_step, {})[name] = float(value)
+        return original(self, name, value, *args, **kwargs)
 
     monkeypatch.setattr(JEM, "log", spy)
     x, y = torch.rand(48, 1, 8, 8) * 2 - 1, torch.arange(48) % 10
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer(tmp_path, max_steps=6, log_every_n_steps=3).fit(jem, loader)
-    every_step = {"train/loss", "train/acc_epoch"}
-    full = every_step | {"train/acc", "train/ce", "train/px", "train/energy_data", "train/energy_sample"}
-    for step in range(6):
-        if step in (0, 2, 5):  # the first step and the steps the loggers write ((step + 1) % 3 == 0)
-            assert full <= logged[step]
+    jem = JEM(SmallCNN(width=4), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=32))
+    trainer(tmp_path, max_steps=6, log_every_n_steps=3).fit(jem, loader)  # one epoch of six steps
+    full = {"train/loss", "train/acc", "train/ce", "train/px", "train/energy_data", "train/energy_sample"}
+    for step in range(5):
+        if step in (0, 2):  # the first step and the steps the loggers write ((step + 1) % 3 == 0)
+            assert full <= set(logged[step])
         else:
-            assert logged[step] == every_step
+            assert set(logged[step]) == {"train/loss"}
+    assert full <= set(logged[5]) and "train/acc_epoch" in logged[6]  # the last step, then the epoch's end
     assert set(jem.step_stats) >= {"loss", "ce", "px", "energy_gap", "sample_norm"}  # every step's, for whoever reads
+
+    logged.clear()  # the epoch's accuracy is the mean of the steps' (equal batches)
+    jem = JEM(SmallCNN(width=4), sampler=SGLD(n_steps=1), buffer=ReplayBuffer(capacity=32))
+    fit = trainer(tmp_path, max_steps=6, log_every_n_steps=1)
+    fit.fit(jem, loader)
+    accs = [logged[step]["train/acc"] for step in range(6)]
+    assert float(fit.callback_metrics["train/acc_epoch"]) == pytest.approx(sum(accs) / 6, abs=1e-6)
