@@ -17,6 +17,7 @@ Mahalanobis, KNN, ViM, from pytorch-ood) score the classifier's features, captur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,8 +29,10 @@ from jemkit.energy import log_px, log_py_given_x
 from jemkit.features import FeatureHook, extract_features, last_linear
 
 __all__ = [
+    "FUSED_PARTS",
     "RECOMMENDED_SCORE",
     "SCORES",
+    "FusedScore",
     "PostHocScores",
     "compare_scores",
     "ood_scores",
@@ -42,6 +45,53 @@ SCORES: tuple[str, ...] = ("logpx", "msp", "max_logit", "grad_norm")
 
 RECOMMENDED_SCORE = "logpx"
 """The OOD score jemkit recommends for a JEM, one rule for every data set (see ``benchmarks/RESULTS.md``)."""
+
+FUSED_PARTS: tuple[str, ...] = ("logpx", "mahalanobis", "knn")
+"""The scores :class:`FusedScore` sums by default: the JEM's density and two detectors on its own features."""
+
+
+@dataclass
+class FusedScore:
+    """A sum of standardised scores, ``sum_s (s(x) - mean_s) / sd_s``, the statistics taken on in-distribution
+    reference inputs (the validation split: never a test or OOD set).
+
+    Each part sees something the others miss: ``logpx`` the density the JEM was trained for, Mahalanobis the
+    class-conditional spread of its features, KNN their local density. Standardising puts them on one scale without
+    any OOD data, so the rule is the same for every data set.
+
+    Attributes:
+        parts: the scores summed (names of :func:`score_batches`' outputs).
+        stats: ``{part: (mean, sd)}`` on the reference inputs (a constant part gets sd 1).
+        name: the score's name in reports.
+    """
+
+    parts: tuple[str, ...]
+    stats: dict[str, tuple[float, float]]
+    name: str = "fused"
+
+    @classmethod
+    def fit(cls, reference: dict[str, Tensor], parts: Sequence[str] = FUSED_PARTS, name: str = "fused") -> FusedScore:
+        """Standardisation statistics of the reference scores ``{score: [N]}`` (N >= 2) of each part."""
+        missing = [p for p in parts if p not in reference]
+        if missing:
+            raise ValueError(f"the fused score needs the scores {missing}; the reference holds {sorted(reference)}")
+        stats = {}
+        for part in parts:
+            values = reference[part].double()
+            if values.numel() < 2:
+                raise ValueError(f"the fused score needs >= 2 reference inputs, got {values.numel()}")
+            sd = float(values.std())
+            stats[part] = (float(values.mean()), sd if sd > 0 and math.isfinite(sd) else 1.0)
+        return cls(tuple(parts), stats, name)
+
+    def __call__(self, scores: dict[str, Tensor]) -> Tensor:
+        """The fused score ``[M]`` of per-sample scores ``{score: [M]}`` holding every part."""
+        total = sum((scores[p].double() - self.stats[p][0]) / self.stats[p][1] for p in self.parts)
+        return torch.as_tensor(total).float()
+
+    def add_to(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``scores`` with the fused score added under :attr:`name`."""
+        return scores | {self.name: self(scores)}
 
 
 @dataclass

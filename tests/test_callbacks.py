@@ -38,7 +38,7 @@ def test_callbacks_write_files_and_log_metrics_during_fit(tmp_path):
     trainer = fit(tmp_path, small_digits_jem(), DigitsDataModule(batch_size=32), [calibration, ood, samples])
     log_dir = tmp_path / "logs" / "version_0"
     assert (log_dir / "calibration" / "reliability_validate_epoch=0000.png").stat().st_size > 0
-    for score in ("logpx", "msp", "max_logit", "grad_norm"):
+    for score in ("logpx", "msp", "max_logit", "grad_norm", "rmd", "vim", "fused"):
         assert (log_dir / "ood" / f"{score}_epoch=0000.png").stat().st_size > 0
     assert (log_dir / "samples" / "buffer_epoch=0000.png").exists()
     assert (log_dir / "samples" / "class_final.png").exists()
@@ -53,6 +53,9 @@ def test_callbacks_write_files_and_log_metrics_during_fit(tmp_path):
         "val/cal/ece_scaled",
         "val/ood/uniform/logpx/auroc",
         "val/ood/interp/grad_norm/fpr95",
+        "val/ood/uniform/mahalanobis/auroc",
+        "val/ood/interp/knn/aupr_in",
+        "val/ood/uniform/fused/auroc",
     ):
         assert key in metrics, key
     # the callback and the module's own metrics are one calibration path: they agree to the last digit

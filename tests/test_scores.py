@@ -34,3 +34,19 @@ def test_temperature_and_unknown_score():
     torch.testing.assert_close(hot, 2.0 * torch.logsumexp(model(x) / 2.0, 1).detach())
     with pytest.raises(ValueError, match=r"unknown OOD score\(s\) \['energy'\]"):
         ood_scores(model, x, ["energy"])
+
+
+def test_the_fused_score_sums_scores_standardised_on_the_reference():
+    from jemkit.scores import FusedScore
+
+    reference = {"logpx": torch.tensor([1.0, 3.0]), "mahalanobis": torch.tensor([-10.0, -30.0, -20.0])}
+    fused = FusedScore.fit(reference, parts=("logpx", "mahalanobis"))
+    sd_logpx, sd_maha = 2**0.5, 10.0  # sample standard deviations of the reference
+    assert fused.stats == pytest.approx({"logpx": (2.0, sd_logpx), "mahalanobis": (-20.0, sd_maha)})
+    scores = {"logpx": torch.tensor([2.0, 2.0 + sd_logpx]), "mahalanobis": torch.tensor([-20.0, -20.0 - sd_maha])}
+    assert torch.allclose(fused(scores), torch.tensor([0.0, 0.0]), atol=1e-6)  # one sd up in one part, one down in the other
+    assert set(fused.add_to(scores)) == {"logpx", "mahalanobis", "fused"}
+    constant = FusedScore.fit({"logpx": torch.ones(4)}, parts=("logpx",))
+    assert constant.stats["logpx"] == (1.0, 1.0)  # a constant part only shifts the sum
+    with pytest.raises(ValueError, match=r"needs the scores \['knn'\]"):
+        FusedScore.fit(reference, parts=("logpx", "knn"))

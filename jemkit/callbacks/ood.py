@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor
@@ -18,7 +20,7 @@ from jemkit.checks import check_integer
 from jemkit.data.ood import check_ood_dataset, make_ood_dataset
 from jemkit.detectors import POSTHOC_DETECTORS
 from jemkit.evaluate.plots import save_figure, score_histogram
-from jemkit.scores import SCORES, PostHocScores, compare_scores, reversed_scores, score_sets
+from jemkit.scores import FUSED_PARTS, SCORES, FusedScore, PostHocScores, compare_scores, reversed_scores, score_sets
 
 __all__ = ["OODMonitor"]
 
@@ -46,6 +48,7 @@ class OODMonitor(Callback):
             shows whether its training beats what the classifier's features give without it (``()``: none).
         features: the classifier's layer whose output is the feature (default: the input of its last linear layer).
         fit_samples: training inputs the detectors are fitted on (the same ones on every rank).
+        fused: also log the fused score (:class:`~jemkit.scores.FusedScore`), standardised on the validation inputs.
 
     Raises:
         ValueError: an OOD set is empty or its inputs' shape differs from the validation data's.
@@ -67,6 +70,7 @@ class OODMonitor(Callback):
         detectors: Sequence[str] = POSTHOC_DETECTORS,
         features: str | None = None,
         fit_samples: int = 2000,
+        fused: bool = True,
     ) -> None:
         if every_n_epochs < 1 or max_samples < 1 or batch_size < 1:
             raise ValueError(
@@ -91,6 +95,7 @@ class OODMonitor(Callback):
         self.detectors = tuple(detectors)
         self.features = features
         self.fit_samples = check_integer("fit_samples", fit_samples)
+        self.fused = fused
         self.last: dict[str, dict[str, dict[str, float]]] = {}
 
     @property
@@ -130,6 +135,25 @@ class OODMonitor(Callback):
         loader = DataLoader(Subset(dataset, range(n)), batch_size=self.batch_size, shuffle=False)
         return PostHocScores.fit(pl_module, loader, self.detectors, self.features, n, pl_module.device)
 
+    def _fused(self, trainer: pl.Trainer, in_scores: dict[str, Tensor]) -> FusedScore | None:
+        """The fused score, standardised on the in-distribution validation inputs of every rank (moments summed
+        across ranks, so every rank fuses with the same statistics); ``None`` without its parts."""
+        if not self.fused or not all(part in in_scores for part in FUSED_PARTS):
+            return None
+        stats = {}
+        for part in FUSED_PARTS:
+            values = in_scores[part].double()
+            moments = torch.stack(
+                [torch.tensor(float(len(values)), dtype=torch.float64), values.sum(), (values**2).sum()]
+            )
+            n, total, squares = trainer.strategy.reduce(moments, reduce_op="sum").tolist()
+            if n < 2:
+                return None
+            mean = total / n
+            sd = math.sqrt(max(squares / n - mean**2, 0.0) * n / (n - 1))
+            stats[part] = (mean, sd if sd > 0 else 1.0)
+        return FusedScore(FUSED_PARTS, stats)
+
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs != 0:
@@ -153,6 +177,10 @@ class OODMonitor(Callback):
                 pl_module.device,
                 posthoc=posthoc,
             )
+        fused = self._fused(trainer, in_scores)
+        if fused is not None:
+            in_scores = fused.add_to(in_scores)
+            out_scores = {name: fused.add_to(values) for name, values in out_scores.items()}
         results = compare_scores(in_scores, out_scores)
         for message in reversed_scores(results):
             rank_zero_warn(f"OODMonitor: {message}")

@@ -21,7 +21,16 @@ from jemkit.detectors import POSTHOC_DETECTORS
 from jemkit.evaluate.plots import save_figure, score_histogram
 from jemkit.evaluate.splits import capped_loader
 from jemkit.evaluate.tables import text_table
-from jemkit.scores import SCORES, PostHocScores, compare_scores, reversed_scores, score_sets
+from jemkit.scores import (
+    FUSED_PARTS,
+    SCORES,
+    FusedScore,
+    PostHocScores,
+    compare_scores,
+    reversed_scores,
+    score_batches,
+    score_sets,
+)
 
 __all__ = ["OODOptions", "format_ood", "ood_section", "ood_test_sets"]
 
@@ -38,6 +47,9 @@ class OODOptions:
             ``knn``, ``vim`` (``[]``: none).
         features: the classifier's layer whose output is the feature (default: the input of its last linear layer).
         fit_samples: training inputs the detectors are fitted on.
+        fused: also report the fused score (:class:`~jemkit.scores.FusedScore`: ``logpx``, Mahalanobis and KNN,
+            each standardised on the validation split, summed) when its parts are measured and there is validation
+            data.
     """
 
     sets: list[str] = field(default_factory=lambda: list(OOD_SETS))
@@ -45,6 +57,7 @@ class OODOptions:
     detectors: list[str] = field(default_factory=lambda: list(POSTHOC_DETECTORS))
     features: str | None = None
     fit_samples: int = 10_000
+    fused: bool = True
 
     def check(self) -> None:
         """Refuse unknown OOD sets, scores and detectors before any work is done or any file written."""
@@ -88,6 +101,7 @@ def ood_section(
     batch_size: int = 128,
     progress: bool = False,
     prefix: str = "",
+    val_set: Dataset | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """``({"ood": {set: {score: {auroc, aupr_in, aupr_out, fpr95}}}, "posthoc": {...}}, figures)``, in-distribution
     test inputs positive, and a histogram per score (files named with ``prefix``); ``({}, {})`` when there is no set
@@ -106,6 +120,12 @@ def ood_section(
         progress,
         posthoc,
     )
+    fused = _fused(model, options, posthoc, val_set, max_samples, batch_size)
+    if fused is not None:
+        in_scores = fused.add_to(in_scores)
+        out_scores = {name: fused.add_to(values) for name, values in out_scores.items()}
+        names.append(fused.name)
+        described["fused"] = {"parts": list(fused.parts), "standardised_on": "validation split"}
     results = compare_scores(in_scores, out_scores)
     figures = {}
     for s in names:
@@ -114,6 +134,25 @@ def ood_section(
         figure = score_histogram(groups, title=f"OOD score: {s}", xlabel=s, legend_extra=aurocs)
         figures[f"{prefix}ood_{s}"] = str(save_figure(figure, out / f"{prefix}ood_{s}.png"))
     return {"ood": results, "posthoc": described}, figures
+
+
+def _fused(
+    model: nn.Module,
+    options: OODOptions,
+    posthoc: PostHocScores | None,
+    val_set: Dataset | None,
+    max_samples: int | None,
+    batch_size: int,
+) -> FusedScore | None:
+    """The fused score standardised on the validation split, or ``None`` when a part or the data is missing."""
+    available = set(options.scores) | set(posthoc.names if posthoc is not None else ())
+    if not options.fused or not set(FUSED_PARTS) <= available or val_set is None or len(val_set) < 2:
+        return None
+    loader = capped_loader(val_set, batch_size, max_samples)
+    reference = score_batches(
+        model, loader, ["logpx"], getattr(model, "temperature", 1.0), getattr(model, "device", None), posthoc
+    )
+    return FusedScore.fit(reference)
 
 
 def _fit_detectors(
@@ -149,6 +188,8 @@ def format_ood(ood: dict[str, dict[str, dict[str, float]]], posthoc: dict[str, A
             f"post-hoc detectors ({', '.join(posthoc['detectors'])}) fitted on {posthoc['fit_samples']} training "
             f"inputs' features ({posthoc['features']})"
         )
+    if posthoc and posthoc.get("fused"):
+        notes.append(f"fused: {' + '.join(posthoc['fused']['parts'])}, each standardised on the validation split")
     if posthoc and posthoc.get("skipped"):
         notes.append(f"skipped: {posthoc['skipped']}")
     return [

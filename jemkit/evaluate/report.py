@@ -157,9 +157,11 @@ def _baseline(
     ood: OODOptions | None = options["ood"]
     if ood is not None and report.get("_ood_sets"):
         train_set = split_dataset(datamodule, "fit") if ood.detectors else None
+        val_set = split_dataset(datamodule, "validate") if ood.fused else None
         found, figures = ood_section(
-            model, test_set, report["_ood_sets"], ood, train_set, out, max_samples, batch_size, progress, "baseline_"
-        )
+            model, test_set, report["_ood_sets"], ood, train_set, out, max_samples, batch_size, progress, "baseline_",
+            val_set,
+        )  # fmt: skip
         section |= found
         report["figures"] |= figures
     return section
@@ -187,7 +189,10 @@ def _sections(
     if ood is not None:
         sets = ood_test_sets(test_set, ood, getattr(jem, "domain", None), ood_data, max_samples)
         train_set = split_dataset(datamodule, "fit") if ood.detectors else None
-        section, figures = ood_section(jem, test_set, sets, ood, train_set, out, max_samples, batch_size, progress)
+        val_set = split_dataset(datamodule, "validate") if ood.fused else None
+        section, figures = ood_section(
+            jem, test_set, sets, ood, train_set, out, max_samples, batch_size, progress, val_set=val_set
+        )
         report["_ood_sets"] = sets  # for the baseline: the same inputs
         report |= section
         report["figures"] |= figures
