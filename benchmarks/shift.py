@@ -45,7 +45,8 @@ if str(ROOT) not in sys.path:
 from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer, UniformInit  # noqa: E402
 from jemkit.adapt import EnergyAdaptation, Tent, norm_parameters  # noqa: E402
 from jemkit.data import SignalsDataModule, TabularDataModule  # noqa: E402
-from jemkit.evaluate.shift import shift_report  # noqa: E402
+from jemkit.energy import marginal_energy  # noqa: E402
+from jemkit.evaluate.shift import corrupt, data_kind, shift_report  # noqa: E402
 from jemkit.metrics import fit_temperature  # noqa: E402
 from jemkit.models import MLP, SignalCNN, SmallCNN  # noqa: E402
 
@@ -70,6 +71,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "pyld20": lambda: {"sampler": PYLD(n_steps=20, step_size=0.2)},
     "no-data-noise": lambda: {"data_noise": 0.0},
     "l2-0.1": lambda: {"weights": {"energy_l2": 0.1}},
+    "evalmode": lambda: {"sampling_mode": "eval"},
 }
 
 TARGETS = {
@@ -122,6 +124,33 @@ def _compact(section: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def contrast_diagnosis(jem: JEM, dm: Any, seed: int) -> dict[str, Any]:
+    """Why contrast loss hurts: per contrast severity the accuracy, the mean energy and the share of the most
+    predicted class; the same for the replay buffer's samples, with the spread of their values (contrast) on [0, 1]."""
+    x, y = dm.test_dataset.tensors
+    if data_kind(x.shape[1:]) != "image":
+        return {}
+    spread = lambda u: float(((u + 1) / 2).flatten(1).std(dim=1).mean())  # noqa: E731
+
+    def describe(inputs: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        logits = jem(inputs)
+        counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+        row = {"energy": float(marginal_energy(logits).mean()), "top_class_share": float(counts.max() / len(inputs))}
+        row |= {"top_class": int(counts.argmax()), "spread": spread(jem.domain.to_unit(inputs))}
+        if labels is not None:
+            row["accuracy"] = float((logits.argmax(1) == labels).float().mean())
+        return row
+
+    result = {
+        f"contrast{s}": describe(corrupt(x, "contrast", s, jem.domain, torch.Generator().manual_seed(seed)), y)
+        for s in range(6)
+    }
+    if jem.buffer.is_initialized:
+        result["buffer"] = describe(jem.domain.from_unit(jem.buffer.samples[:2000]))
+    return result
+
+
 def run_one(
     scenario: str,
     config: str,
@@ -169,6 +198,7 @@ def run_one(
         "temperature": temperature,
         "rows": rows,
         "seconds": timings,
+        "contrast_diagnosis": contrast_diagnosis(jem, dm, seed),
         "diverged": not math.isfinite(rows["none"]["clean"]["nll"]),
     }
 
