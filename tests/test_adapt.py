@@ -177,3 +177,20 @@ def test_adapts_inside_inference_mode():
         first = tent(x)
         second = tent(x)
     assert not torch.equal(first, second) and not first.is_inference()
+
+
+def test_shift_report_leaves_the_adapted_model_as_it_came():
+    from torch.utils.data import TensorDataset
+
+    from jemkit.evaluate.shift import shift_report
+
+    model = _bn_cnn()
+    saved = copy.deepcopy(model.state_dict())
+    data = TensorDataset(_batch(n=20), torch.randint(0, 3, (20,)))
+    with_tent = shift_report(model, data, adapt=Tent(model, lr=0.05), shifts=["contrast"], severities=[5])
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    again = shift_report(model, data, adapt=Tent(model, lr=0.05), shifts=["contrast"], severities=[5])
+    assert again["results"] == with_tent["results"] and again["clean"] == with_tent["clean"]
+    by_name = shift_report(model, data, adapt="tent", shifts=["contrast"], severities=[5])  # Tent's defaults
+    built = shift_report(model, data, adapt=Tent(model), shifts=["contrast"], severities=[5])
+    assert by_name["adapt"].startswith("Tent(") and by_name["results"] == built["results"]

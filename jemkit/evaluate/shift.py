@@ -467,7 +467,7 @@ def shift_report(
         adapt: test-time adaptation: ``None``, a method name (``"energy"``, ``"tent"``; built with
             :func:`jemkit.adapt.make_adapter` around ``model`` and ``domain``) or a ready adapter (e.g.
             ``EnergyAdaptation(model)``), which is reset before every set and adapts continually over its batches
-            (episodically if built so), as in Tent's and TEA's protocol.
+            (episodically if built so), as in Tent's and TEA's protocol; the model is restored at the end.
         progress: show a progress bar over the sets.
         seed: seed of the corruptions' random stream: the same seed, the same shifted sets.
         corrupted: ready-made shifted sets ``{shift: {severity: Dataset}}`` (e.g.
@@ -509,16 +509,20 @@ def shift_report(
         raise ValueError(f"shift_report needs at least one shift and one severity, got {shifts} and {severities}")
     adapter = _resolve_adapter(adapt, model, domain)
     generator = torch.Generator().manual_seed(seed)
-    clean = _metrics(_predict(model, adapter, x, batch_size), y, temperature, n_bins)
     results: dict[str, dict[str, dict[str, float]]] = {}
     jobs = [(name, s) for name in shifts for s in severities]
-    for name, s in tqdm(jobs, desc="shifts", disable=not progress, leave=False):
-        if corrupted is not None:
-            x_shift, y_shift = _gather(corrupted[name][s], max_samples, batch_size)
-        else:
-            x_shift, y_shift = corrupt(x, name, s, domain, generator), y
-        logits = _predict(model, adapter, x_shift, batch_size)
-        results.setdefault(name, {})[str(s)] = _metrics(logits, y_shift, temperature, n_bins)
+    try:
+        clean = _metrics(_predict(model, adapter, x, batch_size), y, temperature, n_bins)
+        for name, s in tqdm(jobs, desc="shifts", disable=not progress, leave=False):
+            if corrupted is not None:
+                x_shift, y_shift = _gather(corrupted[name][s], max_samples, batch_size)
+            else:
+                x_shift, y_shift = corrupt(x, name, s, domain, generator), y
+            logits = _predict(model, adapter, x_shift, batch_size)
+            results.setdefault(name, {})[str(s)] = _metrics(logits, y_shift, temperature, n_bins)
+    finally:
+        if adapter is not None:
+            adapter.reset()  # the model leaves as it came: the adapted parameters restored exactly
     by_severity = {str(s): _mean([results[n][str(s)] for n in shifts]) for s in severities}
     severe = [results[n][str(s)] for n in shifts for s in severities if s >= 3]
     return {
