@@ -312,14 +312,7 @@ def run_one(
     scores = {
         name: score_batches(jem, loader(d), SCORES, jem.temperature, posthoc=posthoc) for name, d in splits.items()
     }
-    reference = standardisation(scores["val"])
-    for values in scores.values():
-        values |= fused_scores(values, reference)
-    auroc = {
-        name: {s: float(ood_metrics(scores["test"][s], values[s])["auroc"]) for s in scores["test"]}
-        for name, values in scores.items()
-        if name not in ("train", "val", "test")
-    }
+    auroc = _aurocs(scores)
     if dump is not None:
         _dump(dump, scenario, config, seed, jem, dm, scores)
     result |= {
@@ -368,6 +361,33 @@ def fused_scores(
         z = torch.stack([(scores[p].double() - stats[p][0]) / stats[p][1] for p in parts])
         out[name] = (z.sum(0) if how == "sum" else z.min(0).values).float()
     return out
+
+
+def _aurocs(scores: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """``{OOD set: {score: AUROC}}`` from per-sample scores ``{split: {score: [M]}}`` of the ``val`` and ``test``
+    splits and the OOD sets; the :data:`FUSIONS` are added to every split first (standardised on ``val``)."""
+    reference = standardisation(scores["val"])
+    for values in scores.values():
+        values |= fused_scores(values, reference)
+    return {
+        name: {s: float(ood_metrics(scores["test"][s], values[s])["auroc"]) for s in scores["test"]}
+        for name, values in scores.items()
+        if name not in ("train", "val", "test")
+    }
+
+
+def _rescore(run: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``run`` with its AUROCs recomputed from its dumped per-sample scores (``--dump``) under the current
+    :data:`FUSIONS`: new score rules measured on trained runs without training them again."""
+    if "error" in run:
+        return run
+    path = folder / f"{run['scenario']}-{run['config']}-seed{run['seed']}.pt"
+    if not path.exists():
+        raise ValueError(f"no dumped scores for {run['scenario']} / {run['config']} / seed {run['seed']}: {path}")
+    saved = torch.load(path, weights_only=True)["scores"]
+    base = (*SCORES, *POSTHOC_DETECTORS)
+    scores = {split: {k: v for k, v in values.items() if k in base} for split, values in saved.items()}
+    return run | {"auroc": _aurocs(scores)}
 
 
 def _dump(folder: Path, scenario: str, config: str, seed: int, jem: Any, dm: Any, scores: dict[str, Any]) -> None:
@@ -599,10 +619,12 @@ def _meets(c: dict[str, Any], plain: dict[str, Any], ood_set: str, rule: str) ->
     return c["auroc"][ood_set][rule][0] >= _best(plain, ood_set, ALL_SCORES)[1] - 0.005
 
 
-def rule_table(summary: dict[str, dict[str, Any]], rules: tuple[str, ...] = RULE_CANDIDATES) -> str:
-    """Each candidate score rule of a JEM (issue 26, item 4: one rule for every scenario) against the plain
-    classifier's best toolbox score per OOD set (its own scores and the detectors on its features, best picked per
-    set), then how many targets each rule meets, on the JEM and, for reference, on the plain classifier."""
+def rule_table(summary: dict[str, dict[str, Any]], rules: tuple[str, ...] | None = None) -> str:
+    """Each candidate score rule of a JEM (issue 26, item 4: one rule for every scenario; default ``logpx``, the
+    detectors and the current :data:`FUSIONS`) against the plain classifier's best toolbox score per OOD set (its own
+    scores and the detectors on its features, best picked per set), then how many targets each rule meets, on the JEM
+    and, for reference, on the plain classifier."""
+    rules = ("logpx", *POSTHOC_DETECTORS, *FUSIONS) if rules is None else rules
     head = "| scenario | config | OOD set | plain + toolbox (best) | " + " | ".join(rules) + " |"
     lines = [head, "|---" * (4 + len(rules)) + "|"]
     tally: dict[tuple[str, str], dict[str, list]] = {}  # (config, rule) -> {"met", "sets", "missed"}
@@ -693,9 +715,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nargs="+",
         help="train nothing: rebuild the tables from the runs of these result files (several runs merge)",
     )
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        help="with --from_json: recompute every AUROC (and the current FUSIONS) from the runs' scores dumped here",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
-        return _tables_from(args.from_json, args.out)
+        return _tables_from(args.from_json, args.out, args.rescore)
+    if args.rescore is not None:
+        parser.error("--rescore reads the runs of --from_json files")
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {sorted(CONFIGS)}")
@@ -755,8 +784,9 @@ def _report(runs: list[dict[str, Any]], settings: dict[str, Any], out: Path | No
     return result
 
 
-def _tables_from(files: list[Path], out: Path | None) -> dict[str, Any]:
-    """The tables of the runs saved in earlier result files, merged (e.g. scenarios run in separate invocations)."""
+def _tables_from(files: list[Path], out: Path | None, rescore: Path | None = None) -> dict[str, Any]:
+    """The tables of the runs saved in earlier result files, merged (e.g. scenarios run in separate invocations);
+    with ``rescore``, their AUROCs recomputed from the per-sample scores dumped there."""
     saved = [json.loads(Path(f).read_text()) for f in files]
     settings = [r["settings"] for r in saved]
     steps = {s.get("trained_steps", s.get("finetune_steps") or s["steps"]) for s in settings}
@@ -765,7 +795,11 @@ def _tables_from(files: list[Path], out: Path | None) -> dict[str, Any]:
             f"the result files trained for different numbers of steps {sorted(steps)}: merge like with like"
         )
     merged = dict(settings[0]) | {"from_json": [str(f) for f in files], "trained_steps": steps.pop()}
-    return _report([run for r in saved for run in r["runs"]], merged, out)
+    runs = [run for r in saved for run in r["runs"]]
+    if rescore is not None:
+        merged["rescore"] = str(rescore)
+        runs = [_rescore(run, rescore) for run in runs]
+    return _report(runs, merged, out)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,11 @@ def _check(summary: dict, scenario: str, configs: list[str]) -> None:
         assert entry["temperature"][0] > 0.0 and 0.0 <= entry["ece_ts"][0] <= 1.0
 
 
-def test_training_from_scratch_writes_json_and_markdown(tmp_path):
+def test_training_from_scratch_writes_json_and_markdown(tmp_path, monkeypatch):
     out = tmp_path / "px0.03"  # a dot in the name must survive
     argv = ["--configs", "plain", "default", "--scenarios", "openset", "--seeds", "0", "--steps", "3"]
-    result = quality.main([*argv, "--width", "8", "--workers", "1", "--out", str(out)])
+    dump = tmp_path / "dump"
+    result = quality.main([*argv, "--width", "8", "--workers", "1", "--out", str(out), "--dump", str(dump)])
     _check(result["summary"], "openset", ["plain", "default"])
     saved = json.loads(Path(f"{out}.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
@@ -57,6 +58,14 @@ def test_training_from_scratch_writes_json_and_markdown(tmp_path):
     merged = quality.main(["--from_json", f"{out}.json", "--out", str(tmp_path / "merged")])
     assert (tmp_path / "merged.md").read_text() == table
     assert merged["summary"] == result["summary"]
+    assert sorted(p.name for p in dump.iterdir()) == ["openset-default-seed0.pt", "openset-plain-seed0.pt"]
+    # rescored from the dumped per-sample scores: the same AUROCs, and a rule added later is measured too
+    monkeypatch.setitem(quality.FUSIONS, "logpx+msp", ("sum", ("logpx", "msp")))
+    rescored = quality.main(["--from_json", f"{out}.json", "--rescore", str(dump)])
+    for run, again in zip(result["runs"], rescored["runs"], strict=True):
+        assert {s: {k: v for k, v in a.items() if k != "logpx+msp"} for s, a in again["auroc"].items()} == run["auroc"]
+        assert all(0.0 <= a["logpx+msp"] <= 1.0 for a in again["auroc"].values())
+    assert " | logpx+msp |" in quality.rule_table(rescored["summary"])
 
 
 def test_fused_scores_standardise_with_the_reference_statistics():
