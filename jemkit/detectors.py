@@ -88,6 +88,8 @@ class PostHocDetectors:
         chunk_size: rows per chunk while fitting and scoring: bounds the memory, never changes a score.
         device: where the statistics are accumulated and scoring runs (KNN always runs on the CPU, in
             scikit-learn); default the device of the features given to :meth:`fit`.
+        strict: a detector that cannot be fitted raises (``True``) or is skipped with its reason in
+            :attr:`skipped` (``False``); default: strict when ``names`` are given.
 
     A one-logit binary head (``head_weight [1, D]``) is read as jemkit reads it, the logits ``[-g/2, g/2]``, so ViM's
     energy is the binary JEM's; Mahalanobis and RMD fit the two classes of the 0/1 labels.
@@ -105,8 +107,9 @@ class PostHocDetectors:
         vim_dim: int | None = None,
         chunk_size: int = 4096,
         device: torch.device | str | None = None,
+        strict: bool | None = None,
     ) -> None:
-        explicit = names is not None
+        explicit = names is not None if strict is None else strict
         names = tuple(POSTHOC_DETECTORS if names is None else names)
         unknown = [n for n in names if n not in POSTHOC_DETECTORS]
         if unknown or not names:

@@ -118,15 +118,15 @@ class PostHocScores:
         """Fit ``names`` (default all of :data:`~jemkit.detectors.POSTHOC_DETECTORS`) on the features of up to
         ``max_samples`` training inputs. ``model`` is the classifier, or a :class:`jemkit.JEM` (its ``classifier``'s
         layers are read); ``layer`` names a layer of the classifier (default: the input of its last linear layer,
-        whose weights ViM also reads; ViM is skipped with a named layer)."""
+        whose weights ViM also reads; ViM is skipped with a named layer). A detector that cannot be fitted on these
+        features is skipped, its reason in ``detectors.skipped`` (and in the report)."""
         classifier = getattr(model, "classifier", model)
         hook = FeatureHook(classifier, layer)
         z, y = extract_features(classifier, train_batches, layer, device, max_samples)
         head = last_linear(classifier) if layer is None else None
         names = list(POSTHOC_DETECTORS if names is None else names)
-        if head is None and names and "vim" in names and len(names) > 1:
-            names.remove("vim")  # ViM reads the head that maps these features to logits
-        detectors = PostHocDetectors(names).fit(
+        # a detector that cannot be fitted here (ViM without a head, or with too few features) is skipped and named
+        detectors = PostHocDetectors(names, strict=False).fit(
             z, y, None if head is None else head.weight.detach(), None if head is None else _bias(head)
         )
         return cls(hook, detectors)
