@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--adapt_lr", type=float, default=1e-3, help="Adam learning rate of Tent and TEA (1e-3)")
     parser.add_argument("--no_adapt", action="store_true", help="skip the test-time adaptation rows")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], help="add the runs of earlier result files")
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
     if args.tea_steps < 1:
@@ -365,9 +366,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     jobs.sort(key=lambda job: (job[1] == "plain", job[0]))  # the slow JEM runs first, so that workers end together
     start = time.perf_counter()
-    runs = _map(_run_star, jobs, args.workers)
+    runs = [run for path in args.merge for run in json.loads(path.read_text())["runs"]]
+    runs += _map(_run_star, jobs, args.workers)
     summary = summarise(runs)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings["merge"] = [str(path) for path in args.merge]
+    settings["seeds"] = sorted({run["seed"] for run in runs})
     checks = verdicts(summary)
     table = markdown(summary, settings) + "\n" + verdict_table(checks)
     failed = [f"{r['scenario']}/{r['config']}/seed {r['seed']}: {r['error']}" for r in runs if "error" in r]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from jemkit import JEM, SGLD, InputDomain
+from jemkit import JEM, SGLD, InputDomain, ReplayBuffer
 from jemkit.adapt import EnergyAdaptation, Tent, make_adapter, norm_parameters
 from jemkit.models import MLP, SmallCNN
 from tests.helpers import TinyMLP, loader, trainer
@@ -194,3 +194,22 @@ def test_shift_report_leaves_the_adapted_model_as_it_came():
     by_name = shift_report(model, data, adapt="tent", shifts=["contrast"], severities=[5])  # Tent's defaults
     built = shift_report(model, data, adapt=Tent(model), shifts=["contrast"], severities=[5])
     assert by_name["adapt"].startswith("Tent(") and by_name["results"] == built["results"]
+
+
+def test_chains_can_start_from_the_jems_own_buffer_and_persist_across_resets():
+    jem = JEM(_bn_cnn(), buffer=ReplayBuffer(capacity=40, input_shape=(1, 8, 8)))
+    jem.buffer.samples = torch.linspace(-1, 1, 40).view(40, 1, 1, 1).expand(40, 1, 8, 8).clone()  # recognisable
+    adapter = _quick_energy(jem, from_model_buffer=True)
+    adapter._prepare_chains(_batch())
+    firsts = adapter.buffer.samples[:, 0, 0, 0]
+    assert bool(torch.isin(firsts, jem.buffer.samples[:, 0, 0, 0]).all())
+    adapter(_batch())
+    moved = adapter.buffer.samples.clone()
+    adapter.reset()
+    assert torch.equal(adapter.buffer.samples, moved)  # TEA's chains live on across resets
+    fresh = _quick_energy(_bn_cnn(), persistent_chains=False)
+    fresh(_batch())
+    start = fresh._saved_chains.clone()
+    fresh(_batch())
+    fresh.reset()
+    assert torch.equal(fresh.buffer.samples, start)
