@@ -314,9 +314,10 @@ class PYLD(SGLD):
             through = _through_layer(layer, x, held)
             if not torch.allclose(through * scale, grad, rtol=1e-3, atol=1e-5 * float(grad.abs().max())):
                 raise ValueError(
-                    f"the input reaches the energy other than through {layer.name}: the gradient through it alone "
-                    "differs from the full one, so YOPO steps would follow a wrong gradient. Name the layer all of "
-                    "the input goes through with PYLD(first_layer=...), or use inner_steps=1"
+                    f"the input reaches the energy other than through {layer.name} (or an in-place operation "
+                    "changes its output): the gradient through it alone differs from the full one, so YOPO steps "
+                    "would follow a wrong gradient. Name the layer all of the input goes through with "
+                    "PYLD(first_layer=...), or use inner_steps=1"
                 )
             layer.checked = True
         return (grad / scale if scale != 1.0 else grad), held
