@@ -14,8 +14,9 @@ Contenders, all starting from the same weights (deep copies of one model) on the
   ``on_train_batch_end`` (training step, backward, Adam and Lightning's bookkeeping; the batch already sits on the
   device, so no host-to-device copy is timed for anyone);
 - with ``--also defaults``: ``jemkit_defaults``, ``JEM(model)`` with jemkit's defaults (PYLD 5, Gaussian restarts);
-  with ``--also plain``: ``jemkit_plain``, the classifier alone through the same Lightning loop
-  (``weights={"px": 0}``, no data noise): the baseline of a JEM step's overhead over plain training in Lightning.
+  with ``--also yopo``: ``jemkit_yopo``, the defaults with JEM++'s YOPO steps (``PYLD(n_steps=1, inner_steps=5)``:
+  one full backward a step); with ``--also plain``: ``jemkit_plain``, the classifier alone through the same Lightning
+  loop (``weights={"px": 0}``, no data noise): the baseline of a JEM step's overhead over plain training in Lightning.
 
 Every Trainer runs in a thread of its own and steps only when handed a baton, so exactly one contender runs at a time
 and all of them take turns every iteration, in an order that alternates between iterations, so that a noisy machine
@@ -75,15 +76,15 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
-from jemkit import JEM, SGLD, ReplayBuffer
+from jemkit import JEM, PYLD, SGLD, ReplayBuffer
 from jemkit.models import MLP, SignalCNN, SmallCNN, WideResNet
 from jemkit.sampling.compiled import COMPILE_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: import the sibling file
 from reference_jem import ReferenceJEM
 
-CONTENDERS = ("classifier", "reference", "reference_amp", "jemkit", "jemkit_defaults", "jemkit_plain")
-"""reference_amp: only with --precision bf16-mixed; jemkit_defaults, jemkit_plain: with --also defaults / plain."""
+CONTENDERS = ("classifier", "reference", "reference_amp", "jemkit", "jemkit_defaults", "jemkit_yopo", "jemkit_plain")
+"""reference_amp: only with --precision bf16-mixed; jemkit_defaults, jemkit_yopo, jemkit_plain: with --also."""
 
 # Dense bf16 tensor-core peak in TFLOP/s by model name (vendor data sheets, without sparsity; RTX 4090 with float32
 # accumulation); the first name found as a whole word in torch.cuda.get_device_name() wins, so "L4" does not match
@@ -333,9 +334,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--also",
         nargs="*",
-        choices=["defaults", "plain"],
+        choices=["defaults", "yopo", "plain"],
         default=[],
-        help="also time jemkit's defaults (jemkit_defaults) and the classifier alone in Lightning (jemkit_plain)",
+        help="also time jemkit's defaults (jemkit_defaults), the defaults with YOPO steps (jemkit_yopo) and the "
+        "classifier alone in Lightning (jemkit_plain)",
     )
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     args = parser.parse_args(argv)
@@ -377,6 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     modules = {"jemkit": JEM(copy.deepcopy(model), **same, **options)}
     if "defaults" in args.also:
         modules["jemkit_defaults"] = JEM(copy.deepcopy(model), **options)
+    if "yopo" in args.also:
+        modules["jemkit_yopo"] = JEM(copy.deepcopy(model), sampler=PYLD(n_steps=1, inner_steps=5), **options)
     if "plain" in args.also:
         modules["jemkit_plain"] = JEM(copy.deepcopy(model), weights={"px": 0.0}, data_noise=0.0, **options)
     compile_status = "step" if modules["jemkit"].chains.compiled else "off"
@@ -451,10 +455,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "jemkit_defaults" in med:
         ratios["jemkit_defaults/reference"] = med["jemkit_defaults"] / med["reference"]
         ratios["jemkit_defaults/classifier"] = med["jemkit_defaults"] / med["classifier"]
+    if "jemkit_yopo" in med:
+        ratios["jemkit_yopo/reference"] = med["jemkit_yopo"] / med["reference"]
     if "jemkit_plain" in med:
         ratios["jemkit_plain/classifier"] = med["jemkit_plain"] / med["classifier"]
-        if "jemkit_defaults" in med:
-            ratios["jemkit_defaults/jemkit_plain"] = med["jemkit_defaults"] / med["jemkit_plain"]
+        for name in ("jemkit_defaults", "jemkit_yopo"):
+            if name in med:
+                ratios[f"{name}/jemkit_plain"] = med[name] / med["jemkit_plain"]
     if "reference_amp" in med:
         ratios["jemkit/reference_amp"] = med["jemkit"] / med["reference_amp"]
     if device.type == "cuda":
@@ -528,7 +535,13 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     others = [
         f"{pair} = {ratios[pair]:.2f}"
-        for pair in ("jemkit_defaults/reference", "jemkit_defaults/jemkit_plain", "jemkit_plain/classifier")
+        for pair in (
+            "jemkit_defaults/reference",
+            "jemkit_defaults/jemkit_plain",
+            "jemkit_yopo/reference",
+            "jemkit_yopo/jemkit_plain",
+            "jemkit_plain/classifier",
+        )
         if pair in ratios
     ]
     if others:
