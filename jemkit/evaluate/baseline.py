@@ -4,8 +4,8 @@ A JEM earns its cost only where it beats the classifier it came from plus what a
 (temperature scaling, post-hoc OOD detectors). ``jemkit evaluate --baseline_ckpt PATH`` evaluates that classifier
 the same way (calibration before and after temperature scaling, every OOD set with its own scores and the post-hoc
 detectors on its features) and :func:`comparison` puts the two side by side: for each OOD set, the JEM's
-recommended score (:data:`jemkit.scores.RECOMMENDED_SCORE`) against the best score of the plain classifier plus
-its toolbox.
+recommended score (:data:`jemkit.scores.RECOMMENDED_SCORE`, ``logpx`` where it was not computed) against the best
+score of the plain classifier plus its toolbox.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def comparison(report: dict[str, Any], baseline: dict[str, Any]) -> dict[str, An
     for name, by_score in report.get("ood", {}).items():
         if name not in baseline.get("ood", {}):
             continue
-        recommended = by_score.get(RECOMMENDED_SCORE, {}).get("auroc")
+        score = RECOMMENDED_SCORE if RECOMMENDED_SCORE in by_score else "logpx"
         ood[name] = {
-            "jem": {"score": RECOMMENDED_SCORE, "auroc": recommended},
+            "jem": {"score": score, "auroc": by_score.get(score, {}).get("auroc")},
             "jem_best": dict(zip(("score", "auroc"), _best(by_score), strict=True)),
             "baseline_best": dict(zip(("score", "auroc"), _best(baseline["ood"][name]), strict=True)),
         }
@@ -100,7 +100,8 @@ def format_comparison(compared: dict[str, Any]) -> list[str]:
         jem, best, base = o["jem"], o["jem_best"], o["baseline_best"]
         note = f"JEM best: {best['score']} {best['auroc']:.4f}; plain best: {base['score']}"
         rows.append([f"AUROC {name}", jem["auroc"], base["auroc"], _delta(jem["auroc"], base["auroc"]), note])
-    header = ["", f"JEM ({RECOMMENDED_SCORE})", "plain + toolbox", "JEM - plain", "notes"]
+    scores = {o["jem"]["score"] for o in compared["ood"].values()} or {RECOMMENDED_SCORE}
+    header = ["", f"JEM ({', '.join(sorted(scores))})", "plain + toolbox", "JEM - plain", "notes"]
     rows = [r + [""] * (len(header) - len(r)) for r in rows]
     return ["JEM beside the plain classifier", text_table(header, rows), ""]
 
