@@ -121,7 +121,7 @@ def test_penultimate_features_of_a_named_layer_and_without_linear():
     cnn = SmallCNN(width=4)
     features = PenultimateFeatures(cnn, layer=cnn.features[-1], num_features=16)  # the Flatten's input [B, 16, 1, 1]
     assert features(torch.randn(3, 1, 8, 8)).shape == (3, 16)
-    with pytest.raises(ValueError, match="Sequential has no nn.Linear layer .* e.g. layer='1'"):
+    with pytest.raises(ValueError, match=r"Sequential has no nn.Linear layer .* e.g. layer='1'"):
         PenultimateFeatures(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
     with pytest.raises(ValueError, match="not a submodule"):
         PenultimateFeatures(cnn, layer=nn.Linear(2, 2))

@@ -44,7 +44,8 @@ def test_the_fused_score_sums_scores_standardised_on_the_reference():
     sd_logpx, sd_maha = 2**0.5, 10.0  # sample standard deviations of the reference
     assert fused.stats == pytest.approx({"logpx": (2.0, sd_logpx), "mahalanobis": (-20.0, sd_maha)})
     scores = {"logpx": torch.tensor([2.0, 2.0 + sd_logpx]), "mahalanobis": torch.tensor([-20.0, -20.0 - sd_maha])}
-    assert torch.allclose(fused(scores), torch.tensor([0.0, 0.0]), atol=1e-6)  # one sd up in one part, one down in the other
+    # one sd up in one part, one down in the other
+    assert torch.allclose(fused(scores), torch.tensor([0.0, 0.0]), atol=1e-6)
     assert set(fused.add_to(scores)) == {"logpx", "mahalanobis", "fused"}
     constant = FusedScore.fit({"logpx": torch.ones(4)}, parts=("logpx",))
     assert constant.stats["logpx"] == (1.0, 1.0)  # a constant part only shifts the sum
