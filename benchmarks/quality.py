@@ -79,6 +79,7 @@ FUSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "logpx+vim": ("sum", ("logpx", "vim")),
     "logpx+mahalanobis+knn": ("sum", ("logpx", "mahalanobis", "knn")),
     "logpx+mahalanobis+knn+rmd": ("sum", ("logpx", "mahalanobis", "knn", "rmd")),
+    "logpx+mahalanobis+knn+rmd+vim": ("sum", ("logpx", "mahalanobis", "knn", "rmd", "vim")),
     "mahalanobis+knn": ("sum", ("mahalanobis", "knn")),  # the control: the same fusion without the JEM's density
     "min(logpx,mahalanobis,knn)": ("min", ("logpx", "mahalanobis", "knn")),
 }
