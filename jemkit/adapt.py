@@ -327,7 +327,8 @@ class EnergyAdaptation(TestTimeAdaptation):
         source = getattr(self.model, "buffer", None) if self.is_jem and self.from_model_buffer else None
         if source is not None and source.is_initialized and tuple(source.samples.shape[1:]) == tuple(x.shape[1:]):
             picks = torch.randint(0, source.samples.shape[0], (self.buffer.capacity,), device=source.samples.device)
-            self.buffer.samples = source.samples[picks].to(x.device).clone()
+            chains = source.chains(picks) if hasattr(source, "chains") else source.samples[picks]
+            self.buffer.samples = chains.to(x.device).float().clone()
         self._saved_chains = self.buffer.samples.detach().clone()
 
     def reset(self) -> None:

@@ -680,3 +680,11 @@ def test_autoattack_through_a_defence_and_on_flat_inputs(masked):
         autoattack(nn.Linear(2, 3), points, labels % 3, eps=0.1)
     with pytest.raises(ValueError, match=r"AutoAttack version 'rand' needs >= 3 classes .*, the model has 2"):
         autoattack(nn.Linear(2, 2), points, labels % 2, eps=0.1, version="rand")
+
+
+def test_a_yopo_sampler_is_attacked_with_bpda_not_unrolled():
+    jem = _tiny_jem(PYLD(n_steps=1, inner_steps=3, first_layer=None))
+    defense = jem_defense(jem, 2)
+    assert defense.differentiable is None and threat_model(defense)["attacks"] == ["transfer", "bpda"]
+    with pytest.raises(TypeError, match=r"YOPO inner steps .* attack this defence with BPDA"):
+        unrolled_purify(jem, torch.zeros(2, 2, requires_grad=True), 2)

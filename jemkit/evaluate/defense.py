@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -99,6 +99,11 @@ def _sampler_is_random(jem: JEM) -> bool:
     return random or (jem.chains.sampling_mode == "train" and dropout)
 
 
+def _unrollable(sampler: Any) -> bool:
+    """A pure one-update step (SGLD, PYLD without YOPO inner steps) has an exact unrolled gradient."""
+    return callable(getattr(sampler, "update", None)) and getattr(sampler, "inner_steps", 1) == 1
+
+
 def jem_defense(jem: JEM, n_steps: int, checkpoint: bool = True) -> Defense:
     """JEM's defence, ``n_steps`` of its own sampler on ``E(x)`` from the input, with its exact gradient when the
     sampler has one (:func:`unrolled_refine`; MALA's accept/reject step has none, so only BPDA attacks it)."""
@@ -113,7 +118,7 @@ def jem_defense(jem: JEM, n_steps: int, checkpoint: bool = True) -> Defense:
 
     return Defense(
         purify=purify,
-        differentiable=differentiable if callable(getattr(sampler, "update", None)) else None,
+        differentiable=differentiable if _unrollable(sampler) else None,
         random=_sampler_is_random(jem),
         name=f"{n_steps} {type(sampler).__name__} steps on E(x)",
         sampler=repr(sampler),

@@ -68,6 +68,11 @@ def unrolled_refine(jem: Refinable, x: Tensor, n_steps: int, checkpoint: bool = 
             f"unrolled refinement needs a sampler with a step update(x, grad) (SGLD, PYLD), got {jem.sampler!r}: "
             "attack this defence with BPDA instead (adaptive=['bpda'])"
         )
+    if getattr(jem.sampler, "inner_steps", 1) > 1:
+        raise TypeError(
+            f"unrolled refinement takes one update per step, but {jem.sampler!r} takes YOPO inner steps through the "
+            "first layer: the gradient would be of another function; attack this defence with BPDA (adaptive=['bpda'])"
+        )
     if not (torch.is_grad_enabled() and x.requires_grad):
         return jem.purify(x, n_steps)
     domain = getattr(jem.chains, "domain", None)
