@@ -25,6 +25,7 @@ from jemkit.evaluate.plots import reliability_diagram, save_figure, score_histog
 from jemkit.evaluate.report import evaluate, format_report
 from jemkit.evaluate.robustness import RobustnessOptions, robust_accuracy
 from jemkit.evaluate.samples import SampleOptions
+from jemkit.evaluate.shift import ShiftOptions, corrupt, format_shift, shift_report
 from jemkit.evaluate.threat import threat_model
 
 __all__ = [
@@ -38,12 +39,15 @@ __all__ = [
     "PenultimateFeatures",
     "RobustnessOptions",
     "SampleOptions",
+    "ShiftOptions",
     "autoattack",
     "calibration_report",
+    "corrupt",
     "evaluate",
     "fid_score",
     "format_generative",
     "format_report",
+    "format_shift",
     "gaussian_noise_corruption",
     "generative_metrics",
     "inception_images",
@@ -54,5 +58,6 @@ __all__ = [
     "robust_accuracy",
     "save_figure",
     "score_histogram",
+    "shift_report",
     "threat_model",
 ]
