@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from jemkit.adapters import OutputKey, select_logits, unpack_batch
+from jemkit.adapters import OutputKey, restored_modes, select_logits, unpack_batch
 from jemkit.checks import check_integer
 from jemkit.energy import marginal_energy
 from jemkit.metrics.calibration import CalibrationMetrics
@@ -168,20 +168,14 @@ class TestTimeAdaptation(pl.LightningModule):
     def _normalisation(self) -> Iterator[None]:
         """Eval mode everywhere (no Dropout), but BatchNorm on the batch's own statistics when ``batch_statistics``,
         without touching its running ones; every flag restored afterwards."""
-        flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in self.model.modules()]
-        self.model.eval()
-        if self.batch_statistics:
-            for m in self.classifier.modules():
-                if isinstance(m, _BatchNorm):
-                    m.train()
-                    m.track_running_stats = False  # batch statistics in train mode, running ones untouched
-        try:
+        with restored_modes(self.model):
+            self.model.eval()
+            if self.batch_statistics:
+                for m in self.classifier.modules():
+                    if isinstance(m, _BatchNorm):
+                        m.train()
+                        m.track_running_stats = False  # batch statistics in train mode, running ones untouched
             yield
-        finally:
-            for m, training, tracks in flags:
-                m.training = training
-                if tracks is not None:
-                    m.track_running_stats = tracks
 
     # ------------------------------------------------------------------ adapting and predicting
     def logits(self, x: Tensor) -> Tensor:

@@ -147,6 +147,20 @@ def can_share_forward(module: nn.Module, mode: SamplingMode) -> bool:
 
 
 @contextmanager
+def restored_modes(module: nn.Module) -> Iterator[None]:
+    """Every submodule's train flag and BatchNorm's ``track_running_stats`` come back as they were on exit; the
+    flags are set back, nothing is copied in place, so graphs built inside stay valid."""
+    flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training, tracks in flags:
+            m.training = training
+            if tracks is not None:
+                m.track_running_stats = tracks
+
+
+@contextmanager
 def sampling_context(module: nn.Module, mode: SamplingMode = "eval") -> Iterator[None]:
     """Run the classifier as the sampler should see it, and leave it exactly as it was.
 
@@ -157,17 +171,11 @@ def sampling_context(module: nn.Module, mode: SamplingMode = "eval") -> Iterator
       into them. Nothing is copied back in place afterwards, so a graph built inside the context stays valid for its
       backward pass (the running statistics are inputs that BatchNorm's backward checks).
     """
-    flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in module.modules()]
-    if mode == "eval":
-        module.eval()
-    else:
-        for m in module.modules():
-            if isinstance(m, _BatchNorm):
-                m.track_running_stats = False  # batch statistics, and no update of the running ones
-    try:
+    with restored_modes(module):
+        if mode == "eval":
+            module.eval()
+        else:
+            for m in module.modules():
+                if isinstance(m, _BatchNorm):
+                    m.track_running_stats = False  # batch statistics, and no update of the running ones
         yield
-    finally:
-        for m, training, tracks in flags:
-            m.training = training
-            if tracks is not None:
-                m.track_running_stats = tracks
