@@ -41,6 +41,14 @@ POSTHOC_DETECTORS: tuple[str, ...] = ("mahalanobis", "rmd", "knn", "vim")
 _RIDGE = 1e-6  # pytorch-ood's ridge on the (unnormalised) scatter matrices: kept so that scores equal its own fit's
 
 
+_FITTED_STATE: dict[str, tuple[str, ...]] = {
+    # the attributes a fitted pytorch-ood detector keeps, as state_dict stores them (KNN: its scikit-learn bank)
+    "mahalanobis": ("mu", "cov", "precision"),
+    "rmd": ("mu", "cov", "precision", "background_mu", "background_cov", "background_precision"),
+    "vim": ("d", "w", "b", "principal_subspace", "alpha"),
+}
+
+
 def default_knn_k(num_train: int) -> int:
     """KNN's ``k`` for ``num_train`` fitted features: ``round(num_train / 1000)``, at least 1.
 
@@ -329,27 +337,10 @@ class PostHocDetectors:
         ``torch.save``; :meth:`load_state_dict` rebuilds the pytorch-ood detectors from it."""
         state: dict[str, Any] = {"num_features": self.num_features, "classes": self.classes, "skipped": self.skipped}
         for name, det in self.detectors.items():
-            if name == "mahalanobis":
-                state[name] = {"mu": det.mu, "cov": det.cov, "precision": det.precision}
-            elif name == "rmd":
-                state[name] = {
-                    "mu": det.mu,
-                    "cov": det.cov,
-                    "precision": det.precision,
-                    "background_mu": det.background_mu,
-                    "background_cov": det.background_cov,
-                    "background_precision": det.background_precision,
-                }
-            elif name == "knn":
+            if name == "knn":
                 state[name] = {"k": det.k, "bank": torch.from_numpy(det.knn._fit_X.copy())}
-            elif name == "vim":
-                state[name] = {
-                    "d": det.d,
-                    "w": det.w,
-                    "b": det.b,
-                    "principal_subspace": det.principal_subspace,
-                    "alpha": det.alpha,
-                }
+            else:
+                state[name] = {key: getattr(det, key) for key in _FITTED_STATE[name]}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> PostHocDetectors:
