@@ -32,6 +32,7 @@ from jemkit.evaluate.defense import (
 )
 from jemkit.evaluate.tables import text_table
 from jemkit.evaluate.threat import AttackProtocol, resolve_protocol, threat_model
+from jemkit.sampling.domain import domain_of
 
 if TYPE_CHECKING:
     from jemkit.module import JEM
@@ -312,9 +313,8 @@ def _result(attack: dict[str, Any], total: dict[str, int], n: int, box: AttackBo
 
 # ---------------------------------------------------------------------------------------------------- the report
 def attack_clip(model: Any) -> Any:
-    """The box a model is attacked in: its input domain (a JEM's), else ``(-1, 1)``."""
-    domain = getattr(model, "domain", None)
-    return domain if domain is not None else (-1.0, 1.0)
+    """The box a model is attacked in: its input domain (:func:`~jemkit.sampling.domain.domain_of`)."""
+    return domain_of(model)
 
 
 def robustness_section(jem: JEM, loader: Iterable, options: RobustnessOptions, progress: bool = True) -> dict[str, Any]:

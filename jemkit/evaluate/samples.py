@@ -27,6 +27,7 @@ from torchvision.utils import make_grid, save_image
 
 from jemkit.checks import check_integer
 from jemkit.evaluate.plots import save_figure
+from jemkit.sampling.domain import domain_of
 
 if TYPE_CHECKING:
     from jemkit.module import JEM
@@ -242,8 +243,7 @@ def feature_histograms(samples: Tensor, data: Tensor | None, title: str = "") ->
 
 
 def _domain_range(jem: JEM) -> tuple[float, float]:
-    domain = getattr(jem, "domain", None)
-    return domain.bounds() if domain is not None else (-1.0, 1.0)
+    return domain_of(jem).bounds()
 
 
 def save_sample_grids(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from jemkit.adapters import unpack_batch
 from jemkit.checks import check_integer
 
-__all__ = ["InputDomain"]
+__all__ = ["InputDomain", "domain_of"]
 
 Granularity = Literal["auto", "global", "channel", "feature"]
 _STATE = ("low", "high", "mean", "std")
@@ -254,3 +254,10 @@ class InputDomain(nn.Module):
         low, high = self.bounds()
         kind = "declared" if self.declared is not None else "fitted"
         return f"per={self.per!r}, {kind} box within [{low:.4g}, {high:.4g}]"
+
+
+def domain_of(model: Any) -> InputDomain:
+    """The model's input domain (a JEM's ``domain``), else an undeclared one: the unit box ``[-1, 1]``, jemkit's
+    convention for a model that never saw data (the one place that fallback is written)."""
+    domain = getattr(model, "domain", None)
+    return domain if isinstance(domain, InputDomain) else InputDomain()
