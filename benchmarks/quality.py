@@ -11,6 +11,7 @@ in scenarios that differ in data, units and architecture (``SCENARIOS``), all of
 - ``cancer-binary``: breast cancer, 30 standardised features, an MLP with one output logit and 0/1 float labels;
 - ``signals`` / ``signals-bn``: a synthetic 40-step 1-D signal set in raw amplitudes, a Conv1d classifier without
   and with BatchNorm1d;
+- ``wine-bn``: wine with an MLP with BatchNorm1d;
 - ``wine-open`` / ``signals-open``: wine's classes 0-1 (class 2 held out) and signals 0-4 (5-9 held out), near-OOD
   like ``openset``.
 
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer  # noqa: E402
+from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer, UniformInit  # noqa: E402
 from jemkit.adapters import class_labels  # noqa: E402
 from jemkit.data import SignalsDataModule, TabularDataModule  # noqa: E402
 from jemkit.data.ood import InDomain, Interpolated, PixelShuffled, UniformNoise  # noqa: E402
@@ -144,6 +145,10 @@ SCENARIOS: dict[str, tuple[Callable[[], Any], Callable[[Any, bool, int], torch.n
         lambda: SignalsDataModule(batch_size=64),
         lambda dm, bn, width: SignalCNN(dm.num_classes, norm="batch"),
     ),
+    "wine-bn": (
+        lambda: TabularDataModule(dataset="wine", batch_size=64),
+        lambda dm, bn, width: MLP(dm.input_shape[0], dm.num_classes, norm="batch"),
+    ),
 }
 DIGITS_SCENARIOS = ("digits", "openset")  # the scenarios of earlier results files, the default of --scenarios
 
@@ -187,6 +192,9 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "pyld5-clean": lambda: _pyld5() | {"weights": {"px": 1.0}, "data_noise": 0.0},
     "pyld5-px0.3-clean": lambda: _pyld5() | {"weights": {"px": 0.3}, "data_noise": 0.0},
     "default-evalmode": lambda: {"sampling_mode": "eval"},
+    # restarts of the chains (issue 27: box-only restarts for BatchNorm classifiers), written out in full
+    "mix-restarts": lambda: {"buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},
+    "uniform-restarts": lambda: {"buffer": ReplayBuffer(init=UniformInit())},
     # candidates for data beyond digits (issue 20)
     "default-l2": lambda: {"weights": {"energy_l2": 0.01}},
     "l2-mix": lambda: {"weights": {"energy_l2": 0.01}, "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},

@@ -10,8 +10,9 @@ measures them on the clean test split and under every shift of the data's kind a
   the adaptation rows only where the classifier has normalisation layers.
 
 Scenarios (``SCENARIOS``): ``digits`` (8x8 digits in [-1, 1], SmallCNN without normalisation), ``digits-bn`` (the same
-CNN with BatchNorm), ``signals-bn`` (synthetic 1-D signals in raw amplitudes, SignalCNN with BatchNorm1d), ``wine-bn``
-(13 standardised features, an MLP with BatchNorm1d).
+CNN with BatchNorm), ``signals`` / ``signals-bn`` (synthetic 1-D signals in raw amplitudes, SignalCNN without and with
+BatchNorm1d), ``wine`` / ``wine-bn`` (13 standardised features, an MLP without and with BatchNorm1d). Test-time
+adaptation runs only where the classifier has normalisation layers.
 
 Targets (``TARGETS``), checked per scenario on means over seeds: the JEM's mean accuracy under shift at least the
 plain classifier's minus 1 point; its mean ECE under shift at most the plain classifier's after temperature scaling;
@@ -53,7 +54,12 @@ from jemkit.models import MLP, SignalCNN, SmallCNN  # noqa: E402
 SCENARIOS: dict[str, tuple[Callable[[], Any], Callable[[Any], torch.nn.Module]]] = {
     "digits": (lambda: DigitsDataModule(batch_size=64), lambda dm: SmallCNN(dm.num_classes, 1)),
     "digits-bn": (lambda: DigitsDataModule(batch_size=64), lambda dm: SmallCNN(dm.num_classes, 1, norm="batch")),
+    "signals": (lambda: SignalsDataModule(batch_size=64), lambda dm: SignalCNN(dm.num_classes)),
     "signals-bn": (lambda: SignalsDataModule(batch_size=64), lambda dm: SignalCNN(dm.num_classes, norm="batch")),
+    "wine": (
+        lambda: TabularDataModule(dataset="wine", batch_size=64),
+        lambda dm: MLP(dm.input_shape[0], dm.num_classes),
+    ),
     "wine-bn": (
         lambda: TabularDataModule(dataset="wine", batch_size=64),
         lambda dm: MLP(dm.input_shape[0], dm.num_classes, norm="batch"),
