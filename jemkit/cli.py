@@ -23,7 +23,9 @@ import lightning.pytorch as pl
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from torch import nn
 
+from jemkit._config import from_config
 from jemkit.checkpoint import load_checkpoint_file, upgraded_hyper_parameters
 from jemkit.divergence import DivergenceError
 from jemkit.losses import objective_weights
@@ -102,7 +104,7 @@ class JEMCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         model = config.get("model")
         if model is not None:  # what None means: the preset's setting, else jemkit's default
-            for key, value in preset_config(model.get("preset")).items():
+            for key, value in preset_config(model.get("preset"), _configured_classifier(model)).items():
                 if key == "weights":  # merged key by key, as the JEM does
                     model[key] = objective_weights(model.get(key), value)
                 elif model.get(key) is None:
@@ -242,6 +244,27 @@ def _same_setting(key: str, a: Any, b: Any) -> bool:
 def _import(path: str) -> Any:
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def _configured_classifier(model: Any) -> nn.Module | None:
+    """The classifier a parsed model config describes, built so that ``--print_config`` shows the defaults it gets
+    (they depend on it: :func:`jemkit.presets.default_restarts`); ``None`` where it cannot be built here."""
+    config = _plain_dict(model.get("classifier"))
+    if not isinstance(config, dict) or "class_path" not in config:
+        return None
+    try:
+        return from_config(config, nn.Module)
+    except (ImportError, OSError, RuntimeError, TypeError, ValueError):  # e.g. weights it cannot read here
+        return None
+
+
+def _plain_dict(value: Any) -> Any:
+    """A parsed config (jsonargparse Namespaces) as nested dicts."""
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {k: _plain_dict(v) for k, v in value.items()}
+    return value
 
 
 def _namespace(value: Any) -> Any:

@@ -138,7 +138,7 @@ class JEM(pl.LightningModule):
         domain = from_config(domain, InputDomain) if isinstance(domain, dict) else domain
         given = dict(sampler=sampler, buffer=buffer, weights=weights, data_noise=data_noise, lr=lr)
         given |= dict(lr_warmup_steps=lr_warmup_steps, optimizer=optimizer)
-        settings = resolve_settings(preset, given)
+        settings = resolve_settings(preset, given, classifier)
         check_jem_arguments(settings, temperature, num_classes, margins)
         buffer = settings["buffer"]
         if settings["weights"]["pxy"] > 0 and not buffer.conditional:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from jemkit import JEM, SGLD, DigitsDataModule, ReplayBuffer
+from jemkit import JEM, SGLD, DigitsDataModule, GaussianInit, ReplayBuffer, UniformInit
 from jemkit.adapters import sampling_context
 from jemkit.models import SmallCNN
 from tests.helpers import TinyMLP, loader, trainer
@@ -47,19 +47,37 @@ def test_auto_sampling_mode_is_train_with_batchnorm_and_eval_without():
         JEM(TinyMLP(), sampling_mode="batch")
 
 
+def test_the_default_chains_restart_from_the_box_with_batchnorm_and_from_a_mixture_without():
+    with_bn, without = JEM(TinyMLP(batchnorm=True)), JEM(TinyMLP())
+    assert type(with_bn.buffer.init) is UniformInit
+    assert type(without.buffer.init) is GaussianInit and without.buffer.init.uniform_fraction == 0.5
+    assert with_bn.hparams.buffer["init_args"]["init"]["class_path"].endswith("UniformInit")  # recorded as resolved
+    syncbn = JEM(nn.SyncBatchNorm.convert_sync_batchnorm(TinyMLP(batchnorm=True)))
+    assert type(syncbn.buffer.init) is UniformInit
+    # what the caller or a preset names wins
+    given = JEM(TinyMLP(batchnorm=True), buffer=ReplayBuffer(init=GaussianInit(uniform_fraction=0.5)))
+    assert type(given.buffer.init) is GaussianInit
+    assert type(JEM(TinyMLP(batchnorm=True), preset="jempp").buffer.init) is GaussianInit
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "settings",
     [
-        {},  # the defaults: sampling_mode="auto" resolves to "train"
-        {"sampling_mode": "eval", "weights": {"px": 1.0}, "sampler": SGLD(n_steps=5, clip=(-1.0, 1.0))},
+        {},  # the defaults: sampling_mode="auto" resolves to "train", chains restart from the box
+        {
+            "sampling_mode": "eval",
+            "weights": {"px": 1.0},
+            "sampler": SGLD(n_steps=5, clip=(-1.0, 1.0)),
+            "buffer": ReplayBuffer(capacity=2000),
+        },
     ],
-    ids=["default-train-mode", "eval-mode"],
+    ids=["defaults", "eval-mode"],
 )
 def test_a_batchnorm_cnn_learns_digits_as_a_jem_in_both_sampling_modes(tmp_path, settings):
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=64)
-    jem = JEM(SmallCNN(width=16, norm="batch"), buffer=ReplayBuffer(capacity=2000), **settings)
+    jem = JEM(SmallCNN(width=16, norm="batch"), **settings)
     trainer(tmp_path, max_steps=300, limit_val_batches=0).fit(jem, dm)
     accuracy = trainer(tmp_path).test(jem, dm, verbose=False)[0]["test/acc"]
     assert accuracy > 0.85, accuracy  # chance is 0.1; eval-mode sampling collapsed to 0.085 before the fix

@@ -55,6 +55,20 @@ def test_print_config_fills_in_the_preset_and_keeps_what_was_given(capsys):
     assert model["buffer"]["init_args"]["init"]["class_path"].endswith("GaussianInit")
 
 
+def test_print_config_shows_the_defaults_the_configured_classifier_gets(capsys):
+    import yaml
+
+    base = ["fit", "--model.classifier=jemkit.models.SmallCNN", "--data=jemkit.data.DigitsDataModule"]
+    shown = {}
+    for norm in ("null", "batch"):
+        with pytest.raises(SystemExit):
+            main([*base, f"--model.classifier.norm={norm}", "--print_config"])
+        shown[norm] = yaml.safe_load(capsys.readouterr().out)["model"]["buffer"]["init_args"]["init"]
+    assert shown["null"]["class_path"].endswith("GaussianInit")
+    assert shown["null"]["init_args"]["uniform_fraction"] == 0.5
+    assert shown["batch"]["class_path"].endswith("UniformInit")  # BatchNorm: restarts from the box
+
+
 def test_default_root_dir_moves_every_output_of_a_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "elsewhere"
