@@ -57,7 +57,8 @@ class JEM(pl.LightningModule):
     binary head ``g(x)`` is read as the two logits ``[-g(x) / 2, g(x) / 2]``). Settings left at ``None`` come from
     ``preset``, else from jemkit's defaults (:func:`jemkit.presets.default_settings`, chosen on
     ``benchmarks/quality.py``): JEM++'s proximal sampler ``PYLD(n_steps=5, step_size=0.2)``, chains restarted half
-    from per-class Gaussians and half from the input domain's box, ``log p(x)`` at weight 0.1 with an energy
+    from per-class Gaussians and half from the input domain's box (from the box only when the classifier has
+    BatchNorm: :func:`jemkit.presets.default_restarts`), ``log p(x)`` at weight 0.1 with an energy
     regulariser of 0.01, data noise 0.03, Adam at 1e-3. An explicit argument always wins over the preset.
 
     Args:
