@@ -210,6 +210,17 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     # fine-tuning candidates (--finetune): start from the pre-trained classifier
     "finetune": lambda: {"preset": "finetune"},
     "ft-mix": lambda: {"preset": "finetune", "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},
+    "ft-box": lambda: {"preset": "finetune", "buffer": ReplayBuffer(init=UniformInit())},
+    "ft-mix-l2": lambda: {
+        "preset": "finetune",
+        "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5)),
+        "weights": {"energy_l2": 0.01},
+    },
+    "ft-mix-px0.1": lambda: {
+        "preset": "finetune",
+        "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5)),
+        "weights": {"px": 0.1},
+    },
     "ft-default-lr1e-4": lambda: {"lr": 1e-4},
     "ft-px1-lr1e-4": lambda: {"lr": 1e-4, "weights": {"px": 1.0}},
     "ft-margin-samples": lambda: {"lr": 1e-4, "weights": {"px": 0.0, "margin": 0.1}},

@@ -11,7 +11,7 @@ from jemkit import JEM, PYLD, DigitsDataModule, ReplayBuffer
 from jemkit.cli import main
 from jemkit.detectors import PostHocDetectors
 from jemkit.evaluate import OODOptions, RobustnessOptions, SampleOptions, evaluate, format_report
-from jemkit.evaluate.baseline import PlainClassifier, comparison, load_baseline
+from jemkit.evaluate.baseline import PlainClassifier, comparison, format_comparison, load_baseline
 from jemkit.evaluate.command import load_jem
 from jemkit.features import extract_features, last_linear
 from jemkit.scores import RECOMMENDED_SCORE, PostHocScores, score_batches
@@ -79,7 +79,9 @@ def test_comparison_picks_the_best_plain_score_per_set():
         "jem": {"score": "logpx", "auroc": 0.95},
         "jem_best": {"score": "msp", "auroc": 0.97},
         "baseline_best": {"score": "vim", "auroc": 0.99},
+        "baseline_same_rule": {"score": "logpx", "auroc": 0.9},  # the JEM's rule on the plain classifier
     }
+    assert "plain with logpx: 0.9000" in "\n".join(format_comparison(compared))
 
 
 def test_evaluate_command_with_a_baseline_state_dict(tmp_path, capsys):
