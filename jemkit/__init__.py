@@ -3,7 +3,7 @@
 Public API: everything in ``__all__``; other names may change between releases.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from jemkit.adapters import select_logits
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid

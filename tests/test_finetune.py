@@ -46,7 +46,10 @@ def test_the_finetune_preset_keeps_accuracy_and_adds_ood_detection(tmp_path, nor
     trainer(tmp_path, max_steps=500, limit_val_batches=0).fit(plain, dm)
     before = _measure(plain, dm)
     jem = JEM(classifier, preset="finetune")
-    trainer(tmp_path, max_steps=100, limit_val_batches=0).fit(jem, dm)  # a fifth of the pre-training
+    # a fifth of the pre-training; with BatchNorm two fifths: its accuracy dips over the first ~100 steps (seeds 0-3:
+    # 1.5-1.9 points below the plain CNN in three of four at 100 steps, within 0.4 point at 200)
+    steps = 200 if norm == "batch" else 100
+    trainer(tmp_path, max_steps=steps, limit_val_batches=0).fit(jem, dm)
     after = _measure(jem, dm)
     assert after["acc"] > before["acc"] - 0.015, (before, after)
     # a small budget for CI (full-size figures: benchmarks/RESULTS.md): OOD detection must improve clearly

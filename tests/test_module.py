@@ -35,7 +35,7 @@ def test_resnet18_wraps_in_one_line_and_trains_with_plain_trainer(tmp_path):
     assert (jem.buffer.capacity, jem.buffer.reinit_prob, type(jem.buffer.init).__name__) == (
         10_000,
         0.05,
-        "GaussianInit",
+        "UniformInit",  # BatchNorm: chains restart from the input box (presets.default_restarts)
     )
     assert jem.chains.sampling_mode == "train"  # "auto" with BatchNorm
     x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.arange(8)
