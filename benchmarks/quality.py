@@ -195,6 +195,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     # restarts of the chains (issue 27: box-only restarts for BatchNorm classifiers), written out in full
     "mix-restarts": lambda: {"buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},
     "uniform-restarts": lambda: {"buffer": ReplayBuffer(init=UniformInit())},
+    "box-l2-0.1": lambda: {"buffer": ReplayBuffer(init=UniformInit()), "weights": {"energy_l2": 0.1}},
     # candidates for data beyond digits (issue 20)
     "default-l2": lambda: {"weights": {"energy_l2": 0.01}},
     "l2-mix": lambda: {"weights": {"energy_l2": 0.01}, "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},

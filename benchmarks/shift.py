@@ -77,6 +77,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "pyld20": lambda: {"sampler": PYLD(n_steps=20, step_size=0.2)},
     "no-data-noise": lambda: {"data_noise": 0.0},
     "l2-0.1": lambda: {"weights": {"energy_l2": 0.1}},
+    "box-l2-0.1": lambda: {"buffer": ReplayBuffer(init=UniformInit()), "weights": {"energy_l2": 0.1}},
     "evalmode": lambda: {"sampling_mode": "eval"},
 }
 
