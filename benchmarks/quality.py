@@ -212,6 +212,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "finetune": lambda: {"preset": "finetune"},
     "ft-mix": lambda: {"preset": "finetune", "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5))},
     "ft-box": lambda: {"preset": "finetune", "buffer": ReplayBuffer(init=UniformInit())},
+    "ft-l2": lambda: {"preset": "finetune", "weights": {"energy_l2": 0.01}},
     "ft-mix-l2": lambda: {
         "preset": "finetune",
         "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.5)),
