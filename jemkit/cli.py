@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
-from jemkit._config import from_config
 from jemkit.checkpoint import load_checkpoint_file, upgraded_hyper_parameters
 from jemkit.divergence import DivergenceError
 from jemkit.losses import objective_weights
@@ -246,16 +246,47 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+_WEIGHT_ARGUMENTS = frozenset({"weights", "pretrained", "weights_backbone", "path"})
+"""Init arguments that load trained weights; left out when ``--print_config`` builds an architecture."""
+
+
 def _configured_classifier(model: Any) -> nn.Module | None:
-    """The classifier a parsed model config describes, built so that ``--print_config`` shows the defaults it gets
-    (they depend on it: :func:`jemkit.presets.default_restarts`); ``None`` where it cannot be built here."""
-    config = _plain_dict(model.get("classifier"))
-    if not isinstance(config, dict) or "class_path" not in config:
+    """The architecture of the classifier a parsed model config describes, so that ``--print_config`` shows the
+    default buffer it gets (:func:`jemkit.presets.default_restarts`). Built on the meta device without its trained
+    weights (nothing is downloaded or allocated); ``None`` where that default is not used or the build fails."""
+    if model.get("preset") is not None or model.get("buffer") is not None:
+        return None  # a preset or the caller names the buffer: no default depends on the classifier
+    config = _architecture(_plain_dict(model.get("classifier")))
+    if config is None:
         return None
     try:
-        return from_config(config, nn.Module)
-    except (ImportError, OSError, RuntimeError, TypeError, ValueError):  # e.g. weights it cannot read here
+        with torch.device("meta"):
+            built = _build(config)
+    except (AttributeError, ImportError, OSError, RuntimeError, TypeError, ValueError):
         return None
+    return built if isinstance(built, nn.Module) else None
+
+
+def _build(config: Any) -> Any:
+    """What a ``class_path``/``init_args`` config describes, for classes and factory functions
+    (``torchvision.models.resnet18``) alike, nested configs built first."""
+    if not (isinstance(config, dict) and "class_path" in config):
+        return tuple(config) if isinstance(config, list) else config
+    factory = _import(config["class_path"])
+    return factory(**{k: _build(v) for k, v in (config.get("init_args") or {}).items()})
+
+
+def _architecture(config: Any) -> dict[str, Any] | None:
+    """A classifier config without the arguments that load weights; a wrapper that takes a ``classifier`` (such as
+    :func:`jemkit.models.with_weights`) gives way to the classifier it wraps."""
+    if not isinstance(config, dict) or "class_path" not in config:
+        return None
+    init_args = dict(config.get("init_args") or {})
+    inner = init_args.get("classifier")
+    if isinstance(inner, dict) and "class_path" in inner:
+        return _architecture(inner)
+    kept = {k: v for k, v in init_args.items() if k not in _WEIGHT_ARGUMENTS}
+    return {"class_path": config["class_path"], "init_args": kept}
 
 
 def _plain_dict(value: Any) -> Any:

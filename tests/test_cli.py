@@ -69,6 +69,26 @@ def test_print_config_shows_the_defaults_the_configured_classifier_gets(capsys):
     assert shown["batch"]["class_path"].endswith("UniformInit")  # BatchNorm: restarts from the box
 
 
+def test_print_config_reads_the_architecture_without_loading_weights(capsys, monkeypatch):
+    import torchvision
+    import yaml
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("--print_config must not fetch weights")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", no_download)
+    data = "--data=jemkit.data.DigitsDataModule"
+    resnet = ["--model.classifier=torchvision.models.resnet18", "--model.classifier.weights=IMAGENET1K_V1"]
+    # a weights file that does not exist here: the architecture inside jemkit.models.with_weights is what counts
+    wrapped = ["--model.classifier=jemkit.models.with_weights", "--model.classifier.path=missing.ckpt"]
+    wrapped += ["--model.classifier.classifier=jemkit.models.SmallCNN", "--model.classifier.classifier.norm=batch"]
+    for given in (resnet, wrapped):
+        with pytest.raises(SystemExit):
+            main(["fit", *given, data, "--print_config"])
+        init = yaml.safe_load(capsys.readouterr().out)["model"]["buffer"]["init_args"]["init"]
+        assert init["class_path"].endswith("UniformInit"), given
+
+
 def test_default_root_dir_moves_every_output_of_a_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "elsewhere"
