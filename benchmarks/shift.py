@@ -34,6 +34,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,7 @@ def run_one(
     max_samples: int | None,
     tea_steps: int,
     adapt_lr: float = 1e-3,
+    ablation: bool = False,
 ) -> dict[str, Any]:
     """Train one configuration with one seed; measure it under shift without and (if asked) with adaptation."""
     torch.set_num_threads(1)
@@ -191,6 +193,14 @@ def run_one(
                 "tent": Tent(jem.classifier, lr=adapt_lr),
                 "energy": EnergyAdaptation(jem.classifier, domain, sampler, lr=adapt_lr),
             }
+            if ablation:  # what the test batch's BatchNorm statistics do alone, and each objective without them
+                adapters |= {
+                    "stats": Tent(jem.classifier, optimizer=partial(torch.optim.SGD, lr=0.0)),
+                    "tent_running": Tent(jem.classifier, lr=adapt_lr, batch_statistics=False),
+                    "energy_running": EnergyAdaptation(
+                        jem.classifier, domain, sampler, lr=adapt_lr, batch_statistics=False
+                    ),
+                }
         else:
             adapters = {"energy": EnergyAdaptation(jem, sampler=sampler, lr=adapt_lr)}
         for name, adapter in adapters.items():
@@ -228,7 +238,15 @@ def _map(fn: Callable[[tuple], dict[str, Any]], jobs: list[tuple], workers: int)
 # ---------------------------------------------------------------------------------------------- summaries
 def _label(config: str, row: str) -> str:
     base = "plain" if config == "plain" else ("JEM" if config == "default" else f"JEM[{config}]")
-    return {"none": base, "scaled": f"{base} + T", "tent": f"{base} + Tent", "energy": f"{base} + energy"}[row]
+    return {
+        "none": base,
+        "scaled": f"{base} + T",
+        "tent": f"{base} + Tent",
+        "energy": f"{base} + energy",
+        "stats": f"{base} + test-batch statistics only",
+        "tent_running": f"{base} + Tent, running statistics",
+        "energy_running": f"{base} + energy, running statistics",
+    }[row]
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -358,13 +376,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tea_steps", type=int, default=20, help="SGLD steps of the energy adaptation (TEA: 20)")
     parser.add_argument("--adapt_lr", type=float, default=1e-3, help="Adam learning rate of Tent and TEA (1e-3)")
     parser.add_argument("--no_adapt", action="store_true", help="skip the test-time adaptation rows")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="plain classifiers: also adapt with the test batch's statistics only, and Tent and energy adaptation "
+        "with the running statistics (what each objective does apart from re-estimating BatchNorm's statistics)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--merge", nargs="+", type=Path, default=[], help="add the runs of earlier result files")
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
     if args.tea_steps < 1:
         parser.error("--tea_steps must be >= 1")
-    adapt, extra = not args.no_adapt, (args.max_samples, args.tea_steps, args.adapt_lr)
+    adapt, extra = not args.no_adapt, (args.max_samples, args.tea_steps, args.adapt_lr, args.ablation)
     jobs = [
         (sc, config, seed, args.steps, args.severities, adapt and config in ("plain", "default"), *extra)
         for seed in args.seeds

@@ -229,9 +229,11 @@ def test_the_shift_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
 
     out = tmp_path / "shift"
     argv = ["--scenarios", "wine-bn", "--seeds", "0", "--steps", "3", "--severities", "5", "--tea_steps", "1"]
-    result = benchmark.main([*argv, "--workers", "1", "--out", str(out)])
+    result = benchmark.main([*argv, "--ablation", "--workers", "1", "--out", str(out)])
     rows = result["summary"]["wine-bn"]
     expected = {"plain", "plain + T", "plain + Tent", "plain + energy", "JEM", "JEM + T", "JEM + energy"}
+    expected |= {f"plain + {arm}" for arm in ("test-batch statistics only", "Tent, running statistics")}
+    expected |= {"plain + energy, running statistics"}  # --ablation: the plain classifier's extra arms
     assert set(rows) == expected and all(entry["seeds"] == 1 for entry in rows.values())
     run = next(r for r in result["runs"] if r["config"] == "plain")
     assert rows["plain + T"]["mean"]["ece"][0] == pytest.approx(run["rows"]["none"]["mean"]["ece_scaled"])
