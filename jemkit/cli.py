@@ -26,11 +26,12 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
+from jemkit._config import _without_weight_loading
 from jemkit.checkpoint import load_checkpoint_file, upgraded_hyper_parameters
 from jemkit.divergence import DivergenceError
 from jemkit.losses import objective_weights
 from jemkit.module import _LEGACY_WEIGHTS, JEM
-from jemkit.presets import preset_config
+from jemkit.presets import preset_config, preset_settings
 
 __all__ = ["JEMCLI", "main"]
 
@@ -104,11 +105,21 @@ class JEMCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         model = config.get("model")
         if model is not None:  # what None means: the preset's setting, else jemkit's default
-            for key, value in preset_config(model.get("preset"), _configured_classifier(model)).items():
+            classifier, unknown_buffer = None, False
+            if _default_buffer_needs_classifier(model):
+                classifier = _configured_classifier(model)
+                unknown_buffer = classifier is None
+            for key, value in preset_config(model.get("preset"), classifier).items():
                 if key == "weights":  # merged key by key, as the JEM does
                     model[key] = objective_weights(model.get(key), value)
-                elif model.get(key) is None:
+                elif model.get(key) is None and not (key == "buffer" and unknown_buffer):
                     model[key] = _namespace(value)
+            if unknown_buffer:
+                print(
+                    "# model.buffer left null: its default depends on the classifier (restarts from the input box "
+                    "with BatchNorm, jemkit.presets.default_restarts), which could not be built here",
+                    file=sys.stderr,
+                )
         sub_parser = parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
         print(sub_parser.dump(config, skip_none=False, skip_validation=True), end="")
         sys.exit(0)
@@ -246,47 +257,52 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-_WEIGHT_ARGUMENTS = frozenset({"weights", "pretrained", "weights_backbone", "path"})
-"""Init arguments that load trained weights; left out when ``--print_config`` builds an architecture."""
+_WEIGHT_ARGUMENTS = frozenset({"weights", "pretrained", "weights_backbone", "pretrained_backbone", "path"})
+"""Init arguments that load trained weights, left out at every level when ``--print_config`` builds an architecture."""
+
+
+def _default_buffer_needs_classifier(model: Any) -> bool:
+    """Whether the buffer ``--print_config`` fills in is jemkit's default, which depends on the classifier."""
+    if model.get("buffer") is not None:
+        return False
+    preset = model.get("preset")
+    return preset is None or preset_settings(preset).get("buffer") is None
 
 
 def _configured_classifier(model: Any) -> nn.Module | None:
     """The architecture of the classifier a parsed model config describes, so that ``--print_config`` shows the
-    default buffer it gets (:func:`jemkit.presets.default_restarts`). Built on the meta device without its trained
-    weights (nothing is downloaded or allocated); ``None`` where that default is not used or the build fails."""
-    if model.get("preset") is not None or model.get("buffer") is not None:
-        return None  # a preset or the caller names the buffer: no default depends on the classifier
-    config = _architecture(_plain_dict(model.get("classifier")))
-    if config is None:
+    default buffer it gets (:func:`jemkit.presets.default_restarts`): built on the meta device, without the arguments
+    that load weights and with a ``with_weights`` wrapper replaced by the classifier inside it (nothing is downloaded
+    or allocated). ``None`` where it cannot be built here."""
+    config = _architecture(_plain_dict(_without_weight_loading(model.get("classifier"))))
+    if not (isinstance(config, dict) and "class_path" in config):
         return None
     try:
         with torch.device("meta"):
             built = _build(config)
-    except (AttributeError, ImportError, OSError, RuntimeError, TypeError, ValueError):
+    except Exception:  # any failure of a user's constructor: the caller prints no default instead
         return None
     return built if isinstance(built, nn.Module) else None
 
 
+def _architecture(config: Any) -> Any:
+    """A config with the arguments that load weights removed at every level."""
+    if isinstance(config, dict):
+        return {k: _architecture(v) for k, v in config.items() if k not in _WEIGHT_ARGUMENTS}
+    if isinstance(config, list):
+        return [_architecture(v) for v in config]
+    return config
+
+
 def _build(config: Any) -> Any:
     """What a ``class_path``/``init_args`` config describes, for classes and factory functions
-    (``torchvision.models.resnet18``) alike, nested configs built first."""
+    (``torchvision.models.resnet18``) alike, nested configs (also in lists) built first."""
+    if isinstance(config, list):
+        return [_build(v) for v in config]
     if not (isinstance(config, dict) and "class_path" in config):
-        return tuple(config) if isinstance(config, list) else config
+        return config
     factory = _import(config["class_path"])
     return factory(**{k: _build(v) for k, v in (config.get("init_args") or {}).items()})
-
-
-def _architecture(config: Any) -> dict[str, Any] | None:
-    """A classifier config without the arguments that load weights; a wrapper that takes a ``classifier`` (such as
-    :func:`jemkit.models.with_weights`) gives way to the classifier it wraps."""
-    if not isinstance(config, dict) or "class_path" not in config:
-        return None
-    init_args = dict(config.get("init_args") or {})
-    inner = init_args.get("classifier")
-    if isinstance(inner, dict) and "class_path" in inner:
-        return _architecture(inner)
-    kept = {k: v for k, v in init_args.items() if k not in _WEIGHT_ARGUMENTS}
-    return {"class_path": config["class_path"], "init_args": kept}
 
 
 def _plain_dict(value: Any) -> Any:

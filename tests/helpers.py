@@ -65,6 +65,34 @@ def toy_loader(n=64, num_classes=3, batch_size=16):
     return loader(x, y, batch_size)
 
 
+class BackboneWithHead(nn.Module):
+    """A classifier built from a backbone given as a config (e.g. a torchvision model with pretrained weights) and a
+    linear head with optional BatchNorm: a nested classifier config for the CLI tests."""
+
+    def __init__(self, backbone: nn.Module, features: int = 1000, num_classes: int = 10, head_norm: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        norm = nn.BatchNorm1d(features) if head_norm else nn.Identity()
+        self.head = nn.Sequential(norm, nn.Linear(features, num_classes))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class ReadsFilesWhenBuilt(nn.Module):
+    """A classifier whose constructor reads a file (a vocabulary, a label map): it cannot be built where the file is
+    missing."""
+
+    def __init__(self, label_map: str = "labels.json"):
+        super().__init__()
+        with open(label_map) as f:
+            self.labels = f.read().split()
+        self.linear = nn.Linear(4, len(self.labels))
+
+    def forward(self, x):
+        return self.linear(x)
+
+
 class ZeroInit(InitialDistribution):
     """Chains that always start (and, with 0 SGLD steps, end) at the origin."""
 

@@ -69,24 +69,48 @@ def test_print_config_shows_the_defaults_the_configured_classifier_gets(capsys):
     assert shown["batch"]["class_path"].endswith("UniformInit")  # BatchNorm: restarts from the box
 
 
-def test_print_config_reads_the_architecture_without_loading_weights(capsys, monkeypatch):
+def test_print_config_shows_the_buffer_the_jem_resolves_without_loading_weights(capsys, monkeypatch):
     import torchvision
     import yaml
+    from torchvision.models import resnet18, squeezenet1_0
+
+    from jemkit.models import SmallCNN
+    from tests.helpers import BackboneWithHead
 
     def no_download(*args, **kwargs):
         raise AssertionError("--print_config must not fetch weights")
 
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", no_download)
-    data = "--data=jemkit.data.DigitsDataModule"
-    resnet = ["--model.classifier=torchvision.models.resnet18", "--model.classifier.weights=IMAGENET1K_V1"]
+    c = "--model.classifier"
+    resnet = [f"{c}=torchvision.models.resnet18", f"{c}.weights=IMAGENET1K_V1"]
     # a weights file that does not exist here: the architecture inside jemkit.models.with_weights is what counts
-    wrapped = ["--model.classifier=jemkit.models.with_weights", "--model.classifier.path=missing.ckpt"]
-    wrapped += ["--model.classifier.classifier=jemkit.models.SmallCNN", "--model.classifier.classifier.norm=batch"]
-    for given in (resnet, wrapped):
+    wrapped = [f"{c}=jemkit.models.with_weights", f"{c}.path=missing.ckpt"]
+    wrapped += [f"{c}.classifier=jemkit.models.SmallCNN", f"{c}.classifier.norm=batch"]
+    # pretrained weights nested in a backbone (no BatchNorm in SqueezeNet; BatchNorm in the head or not)
+    nested = [f"{c}=tests.helpers.BackboneWithHead", f"{c}.backbone=torchvision.models.squeezenet1_0"]
+    nested += [f"{c}.backbone.weights=IMAGENET1K_V1"]
+    cases = {
+        "resnet": (resnet, resnet18()),
+        "with_weights": (wrapped, SmallCNN(norm="batch")),
+        "nested": (nested, BackboneWithHead(squeezenet1_0())),
+        "nested, BatchNorm head": ([*nested, f"{c}.head_norm=true"], BackboneWithHead(squeezenet1_0(), head_norm=True)),
+    }
+    for name, (given, classifier) in cases.items():
         with pytest.raises(SystemExit):
-            main(["fit", *given, data, "--print_config"])
-        init = yaml.safe_load(capsys.readouterr().out)["model"]["buffer"]["init_args"]["init"]
-        assert init["class_path"].endswith("UniformInit"), given
+            main(["fit", *given, "--data=jemkit.data.DigitsDataModule", "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)["model"]["buffer"]["init_args"]["init"]["class_path"]
+        assert printed.endswith(type(JEM(classifier).buffer.init).__name__), name
+
+
+def test_print_config_leaves_the_buffer_empty_when_the_classifier_cannot_be_built_here(capsys):
+    import yaml
+
+    given = ["--model.classifier=tests.helpers.ReadsFilesWhenBuilt", "--model.classifier.label_map=missing.json"]
+    with pytest.raises(SystemExit):
+        main(["fit", *given, "--data=jemkit.data.DigitsDataModule", "--print_config"])
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["model"]["buffer"] is None
+    assert "model.buffer left null: its default depends on the classifier" in captured.err
 
 
 def test_default_root_dir_moves_every_output_of_a_recipe(tmp_path, monkeypatch):

@@ -82,6 +82,10 @@ def test_comparison_picks_the_best_plain_score_per_set():
         "baseline_same_rule": {"score": "logpx", "auroc": 0.9},  # the JEM's rule on the plain classifier
     }
     assert "plain with logpx: 0.9000" in "\n".join(format_comparison(compared))
+    del baseline["ood"]["noise"]["logpx"]  # a baseline scored without the JEM's rule: no such figure, no crash
+    compared = comparison(report, baseline)
+    assert compared["ood"]["noise"]["baseline_same_rule"] == {"score": "logpx", "auroc": None}
+    assert "plain with" not in "\n".join(format_comparison(compared))
 
 
 def test_evaluate_command_with_a_baseline_state_dict(tmp_path, capsys):

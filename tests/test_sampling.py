@@ -152,6 +152,18 @@ def test_buffer_state_dict_loads_into_unsized_buffer():
     assert target.input_shape == (1, 4, 4)
 
 
+def test_a_fitted_restart_distribution_is_kept_or_its_loss_named():
+    fitted = GaussianInit().fit(torch.randn(12, 1, 4, 4), torch.arange(12) % 2, num_classes=2)
+    source = ReplayBuffer(capacity=20, input_shape=(1, 4, 4), num_classes=2, init=fitted)
+    same_kind = ReplayBuffer(capacity=20, num_classes=2, init=GaussianInit())
+    same_kind.load_state_dict(source.state_dict())
+    assert torch.equal(same_kind.init.means, fitted.means)
+    other_kind = ReplayBuffer(capacity=20, num_classes=2, init=UniformInit())
+    with pytest.warns(UserWarning, match="restarted its chains from a fitted distribution.*UniformInit"):
+        other_kind.load_state_dict(source.state_dict())
+    assert torch.equal(other_kind.samples, source.samples)  # the chains themselves are kept
+
+
 def test_buffer_errors():
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(capacity=0)

@@ -5,7 +5,8 @@ A JEM earns its cost only where it beats the classifier it came from plus what a
 the same way (calibration before and after temperature scaling, every OOD set with its own scores and the post-hoc
 detectors on its features) and :func:`comparison` puts the two side by side: for each OOD set, the JEM's
 recommended score (:data:`jemkit.scores.RECOMMENDED_SCORE`, ``logpx`` where it was not computed) against the best
-score of the plain classifier plus its toolbox.
+score of the plain classifier plus its toolbox (picked per set after the fact) and against the plain classifier's own
+figure with the JEM's rule, which is what that rule gives without training a JEM.
 """
 
 from __future__ import annotations

@@ -360,6 +360,14 @@ class ReplayBuffer(nn.Module):
         }
         if init_state and hasattr(self.init, "load_state_dict"):
             self.init.load_state_dict(init_state)
+        elif init_state:  # e.g. a 0.2 BatchNorm checkpoint (Gaussian restarts) resumed into a JEM built with 0.3's
+            warnings.warn(
+                f"the checkpoint's replay buffer restarted its chains from a fitted distribution (state "
+                f"{sorted(init_state)}), this one from {self.init!r}, which has none: resumed chains restart like this "
+                "one. To keep the checkpoint's, load it with JEM.load_from_checkpoint or build the JEM with its buffer "
+                "(e.g. buffer=ReplayBuffer(init=GaussianInit(uniform_fraction=0.5)))",
+                stacklevel=2,
+            )
         rank, world_size = _rank_and_world_size()
         if world_size > 1 and stored["samples"] is not None and stored["samples"].numel() > 0:
             lo, hi = self.shard_bounds(stored["samples"].shape[0], rank, world_size)
