@@ -59,7 +59,9 @@ def default_restarts(classifier: nn.Module | None = None) -> GaussianInit | Unif
     BatchNorm (sampled in train mode, each batch of samples normalised by its own statistics). With BatchNorm the
     mixture let the chains settle on low-contrast inputs that one class owns, and inputs that lose contrast under
     distribution shift were then all given that class (digits with BatchNorm, mean accuracy under shift 75.7% with
-    the mixture, 89.2% with box restarts: ``benchmarks/RESULTS.md``, "Under distribution shift")."""
+    the mixture, 89.2% with box restarts: ``benchmarks/RESULTS.md``, "Under distribution shift"). The rule looks at
+    the classifier only, not at ``sampling_mode``: box restarts were measured with train-mode sampling, the mode
+    ``"auto"`` picks for BatchNorm."""
     if classifier is not None and has_batchnorm(classifier):
         return UniformInit()
     return GaussianInit(uniform_fraction=0.5)
