@@ -19,6 +19,11 @@ predicts it: ``adapted(x)`` in a loop, ``Trainer.test(adapted, datamodule)`` (te
 (``Trainer(inference_mode=False)`` works as well). ``mode="episodic"`` resets before every batch; ``"continual"``
 keeps adapting until :meth:`~TestTimeAdaptation.reset`, which restores the wrapped model's adapted parameters
 exactly (call it between test sets, as Tent's and TEA's protocols do).
+
+What does the work, measured on jemkit's BatchNorm benchmark classifiers (``benchmarks/RESULTS.md``, "Under
+distribution shift"): the test batch's BatchNorm statistics. Alone they give the gains of both methods (digits under
+shift 83.8% -> 95.2%, Tent 95.3%, TEA 95.3%); either objective with the running statistics gives nothing at TEA's
+rate and hurts at ten times it. Keep ``batch_statistics=True`` with BatchNorm.
 """
 
 from __future__ import annotations
