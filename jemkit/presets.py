@@ -62,6 +62,10 @@ def default_restarts(classifier: nn.Module | None = None) -> GaussianInit | Unif
     the mixture, 89.2% with box restarts: ``benchmarks/RESULTS.md``, "Under distribution shift"). The rule looks at
     the classifier only, not at ``sampling_mode``: box restarts were measured with train-mode sampling, the mode
     ``"auto"`` picks for BatchNorm."""
+    if classifier is not None and not isinstance(classifier, nn.Module):
+        raise TypeError(
+            f"classifier must be an nn.Module (the built classifier, not its config), got {type(classifier).__name__}"
+        )
     if classifier is not None and has_batchnorm(classifier):
         return UniformInit()
     return GaussianInit(uniform_fraction=0.5)

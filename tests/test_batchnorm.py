@@ -7,6 +7,7 @@ from torch import nn
 from jemkit import JEM, SGLD, DigitsDataModule, GaussianInit, ReplayBuffer, UniformInit
 from jemkit.adapters import sampling_context
 from jemkit.models import SmallCNN
+from jemkit.presets import default_restarts
 from tests.helpers import TinyMLP, loader, trainer
 
 
@@ -58,6 +59,8 @@ def test_the_default_chains_restart_from_the_box_with_batchnorm_and_from_a_mixtu
     given = JEM(TinyMLP(batchnorm=True), buffer=ReplayBuffer(init=GaussianInit(uniform_fraction=0.5)))
     assert type(given.buffer.init) is GaussianInit
     assert type(JEM(TinyMLP(batchnorm=True), preset="jempp").buffer.init) is GaussianInit
+    with pytest.raises(TypeError, match=r"classifier must be an nn\.Module .*not its config.*got dict"):
+        default_restarts({"class_path": "jemkit.models.SmallCNN"})
 
 
 @pytest.mark.slow
