@@ -81,6 +81,7 @@ from jemkit.models import MLP, SignalCNN, SmallCNN, WideResNet
 from jemkit.sampling.compiled import COMPILE_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: import the sibling file
+from benchmark_trainer import quiet_trainer
 from reference_jem import ReferenceJEM
 
 CONTENDERS = ("classifier", "reference", "reference_amp", "jemkit", "jemkit_defaults", "jemkit_yopo", "jemkit_plain")
@@ -394,16 +395,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batons, threads = {}, []
         for name, module in modules.items():
             batons[name] = Baton(name, meter)
-            trainer = pl.Trainer(
+            trainer = quiet_trainer(
+                total,
                 accelerator="gpu" if device.type == "cuda" else "cpu",
                 devices=1,
                 precision="bf16-mixed" if amp_dtype is not None else "32-true",
-                max_steps=total,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
                 default_root_dir=root,
                 callbacks=[batons[name]],
             )

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import json
 import sys
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -41,8 +40,11 @@ from lightning.pytorch.profilers import Profiler
 from torch.autograd.profiler_util import FunctionEvent
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from benchmark_trainer import StepWindow, quiet_trainer  # noqa: E402
 
 import jemkit.module  # noqa: E402
 from jemkit import JEM, DigitsDataModule  # noqa: E402
@@ -161,29 +163,26 @@ def exclusive_times(events: Sequence[FunctionEvent]) -> dict[str, float]:
     return dict(totals)
 
 
-class Window(pl.Callback):
-    """Times every step (batch start to the next batch start) and profiles steps ``[warmup, warmup + steps)``."""
+class Window(StepWindow):
+    """Times steps ``[warmup, warmup + steps)`` and, when ``profile``, records them with the torch profiler."""
 
     def __init__(self, warmup: int, steps: int, profile: bool) -> None:
-        self.warmup, self.steps, self.profile = warmup, steps, profile
+        super().__init__(warmup, steps)
+        self.profile = profile
         self.prof: torch.profiler.profile | None = None
-        self.started = self.seconds = 0.0
         self.annotations: contextlib.ExitStack | None = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, _: int) -> None:
-        i = trainer.global_step  # batch indices restart every epoch
-        if i == self.warmup:
-            if self.profile:
-                self.annotations = contextlib.ExitStack()
-                self.annotations.enter_context(annotated(JEMKIT_PARTS))
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                self.prof.start()
-            self.started = time.perf_counter()
-        elif i == self.warmup + self.steps:
-            self.seconds = time.perf_counter() - self.started
-            if self.prof is not None:
-                self.prof.stop()
-                self.annotations.close()
+    def on_window_start(self) -> None:
+        if self.profile:
+            self.annotations = contextlib.ExitStack()
+            self.annotations.enter_context(annotated(JEMKIT_PARTS))
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.prof.start()
+
+    def on_window_end(self) -> None:
+        if self.prof is not None:
+            self.prof.stop()
+            self.annotations.close()
 
 
 def run(config: str, steps: int, warmup: int, profile: bool, seed: int = 0) -> dict[str, Any]:
@@ -192,15 +191,8 @@ def run(config: str, steps: int, warmup: int, profile: bool, seed: int = 0) -> d
     dm = DigitsDataModule(batch_size=64)
     jem = JEM(SmallCNN(num_classes=10, in_channels=1), **CONFIGS[config]())
     window = Window(warmup, steps, profile)
-    trainer = pl.Trainer(
-        max_steps=warmup + steps + 1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        warmup + steps + 1,
         profiler=RecordFunctionProfiler() if profile else None,
         callbacks=[window],  # the JEM adds its DivergenceGuard, as in any run
     )

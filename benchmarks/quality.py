@@ -51,8 +51,11 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from benchmark_trainer import quiet_trainer  # noqa: E402
 
 from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer, UniformInit  # noqa: E402
 from jemkit.adapters import class_labels  # noqa: E402
@@ -299,19 +302,9 @@ def run_one(
     if pretrained is not None:
         classifier.load_state_dict(torch.load(pretrained, map_location="cpu"))
     jem = JEM(classifier, **CONFIGS[config]())
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
     start = time.perf_counter()
     if steps > 0:
-        trainer.fit(jem, dm)
+        quiet_trainer(steps).fit(jem, dm)
     seconds = time.perf_counter() - start
     if save_to is not None:
         torch.save(classifier.state_dict(), save_to)

@@ -35,7 +35,6 @@ import math
 import multiprocessing as mp
 import statistics
 import sys
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -54,6 +53,7 @@ for path in (ROOT, ROOT.parent):
         sys.path.insert(0, str(path))
 
 from bench_step import RepeatedBatch, flop_counter  # noqa: E402
+from benchmark_trainer import StepWindow, quiet_trainer  # noqa: E402
 
 from jemkit import JEM, PYLD, GaussianInit, ReplayBuffer  # noqa: E402
 from jemkit.models import SmallCNN  # noqa: E402
@@ -75,35 +75,14 @@ def _median(values: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-class _Window(pl.Callback):
-    """Seconds from the start of step ``warmup`` to the start of step ``warmup + steps`` (whole loop iterations)."""
-
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps, self.started, self.seconds = warmup, steps, 0.0, 0.0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, _: int) -> None:
-        if trainer.global_step == self.warmup:
-            self.started = time.perf_counter()
-        elif trainer.global_step == self.warmup + self.steps:
-            self.seconds = time.perf_counter() - self.started
-
-
 def step_ms(make_jem: Callable[[], JEM], x: Tensor, y: Tensor, steps: int, warmup: int = 2, seed: int = 0) -> float:
     """Milliseconds per Lightning step of a fresh JEM on a fixed batch (no data loading), after ``warmup`` steps."""
     pl.seed_everything(seed, verbose=False)
     jem = make_jem()
-    window = _Window(warmup, steps)
-    trainer = pl.Trainer(
-        max_steps=warmup + steps + 1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[window],
+    window = StepWindow(warmup, steps)
+    quiet_trainer(warmup + steps + 1, callbacks=[window]).fit(
+        jem, DataLoader(RepeatedBatch(x, y, warmup + steps + 1), batch_size=None)
     )
-    trainer.fit(jem, DataLoader(RepeatedBatch(x, y, warmup + steps + 1), batch_size=None))
     return 1e3 * window.seconds / steps
 
 

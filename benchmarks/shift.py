@@ -41,8 +41,11 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from benchmark_trainer import quiet_trainer  # noqa: E402
 
 from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer, UniformInit  # noqa: E402
 from jemkit.adapt import EnergyAdaptation, Tent, norm_parameters  # noqa: E402
@@ -101,18 +104,8 @@ def _train(scenario: str, config: str, seed: int, steps: int) -> tuple[Any, JEM,
     dm = make_data()
     dm.setup("fit")
     jem = JEM(make_model(dm), **CONFIGS[config]())
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
     start = time.perf_counter()
-    trainer.fit(jem, dm)
+    quiet_trainer(steps).fit(jem, dm)
     return dm, jem.eval(), time.perf_counter() - start
 
 
