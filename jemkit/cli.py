@@ -274,7 +274,8 @@ def _configured_classifier(model: Any) -> nn.Module | None:
     default buffer it gets (:func:`jemkit.presets.default_restarts`): built on the meta device, without the arguments
     that load weights and with a ``with_weights`` wrapper replaced by the classifier inside it (nothing is downloaded
     or allocated). ``None`` where it cannot be built here."""
-    config = _architecture(_plain_dict(_without_weight_loading(model.get("classifier"))))
+    config = _without_weight_loading(model.get("classifier"))
+    config = _architecture(config.as_dict() if isinstance(config, Namespace) else config)
     if not (isinstance(config, dict) and "class_path" in config):
         return None
     try:
@@ -303,15 +304,6 @@ def _build(config: Any) -> Any:
         return config
     factory = _import(config["class_path"])
     return factory(**{k: _build(v) for k, v in (config.get("init_args") or {}).items()})
-
-
-def _plain_dict(value: Any) -> Any:
-    """A parsed config (jsonargparse Namespaces) as nested dicts."""
-    if isinstance(value, Namespace):
-        value = vars(value)
-    if isinstance(value, dict):
-        return {k: _plain_dict(v) for k, v in value.items()}
-    return value
 
 
 def _namespace(value: Any) -> Any:
