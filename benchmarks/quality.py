@@ -58,15 +58,15 @@ for path in (ROOT, ROOT / "benchmarks"):
 from benchmark_trainer import quiet_trainer  # noqa: E402
 
 from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer, UniformInit  # noqa: E402
-from jemkit.adapters import class_labels  # noqa: E402
+from jemkit.batches import class_labels  # noqa: E402
 from jemkit.data import SignalsDataModule, TabularDataModule  # noqa: E402
 from jemkit.data.ood import InDomain, Interpolated, PixelShuffled, UniformNoise  # noqa: E402
-from jemkit.detectors import POSTHOC_DETECTORS  # noqa: E402
 from jemkit.metrics import CalibrationMetrics, ood_metrics  # noqa: E402
 from jemkit.metrics.temperature import fit_temperature  # noqa: E402
 from jemkit.models import MLP, SignalCNN, SmallCNN, SmallResNet  # noqa: E402
+from jemkit.ood.detectors import POSTHOC_DETECTORS  # noqa: E402
+from jemkit.ood.scores import SCORES, PostHocScores, score_batches  # noqa: E402
 from jemkit.optim import SAM  # noqa: E402
-from jemkit.scores import SCORES, PostHocScores, score_batches  # noqa: E402
 
 OOD_SETS = ("noise", "shuffled", "mixtures", "heldout")
 ALL_SCORES = (*SCORES, *POSTHOC_DETECTORS)  # the classifier's own scores, then pytorch-ood's detectors on its features

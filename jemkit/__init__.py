@@ -3,17 +3,16 @@
 Public API: everything in ``__all__``; other names may change between releases.
 """
 
-__version__ = "0.3.0"
-
-from jemkit.adapters import select_logits
+from jemkit._version import __version__
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
 from jemkit.checkpoint import AtomicCheckpointIO
+from jemkit.classifier import select_logits
 from jemkit.data import DigitsDataModule, GaussianMixtureDataModule
-from jemkit.detectors import POSTHOC_DETECTORS, PostHocDetectors
 from jemkit.divergence import DivergenceError
 from jemkit.energy import energy_matrix, joint_energy, log_px, log_py_given_x, marginal_energy
-from jemkit.features import FeatureHook, extract_features, last_linear
 from jemkit.module import JEM
+from jemkit.ood.detectors import POSTHOC_DETECTORS, PostHocDetectors
+from jemkit.ood.features import FeatureHook, extract_features, last_linear
 from jemkit.sampling import MALA, PYLD, SGLD, Chains, GaussianInit, InputDomain, ReplayBuffer, UniformInit
 
 __all__ = [

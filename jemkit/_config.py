@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from lightning.pytorch.core.mixins import HyperparametersMixin
 
-__all__ = ["from_config", "hparams_record", "is_plain", "to_config"]
+__all__ = ["from_config", "hparams_record", "import_path", "is_plain", "to_config"]
 
 T = TypeVar("T")
 
@@ -42,15 +42,23 @@ def to_config(obj: object) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
+def import_path(path: str) -> Any:
+    """The object a dotted path ``module.attr`` names (a class, a function, a module attribute): the one place jemkit
+    imports by name. ``ImportError``, ``AttributeError`` or ``ValueError`` (not a dotted path) otherwise."""
+    module_name, _, name = path.rpartition(".")
+    if not module_name or not name:
+        raise ValueError(f"expected a dotted path module.attr, got {path!r}")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def from_config(config: dict[str, Any], base: type[T]) -> T:
     """Build the object a :func:`to_config` dict describes; only subclasses of ``base`` are accepted."""
     if not isinstance(config, dict) or "class_path" not in config:
         raise ValueError(
             f"expected a {{'class_path': ..., 'init_args': ...}} dict for a {base.__name__}, got {config!r}"
         )
-    module_name, _, class_name = config["class_path"].rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = import_path(config["class_path"])
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"cannot import {config['class_path']!r} for a {base.__name__}") from err
     if not (isinstance(cls, type) and issubclass(cls, base)):

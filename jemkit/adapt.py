@@ -38,8 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from jemkit.adapters import OutputKey, restored_modes, select_logits, unpack_batch
-from jemkit.checks import check_integer
+from jemkit.batches import unpack_batch
+from jemkit.checks import check_choice, check_integer
+from jemkit.classifier import OutputKey, restored_modes, select_logits
 from jemkit.energy import marginal_energy
 from jemkit.metrics.calibration import CalibrationMetrics
 from jemkit.sampling import SGLD, Chains, InitialDistribution, InputDomain, ReplayBuffer, Sampler, UniformInit
@@ -354,14 +355,13 @@ def _lr(optimizer: torch.optim.Optimizer) -> Any:
 
 
 ADAPT_METHODS: dict[str, type[TestTimeAdaptation]] = {"energy": EnergyAdaptation, "tent": Tent}
-"""Adapters by name, as :func:`make_adapter`, ``ShiftOptions.adapt`` and ``jemkit evaluate --adapt`` take them."""
+"""Adapters by name, as :func:`make_adapter`, ``ShiftOptions.adapt`` and ``jemkit evaluate --shift.adapt`` take them."""
 
 
 def make_adapter(method: str, model: nn.Module, domain: InputDomain | None = None, **kwargs: Any) -> TestTimeAdaptation:
     """The adapter ``method`` (``"energy"`` or ``"tent"``) around ``model``; ``domain`` is used by the energy
     adaptation only; ``kwargs`` go to the adapter's constructor."""
-    if method not in ADAPT_METHODS:
-        raise ValueError(f"unknown adaptation method {method!r}; expected one of {', '.join(ADAPT_METHODS)}")
+    check_choice("adaptation method", method, ADAPT_METHODS)
     if method == "energy":
         return EnergyAdaptation(model, domain=domain, **kwargs)
     return ADAPT_METHODS[method](model, **kwargs)

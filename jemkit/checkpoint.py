@@ -24,7 +24,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 from typing_extensions import override
 
-from jemkit.adapters import sampling_context
+from jemkit._version import __version__
+from jemkit.classifier import sampling_context
 from jemkit.divergence import DivergenceError
 
 __all__ = [
@@ -48,8 +49,6 @@ TRUST_HINT = "torch.load(path, weights_only=False)"
 
 def jemkit_section(classifier: nn.Module, num_classes: int | None, input_shape: tuple[int, ...] | None) -> dict:
     """What a JEM checkpoint records about the model, checked by :func:`check_jemkit_section` when it loads."""
-    from jemkit import __version__
-
     return {
         "version": __version__,
         "num_classes": num_classes,

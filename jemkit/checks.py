@@ -12,12 +12,14 @@ from torch import Tensor
 from jemkit.energy import check_labels, check_logits
 
 __all__ = [
+    "check_choice",
     "check_first_batch",
     "check_input_scale",
     "check_input_shape",
     "check_integer",
     "check_jem_arguments",
     "check_label_count",
+    "check_names",
     "check_nonnegative",
     "input_scale_hint",
 ]
@@ -39,6 +41,23 @@ def check_nonnegative(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def check_choice(name: str, value: Any, known: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``known``; ``ValueError`` naming ``name``, the value and every choice otherwise."""
+    if value not in known:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, known))}")
+    return value
+
+
+def check_names(kind: str, given: Sequence[str], known: Sequence[str], allow_empty: bool = True) -> list[str]:
+    """``given`` as a list when every name is one of ``known`` (e.g. OOD sets, scores, detectors); ``ValueError``
+    naming the unknown ones and every known name otherwise. The one check of a list of names."""
+    given = [given] if isinstance(given, str) else list(given)
+    unknown = [name for name in given if name not in known]
+    if unknown or (not given and not allow_empty):
+        raise ValueError(f"unknown {kind} {unknown or given}; expected some of {', '.join(known)}")
+    return given
 
 
 def check_input_shape(x: Tensor, expected: Sequence[int] | None, stage: str) -> None:
@@ -98,8 +117,7 @@ def check_jem_arguments(
     settings: dict[str, Any], temperature: float, num_classes: int | None, margins: tuple[float, float] | None
 ) -> None:
     """``ValueError`` naming the first argument out of its range."""
-    if not settings["data_noise"] >= 0:
-        raise ValueError(f"data_noise must be >= 0, got {settings['data_noise']!r}")
+    check_nonnegative("data_noise", settings["data_noise"])
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if num_classes is not None and num_classes < 2:

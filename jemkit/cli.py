@@ -12,7 +12,6 @@ hyper-parameters, ``JEM.load_from_checkpoint(path)`` rebuilds the classifier wit
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import warnings
@@ -26,7 +25,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
-from jemkit._config import _without_weight_loading
+from jemkit._config import _without_weight_loading, import_path
 from jemkit.checkpoint import load_checkpoint_file, upgraded_hyper_parameters
 from jemkit.divergence import DivergenceError
 from jemkit.losses import objective_weights
@@ -246,15 +245,10 @@ def _same_setting(key: str, a: Any, b: Any) -> bool:
         return True
     if key.endswith("class_path") and isinstance(a, str) and isinstance(b, str):
         try:
-            return _import(a) is _import(b)
+            return import_path(a) is import_path(b)
         except (ImportError, AttributeError, ValueError):
             return False
     return False
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 _WEIGHT_ARGUMENTS = frozenset({"weights", "pretrained", "weights_backbone", "pretrained_backbone", "path"})
@@ -302,7 +296,7 @@ def _build(config: Any) -> Any:
         return [_build(v) for v in config]
     if not (isinstance(config, dict) and "class_path" in config):
         return config
-    factory = _import(config["class_path"])
+    factory = import_path(config["class_path"])
     return factory(**{k: _build(v) for k, v in (config.get("init_args") or {}).items()})
 
 

@@ -89,7 +89,9 @@ def log_px(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def log_py_given_x(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``log p(y | x) = E(x) - E(x, y)`` for every class, i.e. ``log_softmax(f(x) / T)``: ``[B, C] -> [B, C]``."""
+    """``log p(y | x) = log_softmax(f(x) / T)`` for every class: ``[B, C] -> [B, C]``. At ``T = 1`` this is
+    ``E(x) - E(x, y)``; at other temperatures ``E(x)`` carries a factor ``T`` that ``E(x, y)`` does not, and the
+    identity becomes ``E(x) / T - E(x, y)``."""
     check_logits(logits)
     _check_temperature(temperature)
     return torch.log_softmax(logits / temperature, dim=1)

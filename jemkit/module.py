@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from jemkit._config import from_config, hparams_record
-from jemkit.adapters import OutputKey, can_share_forward, sampling_context, select_logits, split_outliers, unpack_batch
+from jemkit.batches import split_outliers, unpack_batch
 from jemkit.checkpoint import (
     check_finite_parameters,
     check_finite_state,
@@ -33,16 +33,16 @@ from jemkit.checkpoint import (
     load_with_clear_errors,
 )
 from jemkit.checks import check_first_batch, check_input_scale, check_input_shape, check_jem_arguments
+from jemkit.classifier import OutputKey, can_share_forward, sampling_context, select_logits
 from jemkit.divergence import DivergenceError
 from jemkit.energy import joint_energy, marginal_energy
 from jemkit.losses import DEFAULT_WEIGHTS, DrawnInputs, JEMLogits, jem_objective, margins_from_energies
 from jemkit.losses import classification_loss as classification_loss_fn
 from jemkit.metrics.calibration import CalibrationMetrics
+from jemkit.ood.scores import score_batches
 from jemkit.optim import configure_optimizer, scaled_learning_rates
 from jemkit.presets import resolve_settings
 from jemkit.sampling import Chains, InitialDistribution, InputDomain, ReplayBuffer, Sampler
-from jemkit.sampling.unrolled import unrolled_refine
-from jemkit.scores import score_batches
 
 __all__ = ["JEM", "DivergenceError"]
 
@@ -83,7 +83,7 @@ class JEM(pl.LightningModule):
             box. Default: fitted on the training data when training starts.
         sampling_mode: how BatchNorm/Dropout behave while sampling and in the p(x) contrast: ``"train"``, ``"eval"``
             or ``"auto"`` (default: ``"train"`` with BatchNorm, else ``"eval"``; see
-            :func:`jemkit.adapters.resolve_sampling_mode`).
+            :func:`jemkit.classifier.resolve_sampling_mode`).
         output_key: how to read logits from a classifier returning a tuple/dict: a key, an index or a callable.
         lr: learning rate of the default Adam optimiser (ignored when ``optimizer`` is given).
         optimizer: optimiser factory ``params -> Optimizer`` (LightningCLI: ``class_path`` in YAML).
@@ -187,23 +187,22 @@ class JEM(pl.LightningModule):
         logits = self(x)
         return marginal_energy(logits, self.temperature) if y is None else joint_energy(logits, y, self.temperature)
 
-    def sample(self, n: int, y: Tensor | None = None, n_steps: int | None = None, from_buffer: bool = True) -> Tensor:
+    def sample(self, n: int, y: Tensor | None = None, n_steps: int | None = None, source: str = "buffer") -> Tensor:
         """Draw ``n`` samples ``[n, *input_shape]`` (class-conditional when ``y [n]`` is given).
 
-        Chains start from the replay buffer (``from_buffer=True``, conditional buffers only for ``y``) or from the
-        initial distribution; the buffer is left unchanged. Works inside validation/inference mode as well.
+        ``source="buffer"`` continues the chains the replay buffer holds (conditional buffers only for ``y``) for the
+        sampler's steps; ``"fresh"`` starts new chains from the buffer's initial distribution and runs five times as
+        many (:meth:`Chains.steps_for <jemkit.sampling.Chains.steps_for>`); ``n_steps`` overrides either. The buffer is
+        left unchanged. Works inside validation/inference mode as well.
         """
         y = y.to(self.device).long() if y is not None else None
-        return self.chains.refine(self.energy, self.chains.start(n, y, from_buffer), y, n_steps)
+        return self.chains.sample(self.energy, n, y, source, n_steps)
 
-    def purify(self, x: Tensor, n_steps: int, differentiable: bool = False) -> Tensor:
+    def purify(self, x: Tensor, n_steps: int) -> Tensor:
         """JEM's defence: ``n_steps`` of the sampler on ``log p(x)`` started at the inputs ``x``, before classifying.
 
-        ``differentiable=True`` unrolls the steps so that an attack can take exact gradients through them (gradient
-        checkpointing keeps memory flat in ``n_steps``); see :func:`jemkit.sampling.unrolled.unrolled_refine`.
+        Its exact gradient, for attacks through the defence, is :func:`jemkit.sampling.unrolled.unrolled_refine`.
         """
-        if differentiable:
-            return unrolled_refine(self, x, n_steps)
         return self.chains.refine(self.energy, x, None, n_steps)
 
     # ------------------------------------------------------------------ training

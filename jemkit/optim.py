@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from jemkit.checks import check_choice
+
 __all__ = ["SAM", "configure_optimizer", "scaled_learning_rates", "scheduled_state_dict"]
 
 
@@ -116,8 +118,7 @@ class SAM(torch.optim.Optimizer):
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho!r}")
         if isinstance(base, str):
-            if base.lower() not in _BASES:
-                raise ValueError(f"unknown base optimiser {base!r}; expected one of {', '.join(_BASES)}")
+            check_choice("base optimiser", base.lower(), tuple(_BASES))
             base = _BASES[base.lower()]
         kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
         if momentum:

@@ -19,7 +19,8 @@ from typing import Any
 from torch import nn
 
 from jemkit._config import is_plain, to_config
-from jemkit.adapters import has_batchnorm
+from jemkit.checks import check_choice
+from jemkit.classifier import has_batchnorm
 from jemkit.losses import objective_weights
 from jemkit.optim import SAM
 from jemkit.sampling import PYLD, SGLD, GaussianInit, ReplayBuffer, UniformInit
@@ -127,8 +128,7 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"jem": _jem, "jempp": _jempp
 
 def preset_settings(name: str) -> dict[str, Any]:
     """The settings of preset ``name`` (fresh objects); ``ValueError`` naming the presets on an unknown name."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
+    check_choice("preset", name, sorted(PRESETS))
     return PRESETS[name]()
 
 

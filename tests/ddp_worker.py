@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jemkit import JEM, SGLD, ReplayBuffer
 from jemkit.callbacks import CalibrationMonitor, DivergenceGuard, OODMonitor, SampleGrid
 from jemkit.checkpoint import AtomicCheckpointIO
+from jemkit.ood import OODOptions
 from jemkit.optim import SAM
 from tests.helpers import TinyMLP
 
@@ -92,7 +93,7 @@ def main(mode: str, out: str, devices: int, max_steps: int) -> None:
         callbacks=[
             ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True, every_n_train_steps=2),
             CalibrationMonitor(),
-            OODMonitor(ood_sets=["uniform"], max_samples=32),
+            OODMonitor(OODOptions(sets=["uniform"]), max_samples=32),
             SampleGrid(num_samples=16),
             DivergenceGuard(action="rollback", snapshot_every_n_steps=2),
             Record(out_dir, f"{mode}{devices}"),

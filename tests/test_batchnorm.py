@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from jemkit import JEM, SGLD, DigitsDataModule, GaussianInit, ReplayBuffer, UniformInit
-from jemkit.adapters import sampling_context
+from jemkit.classifier import sampling_context
 from jemkit.models import SmallCNN
 from jemkit.presets import default_restarts
 from tests.helpers import TinyMLP, loader, trainer

@@ -8,6 +8,7 @@ from jemkit import JEM, SGLD, DigitsDataModule, GaussianMixtureDataModule, Repla
 from jemkit.callbacks import CalibrationMonitor, OODMonitor, SampleGrid
 from jemkit.metrics import CalibrationMetrics, fit_temperature
 from jemkit.models import SmallCNN
+from jemkit.ood import OODOptions
 from tests.helpers import TinyMLP
 
 
@@ -33,7 +34,7 @@ def small_digits_jem():
 
 def test_callbacks_write_files_and_log_metrics_during_fit(tmp_path):
     calibration = CalibrationMonitor(temperature_scaling=True)
-    ood = OODMonitor(ood_sets=["uniform", "interp"], max_samples=64)
+    ood = OODMonitor(OODOptions(sets=["uniform", "interp"]), max_samples=64)
     samples = SampleGrid(per_class=2, num_samples=16, fresh_steps=3)
     trainer = fit(tmp_path, small_digits_jem(), DigitsDataModule(batch_size=32), [calibration, ood, samples])
     log_dir = tmp_path / "logs" / "version_0"
@@ -108,16 +109,18 @@ def test_sample_grid_draws_energy_landscape_for_2d_data(tmp_path):
 def test_ood_monitor_rejects_bad_sets(tmp_path):
     wrong_shape = TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4))
     with pytest.raises(ValueError, match=r"has inputs of shape \(3, 8, 8\) but the model expects \(1, 8, 8\)"):
-        fit(
-            tmp_path, small_digits_jem(), DigitsDataModule(), [OODMonitor(ood_sets=[], extra_sets={"rgb": wrong_shape})]
-        )
+        monitor = OODMonitor(OODOptions(sets=[]), extra_sets={"rgb": wrong_shape})
+        fit(tmp_path, small_digits_jem(), DigitsDataModule(), [monitor])
     empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0))
     with pytest.raises(ValueError, match="empty"):
-        fit(tmp_path, small_digits_jem(), DigitsDataModule(), [OODMonitor(ood_sets=[], extra_sets={"none": empty})])
+        monitor = OODMonitor(OODOptions(sets=[]), extra_sets={"none": empty})
+        fit(tmp_path, small_digits_jem(), DigitsDataModule(), [monitor])
     with pytest.raises(ValueError, match="at least one OOD set"):
-        OODMonitor(ood_sets=[])
+        OODMonitor(OODOptions(sets=[]))
     with pytest.raises(ValueError, match="unknown OOD score"):
-        OODMonitor(scores=["entropy"])
+        OODMonitor(OODOptions(scores=["entropy"]))
+    with pytest.raises(ValueError, match="max_samples must be an integer >= 1"):
+        OODMonitor(max_samples=0)
 
 
 class RecordingExperiment:

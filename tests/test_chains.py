@@ -22,12 +22,12 @@ def test_draw_continues_the_buffer_chains_and_writes_them_back():
 
 
 def test_start_and_refine_leave_the_buffer_alone():
-    buffer = ReplayBuffer(capacity=8, reinit_prob=0.0, input_shape=(2,), init=UniformInit(5.0, 6.0))
+    buffer = ReplayBuffer(capacity=8, reinit_prob=1.0, input_shape=(2,), init=UniformInit(5.0, 6.0))
     before = buffer.samples.clone()
     chains = Chains(nn.Identity(), SGLD(n_steps=3, step_size=0.5, noise_std=0.0), buffer)
-    from_buffer = chains.start(16)
+    from_buffer = chains.start(16)  # what the buffer holds: no restarts, though every draw in training restarts
     assert all(any(torch.equal(row, slot) for slot in before) for row in from_buffer)
-    fresh = chains.start(16, from_buffer=False)
+    fresh = chains.start(16, source="fresh")
     assert fresh.min() >= 5.0 and fresh.max() <= 6.0  # the initial distribution
     torch.testing.assert_close(chains.refine(half_norm_energy, fresh, n_steps=1), fresh * 0.5)
     torch.testing.assert_close(chains.refine(half_norm_energy, fresh), fresh * 0.125)  # the sampler's own 3 steps
@@ -99,3 +99,19 @@ def test_yopo_chains_refuse_classifiers_that_transform_their_input_first():
     chains = Chains(Scaled(), PYLD(n_steps=1, inner_steps=2), ReplayBuffer(capacity=8, input_shape=(2,)))
     with pytest.raises(ValueError, match="takes its input as it is"):
         chains.draw(lambda x, y=None: -chains.classifier(x).logsumexp(1), 4)
+
+
+def test_sample_is_the_one_policy_for_both_sources():
+    buffer = ReplayBuffer(capacity=4, reinit_prob=1.0, input_shape=(2,), init=UniformInit(5.0, 6.0))
+    before = buffer.samples.clone()
+    chains = Chains(nn.Identity(), SGLD(n_steps=1, step_size=0.5, noise_std=0.0), buffer)
+    assert chains.steps_for("buffer") == 1 and chains.steps_for("fresh") == 5 and chains.steps_for("fresh", 2) == 2
+    stored = chains.sample(half_norm_energy, 8, source="buffer")  # one step of x(1 - 0.5) from stored chains
+    assert all(any(torch.allclose(row, slot * 0.5) for slot in before) for row in stored)
+    fresh = chains.sample(half_norm_energy, 8, source="fresh")  # five steps from U(5, 6)
+    assert fresh.min() >= 5.0 / 32 - 1e-6 and fresh.max() <= 6.0 / 32 + 1e-6
+    assert torch.equal(buffer.samples, before)
+    with pytest.raises(ValueError, match="unknown sample source 'replay'; expected one of 'buffer', 'fresh'"):
+        chains.sample(half_norm_energy, 2, source="replay")
+    with pytest.raises(ValueError, match="n_steps must be an integer >= 0"):
+        chains.steps_for("buffer", -1)

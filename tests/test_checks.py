@@ -88,3 +88,23 @@ def test_a_divergence_on_raw_pixels_names_the_inputs_and_the_suggested_scaling_t
         warnings.filterwarnings("error", message=".*span.*")
         trainer(tmp_path, max_steps=10).fit(jem, DataLoader(TensorDataset(fixed, y), batch_size=64, shuffle=True))
     assert torch.isfinite(jem.step_stats["loss"]) and abs(float(jem.step_stats["energy_gap"])) < 1e3
+
+
+def test_names_and_choices_are_checked_in_one_place():
+    from jemkit._config import import_path
+    from jemkit.checks import check_choice, check_names
+
+    assert check_names("OOD set(s)", ("uniform",), ["uniform", "interp"]) == ["uniform"]
+    assert check_names("OOD set(s)", [], ["uniform"]) == []
+    with pytest.raises(ValueError, match=r"unknown OOD set\(s\) \['svhn'\]; expected some of uniform, interp"):
+        check_names("OOD set(s)", ["svhn", "uniform"], ["uniform", "interp"])
+    with pytest.raises(ValueError, match=r"unknown sample source\(s\) \[\]"):
+        check_names("sample source(s)", [], ["buffer"], allow_empty=False)
+    assert check_choice("norm", "l2", ("linf", "l2")) == "l2"
+    with pytest.raises(ValueError, match="unknown norm 'l1'; expected one of 'linf', 'l2'"):
+        check_choice("norm", "l1", ("linf", "l2"))
+    assert import_path("jemkit.sampling.SGLD").__name__ == "SGLD"
+    with pytest.raises(ValueError, match=r"expected a dotted path module\.attr, got 'SGLD'"):
+        import_path("SGLD")
+    with pytest.raises(AttributeError):
+        import_path("jemkit.sampling.NoSuchSampler")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from jemkit.adapters import has_batchnorm, is_mode_sensitive, sampling_context, select_logits
+from jemkit.classifier import has_batchnorm, is_mode_sensitive, sampling_context, select_logits
 
 
 def test_select_logits_from_tensor_dict_tuple_and_callable():
@@ -49,7 +49,7 @@ def test_sampling_context_restores_modes_and_running_stats(mode):
 
 
 def test_a_bad_sampling_mode_is_refused_once_where_it_is_resolved():
-    from jemkit.adapters import resolve_sampling_mode
+    from jemkit.classifier import resolve_sampling_mode
 
     with pytest.raises(ValueError, match="sampling_mode must be 'auto', 'eval' or 'train', got 'batch'"):
         resolve_sampling_mode("batch", nn.Linear(1, 1))

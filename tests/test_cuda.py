@@ -37,7 +37,7 @@ def test_compiled_step_on_cuda_follows_the_eager_chains(mode):
 def test_mala_on_cuda():
     jem = JEM(SmallCNN(width=8), sampler=MALA(n_steps=10, step_size=1e-3)).cuda()
     jem.buffer.initialize((1, 8, 8), device="cuda")
-    x = jem.sample(16, from_buffer=False)
+    x = jem.sample(16, source="fresh")
     assert x.is_cuda and torch.isfinite(x).all()
     assert 0.0 < float(jem.sampler.acceptance_rate) <= 1.0
 

@@ -172,7 +172,7 @@ def test_toy_is_deterministic_per_seed_and_validates_arguments():
         dm.setup()
     assert torch.equal(a.train_dataset.tensors[0], b.train_dataset.tensors[0])
     assert not torch.equal(a.train_dataset.tensors[0], c.train_dataset.tensors[0])
-    with pytest.raises(ValueError, match=r"num_classes must be >= 2, got 1"):
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 2, got 1"):
         GaussianMixtureDataModule(num_classes=1)
     with pytest.raises(ValueError, match=r"std=0"):
         GaussianMixtureDataModule(std=0)
@@ -272,7 +272,7 @@ def test_mnist_split_seed_padding_and_size_check(mnist_root):
 
     with pytest.raises(ValueError, match=r"val_size must be smaller than the 40 training images of MNIST, got 40"):
         MNISTDataModule(root=str(mnist_root), val_size=40).setup("fit")
-    with pytest.raises(ValueError, match=r"val_size must be >= 0 images, got -1"):
+    with pytest.raises(ValueError, match=r"val_size must be an integer >= 0, got -1"):
         MNISTDataModule(val_size=-1)
 
 

@@ -8,7 +8,7 @@ import pytest
 from jemkit import DigitsDataModule
 from jemkit.cli import main
 from jemkit.evaluate import evaluate, format_report
-from jemkit.evaluate.command import load_jem
+from jemkit.evaluate.loading import load_jem
 from jemkit.evaluate.shift import ShiftOptions
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"

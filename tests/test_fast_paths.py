@@ -33,7 +33,7 @@ class QuadraticFeatures(nn.Module):
 
 def conditional_samples(jem):
     y = torch.tensor([0, 1]).repeat(2000)
-    return jem.sample(len(y), y=y, from_buffer=False), y
+    return jem.sample(len(y), y=y, n_steps=jem.sampler.n_steps, source="fresh"), y
 
 
 def test_bf16_autocast_keeps_sampler_statistics():

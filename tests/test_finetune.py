@@ -12,7 +12,7 @@ from jemkit.cli import main
 from jemkit.data.ood import PixelShuffled, UniformNoise
 from jemkit.metrics import CalibrationMetrics, ood_metrics
 from jemkit.models import SmallCNN
-from jemkit.scores import score_batches
+from jemkit.ood.scores import score_batches
 from tests.helpers import FakeCIFAR10DataModule, trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

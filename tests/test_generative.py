@@ -15,14 +15,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import jemkit.evaluate.generative as generative
+import jemkit.metrics.generative as generative
 from jemkit import JEM, ReplayBuffer
 from jemkit.callbacks import GenerativeMonitor
-from jemkit.evaluate import (
+from jemkit.evaluate import format_report
+from jemkit.metrics.generative import (
     ClassifierLogits,
+    GenerativeOptions,
     PenultimateFeatures,
     fid_score,
-    format_report,
     generative_metrics,
     inception_images,
     inception_score,
@@ -169,7 +170,7 @@ def test_generative_metrics_with_a_user_feature_network_and_bad_arguments():
     jem = tiny_jem()
     section = generative_metrics(jem, real_loader(), num_samples=16, sources=["buffer"], feature=nn.Flatten())
     assert section["feature"] == "Flatten" and section["is_feature"] == "self" and section["num_real"] == 16
-    with pytest.raises(ValueError, match="sources"):
+    with pytest.raises(ValueError, match=r"unknown sample source\(s\) \['replay'\]"):
         generative_metrics(jem, real_loader(), num_samples=8, sources=["replay"])
     with pytest.raises(ValueError, match="feature must be"):
         generative_metrics(jem, real_loader(), num_samples=8, feature="vgg")
@@ -195,7 +196,7 @@ def test_inception_weights_that_cannot_be_downloaded_are_named(monkeypatch):
 # ----------------------------------------------------------------------------- callback and report
 def test_generative_monitor_logs_fid_and_is_after_a_training_epoch(tmp_path):
     jem = JEM(SmallCNN(width=8), sampler=PYLD(n_steps=2, step_size=0.2), buffer=ReplayBuffer(capacity=64))
-    monitor = GenerativeMonitor(every_n_epochs=1, num_samples=24, batch_size=12, splits=2)
+    monitor = GenerativeMonitor(GenerativeOptions(num_samples=24), every_n_epochs=1, batch_size=12, splits=2)
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
@@ -209,17 +210,21 @@ def test_generative_monitor_logs_fid_and_is_after_a_training_epoch(tmp_path):
     )
     trainer.fit(jem, real_loader(32, 16), real_loader(48, 16))
     metrics = trainer.callback_metrics
-    assert {"val/gen/fid", "val/gen/is", "val/gen/is_std"} <= set(metrics)
-    assert math.isfinite(float(metrics["val/gen/fid"])) and float(metrics["val/gen/is"]) >= 1.0 - 1e-4
-    assert float(metrics["val/gen/fid"]) == pytest.approx(monitor.last["fid"])
+    for source in ("buffer", "fresh"):  # the options' sources, each under its own name
+        assert {f"val/gen/{source}/{k}" for k in ("fid", "is", "is_std")} <= set(metrics)
+        assert math.isfinite(float(metrics[f"val/gen/{source}/fid"]))
+        assert float(metrics[f"val/gen/{source}/is"]) >= 1.0 - 1e-4
+        assert float(metrics[f"val/gen/{source}/fid"]) == pytest.approx(monitor.last[source]["fid"])
     assert monitor._metrics is None  # the metric (and its reference to the classifier) is dropped after use
 
 
 def test_generative_monitor_rejects_bad_settings():
-    with pytest.raises(ValueError, match="source"):
-        GenerativeMonitor(source="replay")
-    with pytest.raises(ValueError, match="num_samples"):
-        GenerativeMonitor(num_samples=1)
+    with pytest.raises(ValueError, match=r"unknown sample source\(s\) \['replay'\]"):
+        GenerativeMonitor(GenerativeOptions(sources=["replay"]))
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 2"):
+        GenerativeMonitor(GenerativeOptions(num_samples=1))
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        GenerativeMonitor(every_n_epochs=0)
 
 
 def test_evaluate_command_measures_fid_and_is_of_the_shipped_checkpoint(tmp_path, capsys):

@@ -85,7 +85,7 @@ def test_class_conditional_sampling_targets_class_gaussians():
         sampler=SGLD.from_temperature(n_steps=400, step_size=2e-4),
     )
     y = torch.tensor([0, 1]).repeat(2000)
-    x = jem.sample(len(y), y=y, from_buffer=False)
+    x = jem.sample(len(y), y=y, n_steps=jem.sampler.n_steps, source="fresh")
     for c in (0, 1):
         torch.testing.assert_close(x[y == c].mean(0), means[c], atol=0.01, rtol=0)
         torch.testing.assert_close(x[y == c].std(0), torch.tensor([0.1, 0.1]), rtol=0.08, atol=0)

@@ -129,7 +129,7 @@ def test_make_ood_dataset_builds_every_set(digits_test):
 
 
 def test_make_ood_dataset_errors(digits_test):
-    with pytest.raises(ValueError, match=r"unknown OOD set 'svhn'; valid names are: uniform, gaussian, constant"):
+    with pytest.raises(ValueError, match=r"unknown OOD set 'svhn'; expected one of 'uniform', 'gaussian', 'constant'"):
         make_ood_dataset("svhn", digits_test)
     with pytest.raises(ValueError, match="reference dataset is empty"):
         make_ood_dataset("uniform", TensorDataset(torch.zeros(0, 1, 8, 8)))

@@ -1,4 +1,4 @@
-"""jemkit.features: the input of the last linear layer (or a named layer's pooled output) captured by a hook during
+"""jemkit.ood.features: the input of the last linear layer (or a named layer's pooled output) captured by a hook during
 an ordinary forward, on torchvision, timm, MLP, Conv1d and tuple-returning classifiers."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
 
-from jemkit.features import FeatureHook, extract_features, last_linear, pool_features, resolve_layer
 from jemkit.models import MLP, SignalCNN, SmallCNN
+from jemkit.ood.features import FeatureHook, extract_features, last_linear, pool_features, resolve_layer
 
 
 def _hooked(model: nn.Module, x: torch.Tensor, layer=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from jemkit.scores import SCORES, ood_scores
+from jemkit.ood.scores import SCORES, ood_scores
 
 
 def test_scores_on_a_linear_model_match_closed_forms():
@@ -37,7 +37,7 @@ def test_temperature_and_unknown_score():
 
 
 def test_the_fused_score_sums_scores_standardised_on_the_reference():
-    from jemkit.scores import FusedScore
+    from jemkit.ood.scores import FusedScore
 
     reference = {"logpx": torch.tensor([1.0, 3.0]), "mahalanobis": torch.tensor([-10.0, -30.0, -20.0])}
     fused = FusedScore.fit(reference, parts=("logpx", "mahalanobis"))

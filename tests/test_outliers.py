@@ -13,7 +13,7 @@ from jemkit.data import WithOutliers
 from jemkit.data.ood import UniformNoise
 from jemkit.losses import energy_margin_loss
 from jemkit.metrics import ood_metrics
-from jemkit.scores import score_batches
+from jemkit.ood.scores import score_batches
 from tests.helpers import KeepStart, TinyMLP, ZeroInit, trainer
 
 

@@ -9,12 +9,12 @@ from torch import nn
 
 from jemkit import JEM, PYLD, DigitsDataModule, ReplayBuffer
 from jemkit.cli import main
-from jemkit.detectors import PostHocDetectors
 from jemkit.evaluate import OODOptions, RobustnessOptions, SampleOptions, evaluate, format_report
-from jemkit.evaluate.baseline import PlainClassifier, comparison, format_comparison, load_baseline
-from jemkit.evaluate.command import load_jem
-from jemkit.features import extract_features, last_linear
-from jemkit.scores import RECOMMENDED_SCORE, PostHocScores, score_batches
+from jemkit.evaluate.baseline import comparison, format_comparison
+from jemkit.evaluate.loading import PlainClassifier, load_baseline, load_jem
+from jemkit.ood.detectors import PostHocDetectors
+from jemkit.ood.features import extract_features, last_linear
+from jemkit.ood.scores import RECOMMENDED_SCORE, PostHocScores, score_batches
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"
 FAST = {"robustness": False, "samples": False, "progress": False, "max_samples": 64}

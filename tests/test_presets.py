@@ -54,7 +54,7 @@ def test_a_subclass_with_a_preset_initialises_once_and_records_its_settings_once
 def test_presets_give_fresh_objects_and_unknown_names_are_refused():
     first, second = preset_settings("jempp"), preset_settings("jempp")
     assert first["sampler"] is not second["sampler"] and first["buffer"] is not second["buffer"]
-    with pytest.raises(ValueError, match="unknown preset 'jem\\+\\+'; expected one of finetune, jem, jempp, sada"):
+    with pytest.raises(ValueError, match=r"unknown preset 'jem\+\+'; expected one of 'finetune', 'jem', 'jempp'"):
         JEM(TinyMLP(), preset="jem++")
     assert set(PRESETS) >= {"jem", "jempp", "sada"}
 
@@ -170,7 +170,7 @@ def _train_on_digits(tmp_path, jem: JEM, steps: int) -> dict[str, float]:
     from jemkit import DigitsDataModule
     from jemkit.data.ood import UniformNoise
     from jemkit.metrics import CalibrationMetrics, ood_metrics
-    from jemkit.scores import score_batches
+    from jemkit.ood.scores import score_batches
 
     dm = DigitsDataModule(batch_size=64)
     trainer(tmp_path, max_steps=steps, limit_val_batches=0).fit(jem, dm)

@@ -9,18 +9,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jemkit import JEM, MALA, PYLD, SGLD, ReplayBuffer
 from jemkit.data import DigitsDataModule
-from jemkit.evaluate.attack_config import attack_list
-from jemkit.evaluate.attacks import autoattack, gaussian_noise_corruption, pgd_attack
 from jemkit.evaluate.calibration import CalibrationOptions
 from jemkit.evaluate.command import build_parser
-from jemkit.evaluate.defense import Defense, jem_defense
-from jemkit.evaluate.ood import OODOptions
 from jemkit.evaluate.report import evaluate, format_report
-from jemkit.evaluate.robustness import RobustnessOptions, robust_accuracy
+from jemkit.evaluate.robustness.accuracy import RobustnessOptions, robust_accuracy
+from jemkit.evaluate.robustness.attacks import autoattack, gaussian_noise_corruption, pgd_attack
+from jemkit.evaluate.robustness.config import attack_list
+from jemkit.evaluate.robustness.defense import Defense, jem_defense
+from jemkit.evaluate.robustness.threat import threat_model
 from jemkit.evaluate.samples import SampleOptions
-from jemkit.evaluate.threat import threat_model
+from jemkit.ood.pipeline import OODOptions
 from jemkit.sampling.unrolled import unrolled_refine as unrolled_purify
 
+BOX = (-1.0, 1.0)  # the inputs' range: attack functions assume none
 HAS_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
 
 
@@ -61,7 +62,7 @@ def test_pgd_breaks_an_undefended_classifier(digits, norm, eps):
     x, y = test.tensors
     clean = _accuracy(model, x, y)
     assert clean > 0.9
-    x_adv = pgd_attack(model, x, y, eps=eps, norm=norm, steps=10)
+    x_adv = pgd_attack(model, x, y, eps=eps, norm=norm, steps=10, clip=BOX)
     assert _accuracy(model, x_adv, y) < clean / 2
 
 
@@ -69,7 +70,7 @@ def test_pgd_breaks_an_undefended_classifier(digits, norm, eps):
 def test_adversarial_examples_stay_in_the_ball_and_the_data_range(digits, norm, eps):
     model, test = digits
     x, y = test.tensors
-    x_adv = pgd_attack(model, x, y, eps=eps, norm=norm, steps=5, step_size=eps, restarts=2)
+    x_adv = pgd_attack(model, x, y, eps=eps, norm=norm, steps=5, step_size=eps, restarts=2, clip=BOX)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
     assert x_adv.min() >= -1.0 and x_adv.max() <= 1.0
     delta = (x_adv - x).flatten(1)
@@ -81,7 +82,7 @@ def test_adversarial_examples_stay_in_the_ball_and_the_data_range(digits, norm, 
 def test_eps_zero_changes_nothing(digits):
     model, test = digits
     x, y = test.tensors
-    assert torch.equal(pgd_attack(model, x, y, eps=0.0), x)
+    assert torch.equal(pgd_attack(model, x, y, eps=0.0, clip=BOX), x)
     rows = robust_accuracy(
         model, DataLoader(test, batch_size=100), [{"kind": "clean"}, {"kind": "pgd", "eps": 0}], progress=False
     )
@@ -94,7 +95,7 @@ def test_restarts_never_weaken_the_attack(digits):
     fooled = {}
     for restarts in (1, 3):
         torch.manual_seed(123)
-        x_adv = pgd_attack(model, x, y, eps=0.1, norm="linf", steps=3, restarts=restarts)
+        x_adv = pgd_attack(model, x, y, eps=0.1, norm="linf", steps=3, restarts=restarts, clip=BOX)
         with torch.no_grad():
             fooled[restarts] = model(x_adv).argmax(1) != y
     # the first restart replays the single-restart run, later ones only replace examples that were not yet fooled
@@ -106,9 +107,9 @@ def test_any_callable_can_be_attacked(digits):
     model, test = digits
     x, y = test.tensors[0][:64], test.tensors[1][:64].int()
     torch.manual_seed(5)
-    from_module = pgd_attack(model, x, y, eps=0.2, norm="l2", steps=3)
+    from_module = pgd_attack(model, x, y, eps=0.2, norm="l2", steps=3, clip=BOX)
     torch.manual_seed(5)
-    from_function = pgd_attack(lambda t: model(t), x, y, eps=0.2, norm="l2", steps=3)
+    from_function = pgd_attack(lambda t: model(t), x, y, eps=0.2, norm="l2", steps=3, clip=BOX)
     assert torch.equal(from_module, from_function)
 
 
@@ -134,7 +135,7 @@ def test_attack_leaves_parameters_and_modes_alone(digits):
     model.head.eval()  # a mixed state must come back exactly
     model.head.weight.grad = torch.ones_like(model.head.weight)
     running_mean = model.net[2].running_mean.clone()
-    pgd_attack(model, x, y, eps=0.1, steps=2, restarts=2)
+    pgd_attack(model, x, y, eps=0.1, steps=2, restarts=2, clip=BOX)
     rows = robust_accuracy(model, [(x, y)], [{"kind": "pgd", "eps": 0.1, "steps": 2}], progress=False)
     assert rows[0]["n"] == 32
     assert model.modes and not any(model.modes), "the model must run in eval mode during attacks and scoring"
@@ -210,10 +211,10 @@ def test_a_defense_is_applied_to_the_attacked_inputs(digits):
 
 def test_gaussian_noise_corruption():
     x = torch.rand(4, 1, 8, 8) * 2 - 1
-    assert torch.equal(gaussian_noise_corruption(x, 0.0), x)
-    noisy = gaussian_noise_corruption(x, 0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(gaussian_noise_corruption(x, 0.0, clip=BOX), x)
+    noisy = gaussian_noise_corruption(x, 0.5, generator=torch.Generator().manual_seed(1), clip=BOX)
     assert noisy.shape == x.shape and noisy.min() >= -1 and noisy.max() <= 1 and not torch.equal(noisy, x)
-    assert torch.equal(noisy, gaussian_noise_corruption(x, 0.5, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(noisy, gaussian_noise_corruption(x, 0.5, generator=torch.Generator().manual_seed(1), clip=BOX))
     unclipped = gaussian_noise_corruption(torch.zeros(20000), 0.5, clip=None)
     assert 0.48 < float(unclipped.std()) < 0.52
 
@@ -221,27 +222,31 @@ def test_gaussian_noise_corruption():
 def test_argument_errors(digits):
     model, test = digits
     x, y = test.tensors[0][:4], test.tensors[1][:4]
-    with pytest.raises(ValueError, match="unknown norm 'l1'; expected one of linf, l2"):
-        pgd_attack(model, x, y, eps=0.1, norm="l1")
+    with pytest.raises(ValueError, match="unknown norm 'l1'; expected one of 'linf', 'l2'"):
+        pgd_attack(model, x, y, eps=0.1, norm="l1", clip=BOX)
     with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -0\.1"):
-        pgd_attack(model, x, y, eps=-0.1)
+        pgd_attack(model, x, y, eps=-0.1, clip=BOX)
     with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
-        pgd_attack(model, x, y, eps=0.1, steps=0)
+        pgd_attack(model, x, y, eps=0.1, steps=0, clip=BOX)
     with pytest.raises(ValueError, match="restarts must be an integer >= 1"):
-        pgd_attack(model, x, y, eps=0.1, restarts=0)
+        pgd_attack(model, x, y, eps=0.1, restarts=0, clip=BOX)
     with pytest.raises(ValueError, match="step_size must be None or a finite number > 0"):
-        pgd_attack(model, x, y, eps=0.1, step_size=0.0)
+        pgd_attack(model, x, y, eps=0.1, step_size=0.0, clip=BOX)
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'clip'"):
+        pgd_attack(model, x, y, eps=0.1)
     with pytest.raises(ValueError, match="clip must be None or"):
         pgd_attack(model, x, y, eps=0.1, clip=(1.0, -1.0))
     with pytest.raises(ValueError, match=r"expected labels of shape \[4\]"):
-        pgd_attack(model, x, y[:3], eps=0.1)
+        pgd_attack(model, x, y[:3], eps=0.1, clip=BOX)
     with pytest.raises(ValueError, match="std must be a finite number >= 0, got -1"):
-        gaussian_noise_corruption(x, -1)
+        gaussian_noise_corruption(x, -1, clip=BOX)
 
     def run(*attacks):
         return robust_accuracy(model, [(x, y)], list(attacks), progress=False)
 
-    with pytest.raises(ValueError, match=r"unknown attack kind 'fgsm'.*expected one of clean, noise, pgd"):
+    with pytest.raises(
+        ValueError, match=r"unknown attack kind 'fgsm'; expected one of 'clean', 'noise'.*in the attack"
+    ):
         run({"kind": "fgsm", "eps": 0.1})
     with pytest.raises(ValueError, match=r"a 'pgd' attack needs \['eps'\] \(or eps_01 on \[0, 1\] inputs\)"):
         run({"kind": "pgd"})
@@ -371,17 +376,19 @@ def test_jem_defense_knows_its_sampler():
     deterministic = jem_defense(_tiny_jem(PYLD(noise_std=0.0)), 10)
     assert deterministic.name == "10 PYLD steps on E(x)" and deterministic.sampler.startswith("PYLD(")
     assert not deterministic.random and deterministic.differentiable is not None
-    threat = threat_model(deterministic)
+    threat = threat_model(deterministic, clip=BOX)
     assert threat["attacks"] == ["transfer", "bpda", "unrolled"] and threat["eot"] == threat["draws"] == 1
     assert not threat["fixed_noise_control"] and threat["setting"] == "adaptive"
     noisy = jem_defense(_tiny_jem(SGLD(noise_std=0.01)), 3)
-    threat = threat_model(noisy, eot=5)
+    threat = threat_model(noisy, eot=5, clip=BOX)
     assert noisy.random and threat["eot"] == 5 and threat["draws"] == 20 and threat["fixed_noise_control"]
     assert threat["prediction"] == "argmax of the logits averaged over 20 draws"
     mala = jem_defense(_tiny_jem(MALA(n_steps=2)), 3)
-    assert mala.random and mala.differentiable is None and threat_model(mala)["attacks"] == ["transfer", "bpda"]
-    assert threat_model(deterministic, adaptive=[])["setting"].startswith("transfer only")
-    assert threat_model(None)["setting"] == "undefended"
+    assert (
+        mala.random and mala.differentiable is None and threat_model(mala, clip=BOX)["attacks"] == ["transfer", "bpda"]
+    )
+    assert threat_model(deterministic, adaptive=[], clip=BOX)["setting"].startswith("transfer only")
+    assert threat_model(None, clip=BOX)["setting"] == "undefended"
 
 
 class _CentreAndQuantise:
@@ -477,10 +484,10 @@ def test_eot_averages_the_model_over_draws(digits):
         return model(t)
 
     torch.manual_seed(3)
-    once = pgd_attack(counted, x, y, eps=0.1, steps=3, eot=1)
+    once = pgd_attack(counted, x, y, eps=0.1, steps=3, eot=1, clip=BOX)
     single = len(calls)
     torch.manual_seed(3)
-    thrice = pgd_attack(counted, x, y, eps=0.1, steps=3, eot=3)
+    thrice = pgd_attack(counted, x, y, eps=0.1, steps=3, eot=3, clip=BOX)
     assert len(calls) - single == 3 * single == 3 * (1 + 3 + 1)
     assert torch.allclose(once, thrice, atol=1e-6), "a deterministic model: the mean of equal gradients"
 
@@ -515,7 +522,7 @@ def test_command_line_robustness_options():
         {"kind": "pgd", "eps": 0.1, "norm": "l2"},
         {"kind": "autoattack", "norm": "l2", "eps": 0.1, "steps": 100},
     ]
-    with pytest.raises(ValueError, match="unknown budgets 'imagenet'; expected one of cifar"):
+    with pytest.raises(ValueError, match="unknown budgets 'imagenet'; expected one of 'cifar'"):
         attack_list([], budgets="imagenet")
     args = "--ckpt x.ckpt --robustness.budgets cifar --robustness.autoattack true --robustness.adaptive [bpda]"
     extra = ["--robustness.eot", "5", "--robustness.draws", "7", "--robustness.defense_steps", "10"]
@@ -542,7 +549,7 @@ def test_the_report_names_each_attack_and_the_threat_model(digits):
     rows = robust_accuracy(jem, [(x, y)], attacks, defense=defense, progress=False)
     calibration = dict.fromkeys(("accuracy", "nll", "brier", "ece", "mce"), 0.5)
     report = {"data": "Digits", "num_test": 32, "calibration": calibration, "figures": {}}
-    report["robustness"] = {"defense_steps": 2, "threat_model": threat_model(defense), "rows": rows}
+    report["robustness"] = {"defense_steps": 2, "threat_model": threat_model(defense, clip=BOX), "rows": rows}
     text = format_report(report).split("Robustness\n")[1]
     header = text.splitlines()[0].split()
     assert header[:4] == ["attack", "eps/std", "on", "[0,1]"]
@@ -550,7 +557,7 @@ def test_the_report_names_each_attack_and_the_threat_model(digits):
     assert "pgd-linf  0.1000   0.0500" in text
     assert "defence: 2 PYLD steps on E(x), deterministic: PYLD(n_steps=5" in text
     assert "per-example worst case over transfer, bpda, unrolled" in text
-    report["robustness"]["threat_model"] = threat_model(defense, adaptive=[])
+    report["robustness"]["threat_model"] = threat_model(defense, adaptive=[], clip=BOX)
     assert "! transfer attacks only" in format_report(report)
 
 
@@ -640,7 +647,7 @@ def test_autoattack_says_how_to_install_it(digits, monkeypatch):
     model, test = digits
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # as if it were not installed
     with pytest.raises(ImportError, match="pip install 'jemkit\\[attacks\\]'"):
-        autoattack(model, test.tensors[0][:2], test.tensors[1][:2], eps=0.1)
+        autoattack(model, test.tensors[0][:2], test.tensors[1][:2], eps=0.1, clip=BOX)
     with pytest.raises(ValueError, match="AutoAttack needs the data range clip=\\(low, high\\), got None"):
         autoattack(model, test.tensors[0][:2], test.tensors[1][:2], eps=0.1, clip=None)
 
@@ -650,8 +657,8 @@ def test_autoattack_is_at_least_as_strong_as_pgd_on_any_data_range(digits):
     model, test = digits
     x, y = test.tensors[0][:48], test.tensors[1][:48]
     torch.manual_seed(0)
-    x_pgd = pgd_attack(model, x, y, eps=0.1, steps=10)
-    x_aa = autoattack(model, x, y, eps=0.1, steps=10, queries=50)
+    x_pgd = pgd_attack(model, x, y, eps=0.1, steps=10, clip=BOX)
+    x_aa = autoattack(model, x, y, eps=0.1, steps=10, queries=50, clip=BOX)
     assert x_aa.shape == x.shape and x_aa.min() >= -1 and x_aa.max() <= 1
     assert (x_aa - x).abs().max() <= 0.1 + 1e-5
     assert _accuracy(model, x_aa, y) <= _accuracy(model, x_pgd, y) + 0.03 < _accuracy(model, x, y)
@@ -673,18 +680,18 @@ def test_autoattack_through_a_defence_and_on_flat_inputs(masked):
     flat = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 4))
     points = torch.rand(16, 2) * 2 - 1
     labels = flat(points).argmax(1).detach()
-    x_adv = autoattack(flat, points, labels, eps=0.5, norm="l2", steps=5, queries=10)
+    x_adv = autoattack(flat, points, labels, eps=0.5, norm="l2", steps=5, queries=10, clip=BOX)
     assert x_adv.shape == (16, 2) and ((x_adv - points).norm(dim=1) <= 0.5 + 1e-5).all()
     assert _accuracy(flat, x_adv, labels) < 1.0
     with pytest.raises(ValueError, match=r"AutoAttack version 'standard' needs >= 4 classes .*, the model has 3"):
-        autoattack(nn.Linear(2, 3), points, labels % 3, eps=0.1)
+        autoattack(nn.Linear(2, 3), points, labels % 3, eps=0.1, clip=BOX)
     with pytest.raises(ValueError, match=r"AutoAttack version 'rand' needs >= 3 classes .*, the model has 2"):
-        autoattack(nn.Linear(2, 2), points, labels % 2, eps=0.1, version="rand")
+        autoattack(nn.Linear(2, 2), points, labels % 2, eps=0.1, version="rand", clip=BOX)
 
 
 def test_a_yopo_sampler_is_attacked_with_bpda_not_unrolled():
     jem = _tiny_jem(PYLD(n_steps=1, inner_steps=3, first_layer=None))
     defense = jem_defense(jem, 2)
-    assert defense.differentiable is None and threat_model(defense)["attacks"] == ["transfer", "bpda"]
+    assert defense.differentiable is None and threat_model(defense, clip=BOX)["attacks"] == ["transfer", "bpda"]
     with pytest.raises(TypeError, match=r"YOPO inner steps .* attack this defence with BPDA"):
         unrolled_purify(jem, torch.zeros(2, 2, requires_grad=True), 2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from jemkit.sampling import MALA, SGLD, GaussianInit, ReplayBuffer, UniformInit
+from jemkit.sampling import MALA, PYLD, SGLD, GaussianInit, ReplayBuffer, Sampler, UniformInit
 
 MU = torch.tensor([1.0, -2.0])
 SCALE = torch.tensor([0.5, 1.0])
@@ -329,3 +329,35 @@ def test_yopo_refuses_what_it_cannot_do():
     with pytest.raises(TypeError, match="first_layer must be a submodule's name"):
         PYLD(first_layer=first)
     assert "inner_steps=2" in repr(sampler) and "inner_steps" not in repr(PYLD())
+
+
+def test_samplers_declare_what_they_can_do():
+    assert SGLD().has_pure_step and SGLD().is_random and not SGLD(noise_std=0.0).is_random
+    assert not SGLD().steps_through_first_layer
+    assert PYLD().has_pure_step and not PYLD().is_random and not PYLD().steps_through_first_layer
+    yopo = PYLD(inner_steps=3)
+    assert yopo.steps_through_first_layer and not yopo.has_pure_step  # a step is not one update
+    mala = MALA()
+    assert not mala.has_pure_step and mala.is_random
+    with pytest.raises(TypeError, match="MALA has no pure step update"):
+        mala.update(torch.zeros(1), torch.zeros(1))
+
+    class Halving(Sampler):
+        """A user's sampler: declaring a pure step is all the compiled and unrolled paths need."""
+
+        n_steps = 1
+
+        @property
+        def has_pure_step(self) -> bool:
+            return True
+
+        def update(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            return x - 0.5 * grad
+
+    from jemkit.sampling.compiled import resolve_compile_mode
+
+    assert resolve_compile_mode(True, Halving(), torch.nn.Identity(), "eval") == "default"
+    with pytest.raises(ValueError, match="MALA has none"):
+        resolve_compile_mode(True, mala, torch.nn.Identity(), "eval")
+    with pytest.raises(ValueError, match="YOPO"):
+        resolve_compile_mode(True, yopo, torch.nn.Identity(), "eval")

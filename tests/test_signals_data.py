@@ -125,7 +125,7 @@ def test_other_sizes():
         ({"num_classes": 1}, r"num_classes must be an integer >= 2, got 1"),
         ({"length": 4}, r"length must be an integer >= 8, got 4"),
         ({"num_samples": 2.5}, r"num_samples must be an integer >= 1, got 2.5"),
-        ({"noise_std": -0.1}, r"noise_std must be >= 0, got -0.1"),
+        ({"noise_std": -0.1}, r"noise_std must be a finite number >= 0, got -0.1"),
         ({"max_shift": 0.5}, r"max_shift must be a fraction of the length in \[0, 0.5\), got 0.5"),
         ({"num_samples": 50}, r"num_samples=50 is too small for a stratified split .* at least num_classes=10"),
         ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),

@@ -13,11 +13,12 @@ from torch import Tensor
 from torchmetrics import CatMetric
 from typing_extensions import override
 
-from jemkit.adapters import unpack_batch
+from jemkit.batches import unpack_batch
 from jemkit.callbacks._logging import log_to_tensorboard, run_dir
-from jemkit.evaluate.plots import reliability_diagram, save_figure
+from jemkit.checks import check_integer
 from jemkit.metrics.calibration import CalibrationMetrics, ReliabilityDiagram
 from jemkit.metrics.temperature import fit_temperature
+from jemkit.pictures import reliability_diagram, save_figure
 
 __all__ = ["CalibrationMonitor", "batch_logits"]
 
@@ -61,8 +62,8 @@ class CalibrationMonitor(Callback):
         save_diagram: bool = True,
         dirname: str = "calibration",
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs!r}")
+        check_integer("every_n_epochs", every_n_epochs)
+        check_integer("n_bins", n_bins)
         self.n_bins = n_bins
         self.temperature_scaling = temperature_scaling
         self.every_n_epochs = every_n_epochs

@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from jemkit.adapters import unpack_batch
-from jemkit.checks import input_scale_hint
+from jemkit.batches import unpack_batch
+from jemkit.checks import check_integer, input_scale_hint
 from jemkit.divergence import DivergenceError, Guarded, divergence_reasons
 from jemkit.optim import scheduled_state_dict
 
@@ -143,11 +143,8 @@ class DivergenceGuard(Callback):
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         if not 0 < lr_factor <= 1:
             raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor!r}")
-        if max_rollbacks < 0 or snapshot_every_n_steps < 1:
-            raise ValueError(
-                "need max_rollbacks >= 0 and snapshot_every_n_steps >= 1, "
-                f"got {max_rollbacks} and {snapshot_every_n_steps}"
-            )
+        check_integer("max_rollbacks", max_rollbacks, minimum=0)
+        check_integer("snapshot_every_n_steps", snapshot_every_n_steps)
         self.action = action
         self.max_energy_gap = max_energy_gap
         self.max_abs_energy = max_abs_energy

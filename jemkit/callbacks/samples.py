@@ -12,9 +12,10 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, read_image
 from typing_extensions import override
 
-from jemkit.adapters import unpack_batch
+from jemkit.batches import unpack_batch
 from jemkit.callbacks._logging import log_to_tensorboard, run_dir
-from jemkit.evaluate.samples import save_sample_grids
+from jemkit.checks import check_integer
+from jemkit.pictures import save_sample_pictures
 
 __all__ = ["SampleGrid"]
 
@@ -24,7 +25,7 @@ class SampleGrid(Callback):
 
     Two pictures per drawing, and a last pair (``*_final.png``) when training ends: ``buffer`` (chains continued from
     the replay buffer, what training sees) and ``class`` (class-conditional chains started from the initial
-    distribution and run for ``fresh_steps`` steps). Their form fits the inputs (:mod:`jemkit.evaluate.samples`):
+    distribution and run for ``fresh_steps`` steps). Their form fits the inputs (:mod:`jemkit.pictures`):
     image grids, the energy landscape of 2-D points, line plots of 1-D signals and per-feature histograms of tabular
     rows, the last two against training data kept when training starts. Inputs of any other shape get one warning
     and no pictures. Files go to ``<log_dir>/samples/``; TensorBoard loggers also receive them as images. Only rank
@@ -34,7 +35,8 @@ class SampleGrid(Callback):
         every_n_epochs: draw after every this many training epochs.
         num_samples: samples in the buffer grid.
         per_class: samples per row of the class grid (0 disables the class grid).
-        fresh_steps: SGLD steps for chains started from noise (default: 5x the sampler's steps).
+        fresh_steps: steps of the JEM's own sampler for the class chains, which start from its replay buffer's
+            initial distribution (default: the JEM's policy for fresh chains, 5x the sampler's steps).
         value_range: data range mapped to black..white (and the plotted square for 2-D data); default: the JEM's
             input domain.
         dirname: folder under the log directory.
@@ -53,10 +55,11 @@ class SampleGrid(Callback):
         value_range: tuple[float, float] | None = None,
         dirname: str = "samples",
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs!r}")
-        if num_samples < 1 or per_class < 0:
-            raise ValueError(f"need num_samples >= 1 and per_class >= 0, got {num_samples!r} and {per_class!r}")
+        check_integer("every_n_epochs", every_n_epochs)
+        check_integer("num_samples", num_samples)
+        check_integer("per_class", per_class, minimum=0)
+        if fresh_steps is not None:
+            check_integer("fresh_steps", fresh_steps, minimum=0)
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.per_class = per_class
@@ -92,7 +95,7 @@ class SampleGrid(Callback):
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self.last_paths = save_sample_grids(
+            self.last_paths = save_sample_pictures(
                 pl_module,
                 log_dir / self.dirname,
                 self.num_samples,

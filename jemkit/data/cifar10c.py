@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from jemkit.checks import check_integer, check_names
 from jemkit.data._common import check_batch_size, make_loader
 
 __all__ = ["CIFAR10C_CORRUPTIONS", "CIFAR10C_EXTRA", "CIFAR10CDataModule", "CorruptedImages"]
@@ -114,13 +115,10 @@ class CIFAR10CDataModule(LightningDataModule):
         check_batch_size(batch_size)
         corruptions, severities = list(corruptions), list(severities)
         known = CIFAR10C_CORRUPTIONS + CIFAR10C_EXTRA
-        unknown = [c for c in corruptions if c not in known]
-        if unknown or not corruptions:
-            raise ValueError(f"unknown CIFAR-10-C corruption(s) {unknown or corruptions}; expected some of {known}")
+        check_names("CIFAR-10-C corruption(s)", corruptions, known, allow_empty=False)
         if not severities or any(isinstance(s, bool) or s not in (1, 2, 3, 4, 5) for s in severities):
             raise ValueError(f"severities must be integers from 1 to 5, got {severities!r}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        check_integer("num_workers", num_workers, minimum=0)
         self.save_hyperparameters()
         self.root = Path(root)
         self.corruptions, self.severities = corruptions, severities

@@ -16,6 +16,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
+from jemkit.checks import check_choice, check_integer
 from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions, stratified_split
 
 __all__ = ["NORMALIZATIONS", "DigitsDataModule"]
@@ -101,18 +102,14 @@ class DigitsDataModule(SplitDataModule):
         super().__init__()
         check_batch_size(batch_size)
         check_split_fractions(val_fraction, test_fraction)
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        check_integer("num_workers", num_workers, minimum=0)
         if not 0 <= shift <= 3:
             raise ValueError(f"shift must be an integer number of pixels in [0, 3], got {shift!r}")
         if classes is not None:
             classes = [int(c) for c in classes]
             if len(set(classes)) != len(classes) or not 2 <= len(classes) <= 10 or not set(classes) <= set(range(10)):
                 raise ValueError(f"classes must be 2 to 10 distinct digits in 0..9, got {classes!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"unknown normalization {normalization!r}; expected one of {', '.join(map(repr, NORMALIZATIONS))}"
-            )
+        check_choice("normalization", normalization, NORMALIZATIONS)
         self.save_hyperparameters()
         self.normalization = normalization
         self.data_range: tuple[float, float] | None = {"symmetric": (-1.0, 1.0), "unit": (0.0, 1.0)}.get(normalization)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from jemkit.checks import check_integer
+from jemkit.checks import check_choice, check_integer
 
 __all__ = [
     "OOD_SETS",
@@ -289,8 +289,7 @@ def make_ood_dataset(
         dm.setup("test")
         ood = make_ood_dataset("interp", dm.test_dataset)  # 270 blends of two test digits, [1, 8, 8] each
     """
-    if name not in OOD_SETS:
-        raise ValueError(f"unknown OOD set {name!r}; valid names are: {', '.join(OOD_SETS)}")
+    check_choice("OOD set", name, OOD_SETS)
     n_ref = len(reference)  # type: ignore[arg-type]
     if n_ref < 1:
         raise ValueError(f"cannot build OOD set {name!r}: the reference dataset is empty")

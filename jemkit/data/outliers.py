@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from jemkit.checks import check_integer
 from jemkit.data._common import check_batch_size
 
 __all__ = ["WithOutliers"]
@@ -46,7 +47,7 @@ class WithOutliers(LightningDataModule):
         self.data, self.outliers = data, outliers
         self.batch_size = batch_size if batch_size is not None else getattr(data, "batch_size", None)
         check_batch_size(self.batch_size)
-        self.num_workers = num_workers
+        self.num_workers = check_integer("num_workers", num_workers, minimum=0)
 
     def __getattr__(self, name: str) -> Any:
         # num_classes, input_shape, data_range, val_dataset, ... are the labelled datamodule's

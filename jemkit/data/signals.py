@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from jemkit.checks import check_integer
+from jemkit.checks import check_integer, check_nonnegative
 from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions, stratified_split
 
 __all__ = ["SignalsDataModule"]
@@ -101,14 +101,12 @@ class SignalsDataModule(SplitDataModule):
             ("num_samples", num_samples, 1),
         ):
             check_integer(name, value, low)
-        if not noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        check_nonnegative("noise_std", noise_std)
         if not 0 <= max_shift < 0.5:
             raise ValueError(f"max_shift must be a fraction of the length in [0, 0.5), got {max_shift!r}")
         check_batch_size(batch_size)
         check_split_fractions(val_fraction, test_fraction)
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        check_integer("num_workers", num_workers, minimum=0)
         n_test = math.ceil(num_samples * test_fraction)
         n_val = math.ceil((num_samples - n_test) * val_fraction / (1.0 - test_fraction))
         if min(n_test, n_val, num_samples - n_test - n_val) < num_classes:

@@ -18,6 +18,7 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
 from torch.utils.data import TensorDataset
 
+from jemkit.checks import check_choice, check_integer
 from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions, stratified_split
 
 __all__ = ["LABEL_DTYPES", "SKLEARN_DATASETS", "TabularDataModule"]
@@ -111,12 +112,8 @@ class TabularDataModule(SplitDataModule):
         super().__init__()
         check_batch_size(batch_size)
         check_split_fractions(val_fraction, test_fraction)
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
-        if label_dtype not in LABEL_DTYPES:
-            raise ValueError(
-                f"unknown label_dtype {label_dtype!r}; expected one of {', '.join(map(repr, LABEL_DTYPES))}"
-            )
+        check_integer("num_workers", num_workers, minimum=0)
+        check_choice("label_dtype", label_dtype, LABEL_DTYPES)
         self.save_hyperparameters(ignore=["x", "y"])
         class_names: list[str] | None = None
         if dataset is not None:

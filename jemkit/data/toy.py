@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from jemkit.checks import check_integer
 from jemkit.data._common import SplitDataModule, check_batch_size, check_split_fractions
 
 __all__ = ["GaussianMixtureDataModule"]
@@ -63,8 +64,7 @@ class GaussianMixtureDataModule(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+        check_integer("num_classes", num_classes, minimum=2)
         if not radius > 0 or not std > 0:
             raise ValueError(f"radius and std must both be > 0, got radius={radius!r}, std={std!r}")
         check_batch_size(batch_size)

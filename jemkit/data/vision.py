@@ -18,6 +18,7 @@ import torchvision.transforms as T
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from jemkit.checks import check_integer
 from jemkit.data._common import SplitDataModule, check_batch_size
 
 __all__ = [
@@ -97,8 +98,7 @@ class VisionDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         check_batch_size(batch_size)
-        if val_size < 0:
-            raise ValueError(f"val_size must be >= 0 images, got {val_size!r}")
+        check_integer("val_size", val_size, minimum=0)
         self.save_hyperparameters()
         self.root = str(root)
         self.download = download

@@ -1,42 +1,41 @@
-"""Evaluation of a trained JEM: calibration, OOD detection, robustness, samples and FID/IS, as a report with figures.
+"""Evaluation of a trained JEM: calibration, OOD detection, robustness, shift, samples and FID/IS, as a report.
 
-One job a module: ``report`` (the orchestration, :func:`evaluate`), ``calibration``, ``ood``, ``robustness`` (the
-loop) with ``attacks`` (PGD, AutoAttack, noise), ``attack_config`` (configs, budgets, the box), ``defense`` and
-``threat``; ``samples`` (the one way samples are drawn, and pictures), ``generative`` (FID/IS), ``plots``.
-Importing this package loads matplotlib's object API only (never ``pyplot``), with the Agg canvas: no window opens.
+One job a module: ``report`` (:func:`evaluate`, the orchestration), ``calibration``, ``ood`` (the OOD section's
+figures and table over :mod:`jemkit.ood`), ``baseline`` (the plain classifier beside the JEM), ``robustness`` (a
+package: attacks, their configs, the defence, the threat model, the loop), ``shift`` (the protocol over
+:mod:`jemkit.data.corruptions`), ``samples`` and ``generative`` (the sections over :mod:`jemkit.pictures` and
+:mod:`jemkit.metrics.generative`), ``loading`` (checkpoints, datamodules, the baseline), ``command`` (``jemkit
+evaluate``). Callbacks never import this package: what both need lives below it.
 """
 
-from jemkit.evaluate.attack_config import DEFAULT_ATTACKS, STANDARD_BUDGETS
-from jemkit.evaluate.attacks import autoattack, gaussian_noise_corruption, pgd_attack
+from jemkit.data.corruptions import corrupt
 from jemkit.evaluate.calibration import CalibrationOptions, calibration_report
-from jemkit.evaluate.defense import Defense, jem_defense
-from jemkit.evaluate.generative import (
-    ClassifierLogits,
-    GenerativeOptions,
-    PenultimateFeatures,
-    fid_score,
-    format_generative,
-    generative_metrics,
-    inception_images,
-    inception_score,
-)
-from jemkit.evaluate.ood import OODOptions
-from jemkit.evaluate.plots import reliability_diagram, save_figure, score_histogram
+from jemkit.evaluate.loading import load_baseline, load_datamodule, load_jem
 from jemkit.evaluate.report import evaluate, format_report
-from jemkit.evaluate.robustness import RobustnessOptions, robust_accuracy
+from jemkit.evaluate.robustness import (
+    DEFAULT_ATTACKS,
+    STANDARD_BUDGETS,
+    Defense,
+    RobustnessOptions,
+    autoattack,
+    gaussian_noise_corruption,
+    jem_defense,
+    pgd_attack,
+    robust_accuracy,
+    threat_model,
+)
 from jemkit.evaluate.samples import SampleOptions
-from jemkit.evaluate.shift import ShiftOptions, corrupt, format_shift, shift_report
-from jemkit.evaluate.threat import threat_model
+from jemkit.evaluate.shift import ShiftOptions, format_shift, shift_report
+from jemkit.metrics.generative import GenerativeOptions, fid_score, generative_metrics, inception_score
+from jemkit.ood.pipeline import OODOptions
 
 __all__ = [
     "DEFAULT_ATTACKS",
     "STANDARD_BUDGETS",
     "CalibrationOptions",
-    "ClassifierLogits",
     "Defense",
     "GenerativeOptions",
     "OODOptions",
-    "PenultimateFeatures",
     "RobustnessOptions",
     "SampleOptions",
     "ShiftOptions",
@@ -45,19 +44,17 @@ __all__ = [
     "corrupt",
     "evaluate",
     "fid_score",
-    "format_generative",
     "format_report",
     "format_shift",
     "gaussian_noise_corruption",
     "generative_metrics",
-    "inception_images",
     "inception_score",
     "jem_defense",
+    "load_baseline",
+    "load_datamodule",
+    "load_jem",
     "pgd_attack",
-    "reliability_diagram",
     "robust_accuracy",
-    "save_figure",
-    "score_histogram",
     "shift_report",
     "threat_model",
 ]

@@ -1,65 +1,23 @@
 """The baseline arm of the evaluation: the plain classifier, evaluated beside the JEM on the same data.
 
 A JEM earns its cost only where it beats the classifier it came from plus what a user gets without training
-(temperature scaling, post-hoc OOD detectors). ``jemkit evaluate --baseline_ckpt PATH`` evaluates that classifier
-the same way (calibration before and after temperature scaling, every OOD set with its own scores and the post-hoc
-detectors on its features) and :func:`comparison` puts the two side by side: for each OOD set, the JEM's
-recommended score (:data:`jemkit.scores.RECOMMENDED_SCORE`, ``logpx`` where it was not computed) against the best
-score of the plain classifier plus its toolbox (picked per set after the fact) and against the plain classifier's own
-figure with the JEM's rule, which is what that rule gives without training a JEM.
+(temperature scaling, post-hoc OOD detectors). ``jemkit evaluate --baseline_ckpt PATH`` (loaded by
+:func:`jemkit.evaluate.loading.load_baseline`) evaluates that classifier the same way (calibration before and after
+temperature scaling, every OOD set with its own scores and the post-hoc detectors on its features) and
+:func:`comparison` puts the two side by side: for each OOD set, the JEM's recommended score
+(:data:`jemkit.ood.RECOMMENDED_SCORE`, ``logpx`` where it was not computed) against the best score of the plain
+classifier plus its toolbox (picked per set after the fact) and against the plain classifier's own figure with the
+JEM's rule, which is what that rule gives without training a JEM.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-from torch import Tensor, nn
-
-from jemkit.adapters import OutputKey, select_logits
 from jemkit.evaluate.tables import text_table
-from jemkit.scores import RECOMMENDED_SCORE
+from jemkit.ood.scores import RECOMMENDED_SCORE
 
-if TYPE_CHECKING:
-    from jemkit.module import JEM
-
-__all__ = ["PlainClassifier", "comparison", "format_comparison", "load_baseline"]
-
-
-class PlainClassifier(nn.Module):
-    """A classifier as the evaluation reads a model: logits (``output_key`` selects them from a tuple or dict;
-    a one-logit head becomes two logits as in a JEM), ``device``, temperature 1."""
-
-    temperature = 1.0
-
-    def __init__(self, classifier: nn.Module, output_key: OutputKey = None) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.output_key = output_key
-
-    @property
-    def device(self) -> torch.device:
-        first = next(self.classifier.parameters(), None)
-        return first.device if first is not None else torch.device("cpu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return select_logits(self.classifier(x), self.output_key)
-
-
-def load_baseline(path: str, jem: JEM, device: str | torch.device = "cpu") -> nn.Module:
-    """The baseline in the file at ``path``: a checkpoint of ``jemkit fit`` (any JEM, e.g. trained with
-    ``weights={px: 0}``), or the weights of the JEM's own classifier architecture (a ``state_dict``, or a checkpoint
-    holding one)."""
-    from jemkit.evaluate.command import load_jem
-    from jemkit.models import with_weights
-
-    try:
-        return load_jem(path, str(device))
-    except (ValueError, KeyError, TypeError):
-        pass  # not a jemkit fit checkpoint with a classifier config: a state_dict for the JEM's architecture
-    classifier = with_weights(copy.deepcopy(jem.classifier), path)
-    return PlainClassifier(classifier, getattr(jem, "output_key", None)).to(device)
+__all__ = ["comparison", "format_comparison"]
 
 
 def _best(by_score: dict[str, dict[str, float]], names: list[str] | None = None) -> tuple[str, float]:

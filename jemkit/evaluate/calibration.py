@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from jemkit.adapters import unpack_batch
+from jemkit.batches import unpack_batch
 from jemkit.checks import check_integer
-from jemkit.evaluate.plots import reliability_diagram, save_figure
 from jemkit.evaluate.tables import text_table
 from jemkit.metrics.calibration import CalibrationMetrics, ReliabilityDiagram
 from jemkit.metrics.temperature import fit_temperature
+from jemkit.pictures import reliability_diagram, save_figure
 
 __all__ = ["CalibrationOptions", "calibration_report", "calibration_section", "format_calibration", "predict_logits"]
 

@@ -18,31 +18,27 @@ from typing import Any
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import instantiate_module
 
 from jemkit.checkpoint import load_checkpoint_file
-from jemkit.evaluate.baseline import load_baseline
 from jemkit.evaluate.calibration import CalibrationOptions
-from jemkit.evaluate.generative import GenerativeOptions
-from jemkit.evaluate.ood import OODOptions
+from jemkit.evaluate.loading import TRUST_OPTION, load_baseline, load_datamodule, load_jem
 from jemkit.evaluate.report import evaluate, format_report
 from jemkit.evaluate.robustness import RobustnessOptions
 from jemkit.evaluate.samples import SampleOptions
 from jemkit.evaluate.shift import ShiftOptions
-from jemkit.module import JEM
+from jemkit.metrics.generative import GenerativeOptions
+from jemkit.ood.pipeline import OODOptions
 
-__all__ = ["SECTIONS", "build_parser", "load_datamodule", "load_jem", "run"]
-
-TRUST_OPTION = "--weights_only false"
+__all__ = ["SECTIONS", "build_parser", "run"]
 
 SECTIONS: dict[str, type] = {
     "calibration": CalibrationOptions,
     "ood": OODOptions,
     "robustness": RobustnessOptions,
     "samples": SampleOptions,
-    "generative": GenerativeOptions,
 }
-"""The sections of the report, by the name their options take on the command line and in :func:`evaluate`."""
+"""The sections of the report that run by default, by the name their options take on the command line and in
+:func:`evaluate`; ``--generative`` and ``--shift`` are off unless given."""
 
 
 def build_parser() -> ArgumentParser:
@@ -75,6 +71,13 @@ def build_parser() -> ArgumentParser:
     for name, options in SECTIONS.items():
         parser.add_class_arguments(options, name, help=(options.__doc__ or "").split("\n\n")[0])
     parser.add_argument(
+        "--generative",
+        type=GenerativeOptions | None,
+        default=None,
+        help="FID and IS of the JEM's samples against the test split (off by default): --generative '{}' for the "
+        "defaults, or its options, e.g. --generative.num_samples 1000 --generative.sources [buffer]",
+    )
+    parser.add_argument(
         "--shift",
         type=ShiftOptions | None,
         default=None,
@@ -93,35 +96,6 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--progress", type=bool, default=True)
     return parser
-
-
-def load_jem(path: str, device: str = "cpu", weights_only: bool = True) -> JEM:
-    """Load a JEM checkpoint with errors that say what is wrong with the file (weights-only unless trusted)."""
-    try:
-        return JEM.load_from_checkpoint(path, map_location=device, weights_only=weights_only)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from err
-    except TypeError as err:
-        if "classifier" not in str(err):
-            raise
-        raise ValueError(
-            f"{path} holds no classifier config (the JEM was built in Python, not by `jemkit fit`): load it with "
-            "JEM.load_from_checkpoint(path, classifier=...) and call jemkit.evaluate.evaluate(jem, datamodule, out)"
-        ) from err
-
-
-def load_datamodule(path: str, data: Any = None, weights_only: bool = True) -> LightningDataModule:
-    """The datamodule given on the command line, else the one recorded in the checkpoint by LightningCLI."""
-    if data is not None:
-        return data
-    checkpoint = load_checkpoint_file(path, "cpu", weights_only, trust_hint=TRUST_OPTION)
-    hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
-    if "_class_path" not in hparams:
-        raise ValueError(
-            f"{path} records no datamodule: pass one with --data (e.g. --data jemkit.data.DigitsDataModule)"
-        )
-    return instantiate_module(LightningDataModule, hparams)
 
 
 def run(args: list[str] | None = None) -> dict[str, Any]:
@@ -150,6 +124,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         ood_data=ood_data,
         baseline=baseline,
         shift=init.get("shift"),
+        generative=init.get("generative"),
         max_samples=cfg.max_samples,
         batch_size=cfg.batch_size,
         progress=cfg.progress,

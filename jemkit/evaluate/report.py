@@ -10,22 +10,24 @@ its own options object (:class:`CalibrationOptions`, :class:`OODOptions`, :class
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from jemkit.adapters import sampling_context
+from jemkit.classifier import sampling_context
 from jemkit.evaluate.baseline import comparison, format_comparison
 from jemkit.evaluate.calibration import CalibrationOptions, calibration_section, format_calibration
-from jemkit.evaluate.generative import GenerativeOptions, format_generative, generative_metrics
-from jemkit.evaluate.ood import OODOptions, format_ood, ood_section, ood_test_sets
+from jemkit.evaluate.generative import format_generative
+from jemkit.evaluate.ood import format_ood, ood_section
 from jemkit.evaluate.robustness import RobustnessOptions, attack_clip, format_robustness, robustness_section
-from jemkit.evaluate.samples import SampleOptions, save_sample_grids
+from jemkit.evaluate.samples import SampleOptions, samples_section
 from jemkit.evaluate.shift import ShiftOptions, format_shift, shift_section
 from jemkit.evaluate.splits import capped_loader, split_dataset
+from jemkit.metrics.generative import GenerativeOptions, generative_metrics
+from jemkit.ood.pipeline import OODOptions, build_ood_sets
 
 if TYPE_CHECKING:
     from jemkit.module import JEM
@@ -124,104 +126,97 @@ def evaluate(
             f"{type(datamodule).__name__} has no test data: expected a test_dataset or a test_dataloader() after setup"
         )
     _check_input_shape(jem, test_set)
+    ood_sets = None  # built once, so that the JEM and the baseline are scored on the same inputs
+    if options["ood"] is not None:
+        ood_sets = build_ood_sets(test_set, options["ood"].sets, max_samples, getattr(jem, "domain", None), ood_data)
+    splits = _Splits(datamodule, test_set, ood_sets, out, max_samples, batch_size, progress)
     with sampling_context(jem, "eval"):
-        report = _sections(jem, datamodule, test_set, out, options, ood_data, max_samples, batch_size, progress)
+        report = _sections(jem, splits, options)
     if baseline is not None:
         with sampling_context(baseline, "eval"):
-            section = _baseline(baseline, datamodule, test_set, out, options, report, max_samples, batch_size, progress)
+            section = _baseline(baseline, splits, options, report)
         report["baseline"] = section
         report["comparison"] = comparison(report, section)
-    report.pop("_ood_sets", None)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _baseline(
-    model: nn.Module,
-    datamodule: Any,
-    test_set: Dataset,
-    out: Path,
-    options: dict[str, Any],
-    report: dict[str, Any],
-    max_samples: int | None,
-    batch_size: int,
-    progress: bool,
-) -> dict[str, Any]:
+@dataclass
+class _Splits:
+    """What every section of one evaluation reads: the data's splits, the OOD sets, where figures go, the caps."""
+
+    datamodule: Any
+    test_set: Dataset
+    ood_sets: dict[str, Dataset] | None
+    out: Path
+    max_samples: int | None
+    batch_size: int
+    progress: bool
+
+    def split(self, stage: str) -> Dataset | None:
+        return split_dataset(self.datamodule, stage)
+
+    def ood(self, model: nn.Module, options: OODOptions, prefix: str = "") -> tuple[dict[str, Any], dict[str, str]]:
+        """The OOD section of ``model`` on this evaluation's sets (detectors fitted on the training split, the fused
+        score standardised on the validation split)."""
+        train_set = self.split("fit") if options.detectors else None
+        val_set = self.split("validate") if options.fused else None
+        return ood_section(
+            model, self.test_set, self.ood_sets or {}, options, train_set, self.out, self.max_samples,
+            self.batch_size, self.progress, prefix, val_set,
+        )  # fmt: skip
+
+
+def _baseline(model: nn.Module, splits: _Splits, options: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """The baseline's calibration and OOD sections, on the OOD sets the JEM was scored on; figures ``baseline_*``."""
     section: dict[str, Any] = {"model": type(getattr(model, "classifier", model)).__name__}
     calibration = options["calibration"] or CalibrationOptions(temperature_scaling=True)
-    val_set = split_dataset(datamodule, "validate") if calibration.temperature_scaling else None
-    cal, figures = calibration_section(model, test_set, val_set, out, calibration, batch_size, progress, "baseline_")
+    val_set = splits.split("validate") if calibration.temperature_scaling else None
+    cal, figures = calibration_section(
+        model, splits.test_set, val_set, splits.out, calibration, splits.batch_size, splits.progress, "baseline_"
+    )
     section |= cal
     report["figures"] |= figures
-    ood: OODOptions | None = options["ood"]
-    if ood is not None and report.get("_ood_sets"):
-        train_set = split_dataset(datamodule, "fit") if ood.detectors else None
-        val_set = split_dataset(datamodule, "validate") if ood.fused else None
-        found, figures = ood_section(
-            model, test_set, report["_ood_sets"], ood, train_set, out, max_samples, batch_size, progress, "baseline_",
-            val_set,
-        )  # fmt: skip
+    if options["ood"] is not None and splits.ood_sets:
+        found, figures = splits.ood(model, options["ood"], "baseline_")
         section |= found
         report["figures"] |= figures
     return section
 
 
-def _sections(
-    jem: JEM,
-    datamodule: Any,
-    test_set: Dataset,
-    out: Path,
-    options: dict[str, Any],
-    ood_data: dict[str, Dataset] | None,
-    max_samples: int | None,
-    batch_size: int,
-    progress: bool,
-) -> dict[str, Any]:
-    report: dict[str, Any] = {"data": type(datamodule).__name__, "num_test": len(test_set), "figures": {}}
+def _sections(jem: JEM, splits: _Splits, options: dict[str, Any]) -> dict[str, Any]:
+    test_set, out, batch_size, max_samples = splits.test_set, splits.out, splits.batch_size, splits.max_samples
+    report: dict[str, Any] = {"data": type(splits.datamodule).__name__, "num_test": len(test_set), "figures": {}}
     calibration: CalibrationOptions | None = options["calibration"]
     if calibration is not None:
-        val_set = split_dataset(datamodule, "validate") if calibration.temperature_scaling else None
-        section, figures = calibration_section(jem, test_set, val_set, out, calibration, batch_size, progress)
+        val_set = splits.split("validate") if calibration.temperature_scaling else None
+        section, figures = calibration_section(jem, test_set, val_set, out, calibration, batch_size, splits.progress)
         report |= section
         report["figures"] |= figures
-    ood: OODOptions | None = options["ood"]
-    if ood is not None:
-        sets = ood_test_sets(test_set, ood, getattr(jem, "domain", None), ood_data, max_samples)
-        train_set = split_dataset(datamodule, "fit") if ood.detectors else None
-        val_set = split_dataset(datamodule, "validate") if ood.fused else None
-        section, figures = ood_section(
-            jem, test_set, sets, ood, train_set, out, max_samples, batch_size, progress, val_set=val_set
-        )
-        report["_ood_sets"] = sets  # for the baseline: the same inputs
+    if options["ood"] is not None:
+        section, figures = splits.ood(jem, options["ood"])
         report |= section
         report["figures"] |= figures
     robustness: RobustnessOptions | None = options["robustness"]
     if robustness is not None and robustness.attack_configs():
         loader = capped_loader(test_set, batch_size, max_samples)
-        report["robustness"] = robustness_section(jem, loader, robustness, progress)
-    samples: SampleOptions | None = options["samples"]
-    buffer = getattr(jem, "buffer", None)
-    if samples is not None and samples.per_class > 0 and buffer is not None and buffer.is_initialized:
-        data = torch.stack([test_set[i][0] for i in range(min(len(test_set), 64))])
-        paths = save_sample_grids(
-            jem, out, num_samples=samples.num_samples, per_class=samples.per_class, suffix="eval", data=data
-        )
-        report["figures"] |= {f"samples_{k}": str(v) for k, v in paths.items()}
+        report["robustness"] = robustness_section(jem, loader, robustness, splits.progress)
+    if options["samples"] is not None:
+        report["figures"] |= samples_section(jem, test_set, options["samples"], out)
     shift: ShiftOptions | None = options["shift"]
     if shift is not None:
         temperature = (report.get("temperature_scaling") or {}).get("temperature")
         n_bins = calibration.n_bins if calibration is not None else 15
         section, figures = shift_section(
-            jem, test_set, shift, out, temperature, n_bins, max_samples, batch_size, progress
+            jem, test_set, shift, out, temperature, n_bins, max_samples, batch_size, splits.progress
         )
         report["shift"] = section
         report["figures"] |= figures
     generative: GenerativeOptions | None = options["generative"]
-    if generative is not None and generative.num_samples > 0:
+    if generative is not None:
         real = DataLoader(test_set, batch_size=batch_size)
         metrics = generative_metrics(
-            jem, real, batch_size=batch_size, progress=progress, **generative.metrics_arguments()
+            jem, real, batch_size=batch_size, progress=splits.progress, **generative.metrics_arguments()
         )
         report["generative"] = {"real": "test", **metrics}
     return report

@@ -8,7 +8,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from jemkit.adapters import unpack_batch
+from jemkit.batches import unpack_batch
 
 __all__ = ["capped_loader", "split_dataset"]
 

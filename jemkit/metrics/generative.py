@@ -9,8 +9,6 @@ model family (not with the papers' Inception numbers).
 
 from __future__ import annotations
 
-import importlib
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,29 +22,26 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.utilities import imports as _tm_imports
 from tqdm.auto import tqdm
 
-from jemkit.adapters import OutputKey, sampling_context, select_logits
-from jemkit.checks import check_integer
-from jemkit.evaluate.samples import SOURCES, draw, source_steps
-from jemkit.features import FeatureHook
+from jemkit._config import import_path
+from jemkit.checks import check_integer, check_names
+from jemkit.classifier import OutputKey, sampling_context, select_logits
+from jemkit.ood.features import FeatureHook
+from jemkit.sampling.chains import SOURCES
 
 if TYPE_CHECKING:
     from jemkit.module import JEM
 
 __all__ = [
-    "SOURCES",
     "ClassifierLogits",
     "GenerativeMetrics",
     "GenerativeOptions",
     "PenultimateFeatures",
     "build_generative_metrics",
-    "draw",
     "fid_score",
-    "format_generative",
     "generative_metrics",
     "inception_images",
     "inception_score",
     "resolve_feature",
-    "source_steps",
 ]
 
 _INSTALL_HINT = 'feature="inception" needs torch-fidelity: pip install "jemkit[fid]" (or use feature="self", offline)'
@@ -54,7 +49,7 @@ _INSTALL_HINT = 'feature="inception" needs torch-fidelity: pip install "jemkit[f
 
 class PenultimateFeatures(nn.Module):
     """A classifier's penultimate features: the input of its last ``nn.Linear`` (or of ``layer``), through
-    :class:`jemkit.features.FeatureHook`, the features the post-hoc OOD detectors read too.
+    :class:`jemkit.ood.features.FeatureHook`, the features the post-hoc OOD detectors read too.
 
     FID in this space needs no download and works on any input shape. The classifier runs in eval mode (BatchNorm's
     running statistics are used, never updated) without gradients, and every submodule's train flag comes back
@@ -63,7 +58,7 @@ class PenultimateFeatures(nn.Module):
     Args:
         classifier: the network (for a JEM: ``jem.classifier``).
         layer: the layer whose input is the feature (pooled over positions when it has any); default the last
-            ``nn.Linear`` (:func:`jemkit.features.last_linear`).
+            ``nn.Linear`` (:func:`jemkit.ood.features.last_linear`).
         num_features: feature size; default ``layer.in_features`` (torchmetrics reads it instead of running a dummy
             299x299 image through the network).
 
@@ -277,27 +272,36 @@ def _inputs(batch: Any) -> Tensor:
 
 @dataclass
 class GenerativeOptions:
-    """What the generative section (FID and IS of the JEM's samples against the test split) measures.
+    """What FID and IS of a JEM's samples measure: in the report (``jemkit evaluate --generative.*``, off unless
+    asked for) and in :class:`~jemkit.callbacks.GenerativeMonitor`, under the same names.
 
     Args:
-        num_samples: samples per source (and the cap on real inputs); 0 skips the section.
-        sources: sample sources, some of ``buffer`` (stored chains continued), ``fresh`` (new chains).
+        num_samples: samples drawn per source, and the cap on real inputs (FID is biased by the sample count:
+            compare figures taken with the same count).
+        sources: sample sources, some of ``buffer`` (the stored chains continued) and ``fresh`` (new chains from the
+            replay buffer's initial distribution); see :meth:`jemkit.JEM.sample`.
         feature: FID features: ``self`` (the JEM's penultimate layer, offline), ``inception`` (needs
             ``jemkit[fid]``), or a dotted path ``module.attr`` to an nn.Module or a callable returning one.
-        fresh_steps: steps of fresh chains (default 5x the sampler's).
+        fresh_steps: steps of fresh chains (default: the JEM's policy, 5x the sampler's).
     """
 
-    num_samples: int = 0
+    num_samples: int = 500
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
     feature: str = "self"
     fresh_steps: int | None = None
 
     def check(self) -> None:
-        if self.num_samples != 0:
-            check_integer("num_samples", self.num_samples, minimum=2)
-        unknown = [s for s in self.sources if s not in SOURCES]
-        if not self.sources or unknown:
-            raise ValueError(f"sources must be names from {SOURCES}, got {list(self.sources)}")
+        check_integer("num_samples", self.num_samples, minimum=2)
+        check_names("sample source(s)", self.sources, SOURCES, allow_empty=False)
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources must be distinct, got {list(self.sources)}")
+        if self.fresh_steps is not None:
+            check_integer("fresh_steps", self.fresh_steps, minimum=0)
+
+    def steps(self, jem: Any, source: str) -> int:
+        """Sampler steps for samples from ``source``: the JEM's policy (:meth:`jemkit.sampling.Chains.steps_for`),
+        with :attr:`fresh_steps` for fresh chains when given."""
+        return jem.chains.steps_for(source, self.fresh_steps if source == "fresh" else None)
 
     def metrics_arguments(self) -> dict[str, Any]:
         """The keyword arguments of :func:`generative_metrics` these options stand for."""
@@ -348,13 +352,10 @@ def generative_metrics(
         >>> section = generative_metrics(jem, datamodule.test_dataloader(), num_samples=1000)
         >>> print(format_generative(section))
     """
-    if num_samples < 2 or batch_size < 1 or splits < 1:
-        raise ValueError(
-            f"need num_samples >= 2, batch_size >= 1 and splits >= 1, got {num_samples}, {batch_size}, {splits}"
-        )
-    unknown = [s for s in sources if s not in SOURCES]
-    if not sources or unknown or len(set(sources)) != len(sources):
-        raise ValueError(f"sources must be distinct names from {SOURCES}, got {list(sources)}")
+    options = GenerativeOptions(num_samples, list(sources), fresh_steps=fresh_steps)
+    options.check()
+    check_integer("batch_size", batch_size)
+    check_integer("splits", splits)
     device = jem.device
     metrics: GenerativeMetrics | None = None
     num_real = 0
@@ -371,12 +372,12 @@ def generative_metrics(
             raise ValueError(f"FID needs at least 2 real inputs, got {num_real}")
         result: dict[str, Any] = {"feature": metrics.feature, "is_feature": metrics.is_feature, "num_real": num_real}
         for source in sources:
-            steps = source_steps(jem, source, fresh_steps)
+            steps = options.steps(jem, source)
             metrics.reset_fake()
             with tqdm(total=num_samples, desc=f"samples ({source})", disable=not progress, leave=False) as bar:
                 for start in range(0, num_samples, batch_size):
                     n = min(batch_size, num_samples - start)
-                    metrics.update_fake(draw(jem, source, n, steps))
+                    metrics.update_fake(jem.sample(n, n_steps=steps, source=source))
                     bar.update(n)
             result[source] = {"num_samples": num_samples, "steps": steps, **metrics.compute()}
     return result
@@ -432,39 +433,17 @@ def _compute_is(metric: InceptionScore) -> tuple[Tensor, Tensor]:
 
 def resolve_feature(spec: str | nn.Module) -> str | nn.Module:
     """``"self"``, ``"inception"``, an ``nn.Module``, or a dotted path ``module.attr`` to an ``nn.Module`` or to a
-    callable returning one (called without arguments); what ``jemkit evaluate --fid_feature`` accepts."""
+    callable returning one (called without arguments); what ``jemkit evaluate --generative.feature`` accepts."""
     if isinstance(spec, nn.Module) or spec in ("self", "inception"):
         return spec
-    module_name, _, attr = spec.rpartition(".")
-    if not module_name:
+    if "." not in spec.strip("."):
         raise ValueError(f"feature must be 'self', 'inception' or a dotted path module.attr, got {spec!r}")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
+        obj = import_path(spec)
+    except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"could not import the feature network {spec!r}: {err}") from err
     if not isinstance(obj, nn.Module) and callable(obj):
         obj = obj()
     if not isinstance(obj, nn.Module):
         raise TypeError(f"{spec} gave a {type(obj).__name__}, expected an nn.Module (or a callable returning one)")
     return obj
-
-
-def format_generative(section: dict[str, Any]) -> str:
-    """A small text table of :func:`generative_metrics`' result."""
-    rows = [(name, v) for name, v in section.items() if isinstance(v, dict)]
-    header = ("source", "samples", "steps", "FID", "IS", "IS std")
-    cells = [list(header)] + [
-        [name, str(v["num_samples"]), str(v["steps"]), _number(v["fid"]), _number(v["is_mean"]), _number(v["is_std"])]
-        for name, v in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    split = f" {section['real']}" if "real" in section else ""  # evaluate() names the data split
-    note = f"FID in {section['feature']} features against {section['num_real']} real{split} inputs; IS on "
-    note += f"{section['is_feature']} logits"
-    return "\n".join([note, *lines])
-
-
-def _number(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.4f}"

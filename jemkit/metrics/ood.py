@@ -1,8 +1,8 @@
 """Out-of-distribution detection metrics: AUROC, AUPR-In, AUPR-Out and FPR at 95% TPR.
 
-Convention (the one of :mod:`jemkit.scores`): a score is **higher for inputs that look in-distribution** (``log p(x)``,
-maximum softmax probability, ...) and the in-distribution set is the **positive** class. AUPR-Out treats the OOD set
-as positive and negates the scores.
+Convention (the one of :mod:`jemkit.ood.scores`): a score is **higher for inputs that look in-distribution**
+(``log p(x)``, maximum softmax probability, ...) and the in-distribution set is the **positive** class. AUPR-Out
+treats the OOD set as positive and negates the scores.
 
 Why not call torchmetrics directly: its binary curve metrics treat any input outside ``[0, 1]`` as a logit and apply
 a sigmoid. Energies and ``log p(x)`` are unbounded (often ``|score| > 100``), where the sigmoid saturates to exactly

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from jemkit.checks import check_integer
 from jemkit.energy import check_labels
 
 __all__ = ["fit_temperature"]
@@ -52,8 +53,7 @@ def fit_temperature(logits: Tensor, y: Tensor, max_iter: int = 50, lr: float = 0
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"expected non-empty logits of shape [N, C], got {shape}")
     check_labels(y, logits.shape[0], logits.shape[1])
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    check_integer("max_iter", max_iter)
     if bool(torch.isnan(logits).any()):
         raise ValueError("logits contain NaN")
 

@@ -7,14 +7,17 @@ norm is the safe alternative) and leaky ReLU with slope 0.2 (a non-zero gradient
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from torch import nn
+
+from jemkit.checks import check_choice
 
 __all__ = [
     "ACTIVATIONS",
     "NORMS",
     "check_activation",
-    "check_norm",
+    "check_norm_layer",
     "make_activation",
     "make_norm",
 ]
@@ -26,16 +29,14 @@ ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "silu", "relu")
 """Accepted ``activation`` values; ``"leaky_relu"`` uses slope 0.2 as in JEM."""
 
 
-def check_norm(norm: str | None) -> None:
-    """Raise ``ValueError`` unless ``norm`` is one of ``NORMS``."""
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of None, 'batch', 'group'")
+def check_norm_layer(norm: str | None, known: Sequence[str | None] = NORMS) -> None:
+    """Raise ``ValueError`` unless ``norm`` (a normalisation layer's name) is one of ``known``."""
+    check_choice("norm", norm, known)
 
 
 def check_activation(activation: str) -> None:
     """Raise ``ValueError`` unless ``activation`` is one of ``ACTIVATIONS``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(map(repr, ACTIVATIONS))}")
+    check_choice("activation", activation, ACTIVATIONS)
 
 
 def make_norm(norm: str | None, channels: int) -> nn.Module:
@@ -43,7 +44,7 @@ def make_norm(norm: str | None, channels: int) -> nn.Module:
 
     GroupNorm uses ``gcd(32, channels)`` groups, so it works for any width.
     """
-    check_norm(norm)
+    check_norm_layer(norm)
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "group":

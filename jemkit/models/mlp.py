@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from jemkit.checks import check_integer
-from jemkit.models._layers import check_activation, make_activation
+from jemkit.models._layers import check_activation, check_norm_layer, make_activation
 
 __all__ = ["MLP", "MLP_NORMS"]
 
@@ -50,8 +50,7 @@ class MLP(nn.Module):
         for width in hidden:
             check_integer("every hidden width", width)
         check_activation(activation)
-        if norm not in MLP_NORMS:
-            raise ValueError(f"unknown norm {norm!r}; expected one of None, 'batch', 'layer'")
+        check_norm_layer(norm, MLP_NORMS)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.num_features = num_features

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from jemkit.checks import check_integer
-from jemkit.models._layers import check_activation, check_norm, make_activation, make_norm
+from jemkit.models._layers import check_activation, check_norm_layer, make_activation, make_norm
 
 __all__ = ["BasicBlock", "SmallResNet"]
 
@@ -77,7 +77,7 @@ class SmallResNet(nn.Module):
             raise ValueError("blocks must list the number of blocks of at least one stage, got ()")
         for count in blocks:
             check_integer("every entry of blocks", count)
-        check_norm(norm)
+        check_norm_layer(norm)
         check_activation(activation)
         self.num_classes = num_classes
         self.in_channels = in_channels

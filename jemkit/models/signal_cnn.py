@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from jemkit.checks import check_integer
-from jemkit.models._layers import check_activation, check_norm, make_activation, make_norm
+from jemkit.models._layers import check_activation, check_norm_layer, make_activation, make_norm
 
 __all__ = ["SignalCNN"]
 
@@ -42,7 +42,7 @@ class SignalCNN(nn.Module):
         check_integer("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the output keeps the length), got {kernel_size!r}")
-        check_norm(norm)
+        check_norm_layer(norm)
         check_activation(activation)
         self.num_classes = num_classes
         self.in_channels = in_channels

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from jemkit.checks import check_integer
-from jemkit.models._layers import check_activation, check_norm, make_activation, make_norm
+from jemkit.models._layers import check_activation, check_norm_layer, make_activation, make_norm
 
 __all__ = ["SmallCNN"]
 
@@ -29,7 +29,7 @@ class SmallCNN(nn.Module):
         check_integer("num_classes", num_classes)
         check_integer("in_channels", in_channels)
         check_integer("width", width)
-        check_norm(norm)
+        check_norm_layer(norm)
         check_activation(activation)
         self.num_classes = num_classes
         self.in_channels = in_channels

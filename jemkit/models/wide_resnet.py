@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from jemkit.checks import check_integer
 from jemkit.models._layers import (
     check_activation,
-    check_norm,
+    check_norm_layer,
     make_activation,
     make_norm,
 )
@@ -86,7 +86,7 @@ class WideResNet(nn.Module):
         check_integer("in_channels", in_channels)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        check_norm(norm)
+        check_norm_layer(norm)
         check_activation(activation)
         self.num_classes = num_classes
         self.in_channels = in_channels

@@ -1,7 +1,7 @@
 """Sampling: Langevin samplers, their initial distributions and the persistent replay buffer."""
 
 from jemkit.sampling.buffer import ReplayBuffer
-from jemkit.sampling.chains import Chains
+from jemkit.sampling.chains import SOURCES, Chains
 from jemkit.sampling.domain import InputDomain
 from jemkit.sampling.init import GaussianInit, InitialDistribution, UniformInit
 from jemkit.sampling.langevin import MALA, PYLD, SGLD, EnergyFn, FirstLayer, Sampler
@@ -17,6 +17,7 @@ __all__ = [
     "InitialDistribution",
     "InputDomain",
     "ReplayBuffer",
+    "SOURCES",
     "Sampler",
     "UniformInit",
 ]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from jemkit.checks import check_integer
 from jemkit.energy import check_labels
 from jemkit.sampling.init import InitialDistribution, UniformInit
 
@@ -106,12 +107,11 @@ class ReplayBuffer(nn.Module):
         super().__init__()
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {sorted(STORAGES)}, got {storage!r}")
-        if capacity < 1:
-            raise ValueError(f"ReplayBuffer capacity must be >= 1, got {capacity!r}")
+        check_integer("capacity", capacity)
         if not 0.0 <= reinit_prob <= 1.0:
             raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob!r}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        if num_classes is not None:
+            check_integer("num_classes", num_classes)
         self.capacity = int(capacity)  # the slots this rank holds (all of them without DDP)
         self.total_capacity = int(capacity)  # across all ranks
         self.reinit_prob = float(reinit_prob)
@@ -249,11 +249,12 @@ class ReplayBuffer(nn.Module):
             raise RuntimeError("the ReplayBuffer has no input shape yet: call initialize(input_shape) first")
 
     @torch.no_grad()
-    def sample(self, batch_size: int, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def sample(self, batch_size: int, y: Tensor | None = None, restarts: bool = True) -> tuple[Tensor, Tensor]:
         """Draw start points: returns ``(x0 [batch_size, *shape], slot indices [batch_size])``.
 
         With labels ``y [batch_size]`` (conditional buffers only) every start point comes from a slot of its class.
-        Each start point is independently replaced by a fresh draw with probability ``reinit_prob``.
+        With ``restarts`` (training), each start point is independently replaced by a fresh draw with probability
+        ``reinit_prob``; without, the start points are what the buffer holds (pictures, FID).
         """
         self._check_ready()
         device = self.samples.device
@@ -267,7 +268,7 @@ class ReplayBuffer(nn.Module):
             rows = torch.randint(0, slots_per_class, (batch_size,), device=device)
             idx = y.to(device).long() + rows * self.num_classes
         x0 = self.chains(idx)
-        if self.reinit_prob > 0:
+        if restarts and self.reinit_prob > 0:
             labels = self.labels[idx] if self.conditional else None
             fresh = self.init.sample(batch_size, x0.shape[1:], device=device, dtype=x0.dtype, y=labels)
             reinit = torch.rand(batch_size, device=device) < self.reinit_prob

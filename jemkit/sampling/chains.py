@@ -21,20 +21,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jemkit.adapters import class_labels, resolve_sampling_mode, sampling_context, unpack_batch
-from jemkit.checks import check_label_count
+from jemkit.batches import class_labels, unpack_batch
+from jemkit.checks import check_choice, check_integer, check_label_count
+from jemkit.classifier import resolve_sampling_mode, sampling_context
 from jemkit.sampling.buffer import ReplayBuffer
 from jemkit.sampling.compiled import CompiledStep, ConditionalEnergy, resolve_compile_mode
 from jemkit.sampling.domain import InputDomain
 from jemkit.sampling.langevin import SGLD, EnergyFn, FirstLayer, Sampler, Step
 
-__all__ = ["Chains"]
+__all__ = ["FRESH_STEPS_FACTOR", "SOURCES", "Chains"]
+
+SOURCES = ("buffer", "fresh")
+"""Where samples come from: the chains the replay buffer holds, continued, or new chains from its initial
+distribution."""
+
+FRESH_STEPS_FACTOR = 5
+"""Fresh chains run this many times the sampler's steps by default (:meth:`Chains.steps_for`)."""
 
 
 class Chains:
     """Runs Langevin chains on a classifier's energy: start points from a replay buffer, refined by a sampler.
 
-    The classifier runs as ``sampling_mode`` says while sampling (see :func:`jemkit.adapters.sampling_context`) and is
+    The classifier runs as ``sampling_mode`` says while sampling (see :func:`jemkit.classifier.sampling_context`) and is
     left exactly as it was; only input gradients are computed. Works inside ``torch.inference_mode`` too (validation
     callbacks sample).
 
@@ -45,7 +53,7 @@ class Chains:
         domain: where inputs live; default ``InputDomain()`` (fitted by :meth:`fit`; the unit box ``[-1, 1]``
             until then).
         sampling_mode: ``"eval"`` (running statistics, no Dropout), ``"train"`` (batch statistics, running ones
-            protected) or ``"auto"`` (see :func:`jemkit.adapters.resolve_sampling_mode`).
+            protected) or ``"auto"`` (see :func:`jemkit.classifier.resolve_sampling_mode`).
         compile: compile each sampler step into one graph (``True`` or a ``torch.compile`` mode); experimental.
 
     Example::
@@ -126,16 +134,38 @@ class Chains:
         return self.buffer.input_shape
 
     # ------------------------------------------------------------------ sampling
-    def start(self, n: int, y: Tensor | None = None, from_buffer: bool = True) -> Tensor:
-        """``n`` start points: from the buffer (for labels ``y [n]`` only if it is conditional) or the initial
-        distribution. The buffer is left unchanged."""
-        return self.domain.from_unit(self._start_units(n, y, from_buffer))
+    def steps_for(self, source: str, n_steps: int | None = None) -> int:
+        """Sampler steps run for chains from ``source`` unless ``n_steps`` says: the sampler's own for ``"buffer"``
+        chains (one more training step's worth), five times that for ``"fresh"`` ones, which start far from the data."""
+        check_choice("sample source", source, SOURCES)
+        if n_steps is not None:
+            return check_integer("n_steps", n_steps, minimum=0)
+        return self.sampler.n_steps * (FRESH_STEPS_FACTOR if source == "fresh" else 1)
 
-    def _start_units(self, n: int, y: Tensor | None, from_buffer: bool) -> Tensor:
+    def start(self, n: int, y: Tensor | None = None, source: str = "buffer") -> Tensor:
+        """``n`` start points in data units: the chains the buffer holds (``"buffer"``, without random restarts; for
+        labels ``y [n]`` only if it is conditional) or draws from its initial distribution (``"fresh"``). The buffer
+        is left unchanged."""
+        check_choice("sample source", source, SOURCES)
         self._check_ready()
-        if from_buffer and (y is None or self.buffer.conditional):
-            return self.buffer.sample(n, y)[0]
-        return self.buffer.init.sample(n, self.buffer.input_shape, device=self.buffer.samples.device, y=y)
+        if source == "buffer" and (y is None or self.buffer.conditional):
+            units = self.buffer.sample(n, y, restarts=False)[0]
+        else:
+            units = self.buffer.init.sample(n, self.buffer.input_shape, device=self.buffer.samples.device, y=y)
+        return self.domain.from_unit(units)
+
+    def sample(
+        self,
+        energy: ConditionalEnergy,
+        n: int,
+        y: Tensor | None = None,
+        source: str = "buffer",
+        n_steps: int | None = None,
+    ) -> Tensor:
+        """``n`` samples in data units, the one way samples are drawn for pictures, FID/IS and ``JEM.sample``: chains
+        from ``source`` (:meth:`start`) run for :meth:`steps_for` steps on ``energy(., y)``. The buffer is left
+        unchanged."""
+        return self.refine(energy, self.start(n, y, source), y, self.steps_for(source, n_steps))
 
     def _check_ready(self) -> None:
         if not self.buffer.is_initialized:
@@ -165,7 +195,7 @@ class Chains:
             def energy_fn(u: Tensor) -> Tensor:
                 return unit_energy(u, y)
 
-            if getattr(self.sampler, "inner_steps", 1) > 1:  # YOPO steps (PYLD): through the classifier's first layer
+            if self.sampler.steps_through_first_layer:  # YOPO steps (PYLD): through the classifier's first layer
                 layer = self._yopo_layer(energy_fn, u0)
                 return self.sampler.sample(energy_fn, u0, n_steps=n_steps, step=step, first_layer=layer).detach()
             return self.sampler.sample(energy_fn, u0, n_steps=n_steps, step=step).detach()

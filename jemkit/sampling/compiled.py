@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from jemkit.adapters import SamplingMode, has_batchnorm
+from jemkit.classifier import SamplingMode, has_batchnorm
 from jemkit.sampling.langevin import Sampler, energy_and_grad
 
 __all__ = ["COMPILE_MODES", "CompiledStep", "ConditionalEnergy", "resolve_compile_mode"]
@@ -41,11 +41,6 @@ ConditionalEnergy = Callable[[Tensor, Tensor | None], Tensor]
 """``energy(x, y) -> [B]``: ``E(x)`` when ``y`` is ``None``, else ``E(x, y)``."""
 
 
-def has_update_step(sampler: Sampler) -> bool:
-    """Whether the sampler's update is a pure function ``update(x, grad) -> x'`` that can be compiled whole."""
-    return callable(getattr(sampler, "update", None))
-
-
 def resolve_compile_mode(
     compile: bool | str, sampler: Sampler, classifier: nn.Module, sampling_mode: SamplingMode
 ) -> str | None:
@@ -59,13 +54,13 @@ def resolve_compile_mode(
     mode = "default" if compile is True else compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be a bool or one of {COMPILE_MODES}, got {compile!r}")
-    if not has_update_step(sampler):
+    if sampler.steps_through_first_layer:
+        raise ValueError("compile does not take PYLD's inner (YOPO) steps: use inner_steps=1 or compile=False")
+    if not sampler.has_pure_step:
         raise ValueError(
             f"compile needs a sampler whose update is `update(x, grad)` (such as SGLD); {type(sampler).__name__} has "
             "none: sample eagerly (compile=False)"
         )
-    if getattr(sampler, "inner_steps", 1) > 1:
-        raise ValueError("compile does not take PYLD's inner (YOPO) steps: use inner_steps=1 or compile=False")
     if sampling_mode == "train" and has_batchnorm(classifier):
         raise ValueError(
             "compile cannot trace BatchNorm layers that update their running statistics while sampling "
@@ -89,7 +84,7 @@ class CompiledStep:
     """
 
     def __init__(self, energy: ConditionalEnergy, sampler: Sampler, mode: str = "default") -> None:
-        if not has_update_step(sampler):
+        if not sampler.has_pure_step:
             raise ValueError(f"{type(sampler).__name__} has no `update(x, grad)` step to compile")
         self.energy, self.sampler, self.mode = energy, sampler, mode
         self.uses_cuda_graphs = mode in _CUDA_GRAPH_MODES

@@ -14,15 +14,13 @@ otherwise (an image's pixels, a signal's time steps share their channel's units)
 
 from __future__ import annotations
 
-import itertools
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from jemkit.adapters import unpack_batch
 from jemkit.checks import check_integer
 
 __all__ = ["InputDomain", "domain_of"]
@@ -48,7 +46,8 @@ class InputDomain(nn.Module):
         per: granularity of a fitted box: ``"feature"`` (one range per input value), ``"channel"`` (one per channel,
             dimension 1 of a batch), ``"global"`` or ``"auto"`` (``"feature"`` for flat inputs ``[D]``, else
             ``"channel"``).
-        fit_batches: training batches read by :meth:`fit_loader`.
+        fit_batches: training batches a JEM's chains fit it on when training starts (:meth:`Chains.fit
+            <jemkit.sampling.Chains.fit>`).
 
     Example::
 
@@ -133,14 +132,6 @@ class InputDomain(nn.Module):
         if per == "channel" and x.dim() > 2:
             return (0, *range(2, x.dim()))
         return tuple(range(x.dim()))
-
-    def fit_loader(self, loader: Iterable[Any], device: torch.device | str | None = None) -> None:
-        """Fit on up to ``fit_batches`` batches of ``loader``; nothing to do once fitted (a resumed run)."""
-        if self.is_fitted:
-            return
-        xs = [unpack_batch(batch)[0].to(device) for batch in itertools.islice(loader, self.fit_batches)]
-        if xs:
-            self.fit(torch.cat(xs))
 
     # ------------------------------------------------------------------ coordinates
     def _box(self, like: Tensor) -> tuple[Tensor, Tensor]:

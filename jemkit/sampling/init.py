@@ -7,15 +7,13 @@ data ("informative" initialisation), which shortens the chains needed. Both are 
 
 from __future__ import annotations
 
-import itertools
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from jemkit.adapters import unpack_batch
 from jemkit.checks import check_integer
 
 __all__ = ["GaussianInit", "InitialDistribution", "UniformInit"]
@@ -57,11 +55,6 @@ class InitialDistribution:
         """Whether :meth:`fit` has nothing (more) to learn."""
         return True
 
-    def fit_loader(
-        self, loader: Iterable[Any], num_classes: int | None, device: torch.device | str | None = None
-    ) -> None:
-        """Learn from training data before the first chains start; a no-op for distributions that do not learn."""
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(low={self.low}, high={self.high})"
 
@@ -95,7 +88,8 @@ class GaussianInit(InitialDistribution):
     Args:
         low: samples are clamped into ``[low, high]`` (the data range).
         high: see ``low``.
-        fit_batches: training batches :meth:`fit_loader` reads (a JEM fits it when training starts).
+        fit_batches: training batches a JEM's chains fit it on when training starts (:meth:`Chains.fit
+            <jemkit.sampling.Chains.fit>`).
         uniform_fraction: share of draws from ``U(low, high)`` (JEM's restarts) rather than the fitted Gaussians.
     """
 
@@ -140,22 +134,6 @@ class GaussianInit(InitialDistribution):
         self.stds = var.sqrt().reshape(num_classes, *x.shape[1:])
         self.class_probs = counts / counts.sum()
         return self
-
-    def fit_loader(
-        self, loader: Iterable[Any], num_classes: int | None, device: torch.device | str | None = None
-    ) -> None:
-        """Fit on up to ``fit_batches`` labelled batches of ``loader``, unless already fitted (a resumed run);
-        ``num_classes=None`` takes the largest label seen plus one."""
-        if self.is_fitted:
-            return
-        xs, ys = [], []
-        for batch in itertools.islice(loader, self.fit_batches):
-            x, y = unpack_batch(batch)
-            xs.append(x.to(device))
-            ys.append(y.to(device))
-        if xs:
-            y = torch.cat(ys)
-            self.fit(torch.cat(xs), y, num_classes or int(y.max()) + 1)
 
     @property
     def is_fitted(self) -> bool:

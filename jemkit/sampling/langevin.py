@@ -81,20 +81,40 @@ Step = Callable[[Tensor], Tensor]
 class Sampler:
     """Interface of every sampler: ``sample(energy_fn, x0, n_steps=None, step=None) -> x`` shaped like ``x0``.
 
-    Samplers whose update is a pure function ``update(x, grad) -> x'`` accept ``step``, a ready-made replacement for
-    ``x -> update(x, dE/dx)`` (a compiled one); the others raise if it is given.
+    What a sampler can do is declared here, once, and read by whoever needs it (compiling a step, unrolling the
+    defence, EOT, YOPO's first layer) instead of being guessed from its attributes:
+
+    - :attr:`has_pure_step`: one step is a pure function ``update(x, dE/dx) -> x'``. Such samplers accept ``step``,
+      a ready-made replacement for ``x -> update(x, dE/dx)`` (a compiled one), and their refinement has an exact
+      unrolled gradient; the others raise if ``step`` is given.
+    - :attr:`steps_through_first_layer`: steps take cheap inner updates through the classifier's first layer (JEM++'s
+      YOPO), so :meth:`sample` needs a :class:`FirstLayer`, and a step is not one ``update``.
+    - :attr:`is_random`: two runs from the same start can differ (noise, an accept/reject draw).
     """
 
     n_steps: int
+
+    @property
+    def has_pure_step(self) -> bool:
+        return False
+
+    @property
+    def steps_through_first_layer(self) -> bool:
+        return False
+
+    @property
+    def is_random(self) -> bool:
+        return True
+
+    def update(self, x: Tensor, grad: Tensor) -> Tensor:
+        """One step given ``dE/dx`` (samplers with :attr:`has_pure_step` only)."""
+        raise TypeError(f"{type(self).__name__} has no pure step update(x, grad)")
 
     def sample(self, energy_fn: EnergyFn, x0: Tensor, n_steps: int | None = None, step: Step | None = None) -> Tensor:
         raise NotImplementedError
 
     def _steps(self, n_steps: int | None) -> int:
-        steps = self.n_steps if n_steps is None else n_steps
-        if steps < 0:
-            raise ValueError(f"n_steps must be >= 0, got {steps!r}")
-        return steps
+        return check_integer("n_steps", self.n_steps if n_steps is None else n_steps, minimum=0)
 
 
 def _check_chain_steps(n_steps: int) -> int:
@@ -141,6 +161,14 @@ class SGLD(Sampler):
         if clip is not None and not clip[0] < clip[1]:
             raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+
+    @property
+    def has_pure_step(self) -> bool:
+        return True
+
+    @property
+    def is_random(self) -> bool:
+        return self.noise_std > 0
 
     @classmethod
     def from_temperature(cls, n_steps: int, step_size: float, temperature: float = 1.0, **kwargs) -> SGLD:
@@ -226,8 +254,8 @@ class PYLD(SGLD):
     whose gradients go through the first layer only (see :class:`FirstLayer`); ``n_steps * inner_steps`` updates for
     ``n_steps`` full backward passes. A JEM's chains find the first layer themselves (the first module that receives
     the classifier's input) unless ``first_layer`` names it; a direct call to :meth:`sample` passes a
-    :class:`FirstLayer`. Opt-in: it is not compiled, and an attack through the defence (``jem.purify(x, n,
-    differentiable=True)``) unrolls full steps only.
+    :class:`FirstLayer`. Opt-in: it is not compiled, and a defence that takes YOPO steps is attacked through by BPDA
+    only (a step is not one ``update``, so there is no exact unrolled gradient: :attr:`has_pure_step` is false).
 
     Args:
         n_steps: steps per chain (JEM++: 5 to 10); with ``inner_steps``, the full backward passes per chain.
@@ -263,6 +291,14 @@ class PYLD(SGLD):
             raise TypeError(f"first_layer must be a submodule's name or None, got {type(first_layer).__name__}")
         self.first_layer = first_layer
 
+    @property
+    def has_pure_step(self) -> bool:
+        return self.inner_steps == 1  # YOPO's inner steps go through the first layer: a step is not one update
+
+    @property
+    def steps_through_first_layer(self) -> bool:
+        return self.inner_steps > 1
+
     def update(self, x: Tensor, grad: Tensor) -> Tensor:
         """One proximal step given ``dE/dx``: plain tensor arithmetic, compilable with the energy."""
         return super().update(x, grad.clamp(-self.eps, self.eps))
@@ -276,7 +312,7 @@ class PYLD(SGLD):
         first_layer: FirstLayer | None = None,
     ) -> Tensor:
         """Run the chains from ``x0``; with ``inner_steps > 1``, YOPO steps through ``first_layer`` (required then)."""
-        if self.inner_steps == 1:
+        if not self.steps_through_first_layer:
             return super().sample(energy_fn, x0, n_steps, step)
         if step is not None:
             raise ValueError("PYLD with inner_steps > 1 takes no compiled step: sample eagerly (compile=False)")

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as checkpointed
 
-from jemkit.adapters import sampling_context
 from jemkit.checks import check_integer
+from jemkit.classifier import sampling_context
 from jemkit.sampling.langevin import energy_and_grad
 
 __all__ = ["Refinable", "unrolled_refine"]
@@ -62,17 +62,17 @@ def unrolled_refine(jem: Refinable, x: Tensor, n_steps: int, checkpoint: bool = 
         TypeError: the sampler has no pure step (MALA's accept/reject has no gradient: attack it with BPDA).
     """
     check_integer("n_steps", n_steps, minimum=0)
-    update = getattr(jem.sampler, "update", None)
-    if not callable(update):
-        raise TypeError(
-            f"unrolled refinement needs a sampler with a step update(x, grad) (SGLD, PYLD), got {jem.sampler!r}: "
-            "attack this defence with BPDA instead (adaptive=['bpda'])"
-        )
-    if getattr(jem.sampler, "inner_steps", 1) > 1:
+    if jem.sampler.steps_through_first_layer:
         raise TypeError(
             f"unrolled refinement takes one update per step, but {jem.sampler!r} takes YOPO inner steps through the "
             "first layer: the gradient would be of another function; attack this defence with BPDA (adaptive=['bpda'])"
         )
+    if not jem.sampler.has_pure_step:
+        raise TypeError(
+            f"unrolled refinement needs a sampler with a step update(x, grad) (SGLD, PYLD), got {jem.sampler!r}: "
+            "attack this defence with BPDA instead (adaptive=['bpda'])"
+        )
+    update = jem.sampler.update
     if not (torch.is_grad_enabled() and x.requires_grad):
         return jem.purify(x, n_steps)
     domain = getattr(jem.chains, "domain", None)

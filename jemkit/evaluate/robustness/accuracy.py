@@ -1,11 +1,11 @@
 """Adversarial and noise robustness of any classifier, optionally behind a defence attacked through it.
 
 JEM reports that a classifier trained as an energy model is more robust, and more so when an attacked input is
-first refined by a few sampler steps on ``E(x)`` (:mod:`jemkit.evaluate.defense`). :func:`robust_accuracy` attacks
-a defended classifier three ways and reports, per example, the worst case: **transfer** (the attack against the
-undefended classifier, then the defence: an upper bound, kept as a secondary figure), **BPDA** and **unrolled**
-(through the defence). The threat model is recorded beside the figures (:mod:`jemkit.evaluate.threat`); attack
-configs and the box they stay in are in :mod:`jemkit.evaluate.attack_config`.
+first refined by a few sampler steps on ``E(x)`` (:mod:`.defense`). :func:`robust_accuracy` attacks a defended
+classifier three ways and reports, per example, the worst case: **transfer** (the attack against the undefended
+classifier, then the defence: an upper bound, kept as a secondary figure), **BPDA** and **unrolled** (through the
+defence). The threat model is recorded beside the figures (:mod:`.threat`); attack configs and the box they stay in
+are in :mod:`.config`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from jemkit.adapters import unpack_batch
+from jemkit.batches import unpack_batch
 from jemkit.checks import check_integer
-from jemkit.evaluate.attack_config import DEFAULT_ATTACKS, AttackBox, attack_list, attack_row, parse_attack
-from jemkit.evaluate.attacks import Model, autoattack, eval_mode, gaussian_noise_corruption, pgd_attack
-from jemkit.evaluate.defense import (
+from jemkit.evaluate.robustness.attacks import Model, autoattack, eval_mode, gaussian_noise_corruption, pgd_attack
+from jemkit.evaluate.robustness.config import DEFAULT_ATTACKS, AttackBox, attack_list, attack_row, parse_attack
+from jemkit.evaluate.robustness.defense import (
     ADAPTIVE_ATTACKS,
     Defense,
     as_defense,
@@ -30,8 +30,8 @@ from jemkit.evaluate.defense import (
     defended_correct,
     jem_defense,
 )
+from jemkit.evaluate.robustness.threat import AttackProtocol, resolve_protocol, threat_model
 from jemkit.evaluate.tables import text_table
-from jemkit.evaluate.threat import AttackProtocol, resolve_protocol, threat_model
 from jemkit.sampling.domain import domain_of
 
 if TYPE_CHECKING:
@@ -75,9 +75,9 @@ class RobustnessOptions:
         """The attacks to run, with standard budgets and AutoAttack expanded."""
         return attack_list(self.attacks, self.budgets, self.autoattack, self.autoattack_steps)
 
-    def check(self, clip: Any = (-1.0, 1.0)) -> None:
+    def check(self, clip: Any) -> None:
         """Refuse bad options before any work is done (budgets against the box ``clip``, as in
-        :func:`robust_accuracy`)."""
+        :func:`robust_accuracy`: for a model, :func:`attack_clip`)."""
         box = AttackBox.of(clip)
         for config in self.attack_configs():
             parse_attack(config, box)
@@ -194,7 +194,7 @@ def robust_accuracy(
     device: torch.device | str | None = None,
     progress: bool = True,
     max_batches: int | None = None,
-    clip: Any = (-1.0, 1.0),
+    clip: Any = "domain",
     adaptive: Sequence[str] | None = None,
     eot: int | None = None,
     draws: int | None = None,
@@ -205,11 +205,11 @@ def robust_accuracy(
     One pass over ``loader``: every batch is attacked by every config. Attack configs are dicts with a ``"kind"``:
 
     - ``{"kind": "clean"}``: the unmodified inputs.
-    - ``{"kind": "noise", "std": 0.1}``: :func:`~jemkit.evaluate.attacks.gaussian_noise_corruption`.
+    - ``{"kind": "noise", "std": 0.1}``: :func:`~.attacks.gaussian_noise_corruption`.
     - ``{"kind": "pgd", "eps": 0.03, "norm": "linf", "steps": 10, "restarts": 1}``:
-      :func:`~jemkit.evaluate.attacks.pgd_attack`; optional ``step_size`` and ``random_start`` are passed through.
+      :func:`~.attacks.pgd_attack`; optional ``step_size`` and ``random_start`` are passed through.
       ``norm``, ``steps`` and ``restarts`` default to ``"linf"``, 10 and 1.
-    - ``{"kind": "autoattack", "eps": 0.03, "norm": "linf"}``: :func:`~jemkit.evaluate.attacks.autoattack` (needs
+    - ``{"kind": "autoattack", "eps": 0.03, "norm": "linf"}``: :func:`~.attacks.autoattack` (needs
       ``jemkit[attacks]``); ``version`` defaults to ``"standard"``, ``"rand"`` against a random defence; ``steps``
       100 and ``queries`` 5000 as in the paper.
 
@@ -227,21 +227,21 @@ def robust_accuracy(
             afterwards; only input gradients are taken, so parameters' ``.grad`` is untouched.
         loader: iterable of ``(x, y)`` batches.
         attacks: the attack configs, one result row each, in order.
-        defense: a :class:`~jemkit.evaluate.defense.Defense` (for a JEM:
-            :func:`~jemkit.evaluate.defense.jem_defense`), or a plain callable ``x -> x'`` (taken as deterministic,
-            attacked by BPDA only), or ``None``.
+        defense: a :class:`~.defense.Defense` (for a JEM: :func:`~.defense.jem_defense`), or a plain callable
+            ``x -> x'`` (taken as deterministic, attacked by BPDA only), or ``None``.
         device: where to run; default: the device of the model's parameters (else where the batches are).
         progress: show a tqdm progress bar over batches.
         max_batches: evaluate only the first ``max_batches`` batches (``None``: all).
-        clip: the box attacks and noise keep the inputs in: an :class:`~jemkit.InputDomain` (a JEM's
-            ``jem.domain``: attacks run in its unit coordinates, a box per channel or feature), ``(low, high)`` in
-            data units, or ``None`` (unbounded, fractional budgets unavailable).
-        adaptive: attacks through the defence, some of :data:`~jemkit.evaluate.defense.ADAPTIVE_ATTACKS`;
+        clip: the box attacks and noise keep the inputs in: ``"domain"`` (default), the model's own input domain
+            (:func:`attack_clip`: a JEM's ``jem.domain``, a model without one the unit box); an
+            :class:`~jemkit.InputDomain` (attacks run in its unit coordinates, a box per channel or feature);
+            ``(low, high)`` in data units; or ``None`` (unbounded, fractional budgets unavailable).
+        adaptive: attacks through the defence, some of :data:`~jemkit.evaluate.robustness.defense.ADAPTIVE_ATTACKS`;
             ``None``: all the defence admits (``"unrolled"`` needs ``defense.differentiable``); ``[]``: transfer only.
         eot: gradient draws per attack step through a random defence; default 1 if deterministic, else
-            :data:`~jemkit.evaluate.threat.RANDOM_DEFENSE_EOT`.
+            :data:`~jemkit.evaluate.robustness.threat.RANDOM_DEFENSE_EOT`.
         draws: defence draws averaged per prediction; default 1 if deterministic, else
-            :data:`~jemkit.evaluate.threat.RANDOM_DEFENSE_DRAWS`.
+            :data:`~jemkit.evaluate.robustness.threat.RANDOM_DEFENSE_DRAWS`.
         control: also attack a random defence with its noise fixed (``fixed_noise_accuracy``).
 
     Returns:
@@ -257,10 +257,9 @@ def robust_accuracy(
             dm.test_dataloader(),
             [{"kind": "clean"}, {"kind": "pgd", "norm": "linf", "eps_01": 8 / 255, "steps": 20}],
             defense=jem_defense(jem, n_steps=10),
-            clip=jem.domain,
         )
     """
-    box = AttackBox.of(clip)
+    box = AttackBox.of(attack_clip(model) if isinstance(clip, str) and clip == "domain" else clip)
     parsed = [parse_attack(config, box) for config in attacks]
     if not parsed:
         raise ValueError("attacks must hold at least one attack config, got an empty list")

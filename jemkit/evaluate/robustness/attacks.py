@@ -1,7 +1,7 @@
 """Perturbations of a classifier's inputs ``[B, ...]``: PGD (with EOT), AutoAttack and Gaussian noise.
 
-The attacked callable may be a plain classifier or a classifier behind a defence (see
-:mod:`jemkit.evaluate.defense`, which builds those): everything here only needs logits and their input gradient.
+The attacked callable may be a plain classifier or a classifier behind a defence (see :mod:`.defense`, which builds
+those): everything here only needs logits and their input gradient.
 A callable that is random (a purifier with noise) is attacked with Expectation over Transformation (Athalye et al.
 2018): the gradient of each step is the mean over ``eot`` calls.
 
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jemkit.adapters import sampling_context
-from jemkit.checks import check_integer, check_nonnegative
+from jemkit.checks import check_choice, check_integer, check_nonnegative
+from jemkit.classifier import sampling_context
 from jemkit.energy import check_labels
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "NORMS",
     "autoattack",
     "check_clip",
-    "check_norm",
+    "check_lp_norm",
     "eval_mode",
     "gaussian_noise_corruption",
     "pgd_attack",
@@ -55,10 +55,9 @@ def check_clip(clip: tuple[float, float] | None) -> tuple[float, float] | None:
     return float(clip[0]), float(clip[1])
 
 
-def check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-    return norm
+def check_lp_norm(norm: str) -> str:
+    """``norm`` if it is a threat model's norm (:data:`NORMS`), else ``ValueError`` naming them."""
+    return check_choice("norm", norm, NORMS)
 
 
 def eval_mode(model: Model) -> contextlib.AbstractContextManager:
@@ -70,7 +69,8 @@ def eval_mode(model: Model) -> contextlib.AbstractContextManager:
 def gaussian_noise_corruption(
     x: Tensor,
     std: float,
-    clip: tuple[float, float] | None = (-1.0, 1.0),
+    *,
+    clip: tuple[float, float] | None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """``x + std * N(0, I)`` clamped to ``clip``: a random (not adversarial) corruption of inputs ``[B, ...]``.
@@ -78,7 +78,8 @@ def gaussian_noise_corruption(
     Args:
         x: inputs ``[B, ...]``.
         std: noise standard deviation in the units of ``x``, >= 0; 0 returns ``x``.
-        clip: ``(low, high)`` to clamp into, or ``None``.
+        clip: ``(low, high)`` to clamp into (the data's box: for a JEM ``jem.domain.bounds()``, or attack in its
+            unit coordinates, where it is ``(-1, 1)``), or ``None``; required, so that no range is assumed.
         generator: optional ``torch.Generator`` on ``x``'s device, for reproducible noise.
 
     Returns:
@@ -162,7 +163,8 @@ def pgd_attack(
     steps: int = 10,
     step_size: float | None = None,
     restarts: int = 1,
-    clip: tuple[float, float] | None = (-1.0, 1.0),
+    *,
+    clip: tuple[float, float] | None,
     random_start: bool = True,
     eot: int = 1,
 ) -> Tensor:
@@ -188,7 +190,8 @@ def pgd_attack(
         steps: gradient steps per restart, >= 1.
         step_size: step length (L-inf: per coordinate; L2: Euclidean); default ``2.5 * eps / steps`` (Madry et al.).
         restarts: independent runs from random starts, >= 1.
-        clip: ``(low, high)`` box the inputs must stay in, or ``None`` for no clamping.
+        clip: ``(low, high)`` box the inputs must stay in (the data's box; required, so that no range is assumed),
+            or ``None`` for no clamping.
         random_start: start each restart from a uniformly random point of the eps-ball (else from ``x``).
         eot: calls of ``model`` per step, whose gradients and logits are averaged (Expectation over
             Transformation, for a random model); 1 for a deterministic one.
@@ -196,7 +199,7 @@ def pgd_attack(
     Returns:
         Adversarial inputs shaped like ``x`` (detached).
     """
-    check_norm(norm)
+    check_lp_norm(norm)
     eps = check_nonnegative("eps", eps)
     steps = check_integer("steps", steps)
     restarts = check_integer("restarts", restarts)
@@ -323,7 +326,8 @@ def autoattack(
     steps: int = 100,
     queries: int = 5000,
     eot: int = 20,
-    clip: tuple[float, float] = (-1.0, 1.0),
+    *,
+    clip: tuple[float, float],
 ) -> Tensor:
     """AutoAttack (Croce & Hein 2020) from ``torchattacks``, on inputs in ``clip`` of any shape.
 
@@ -354,9 +358,8 @@ def autoattack(
     Returns:
         Adversarial inputs shaped like ``x`` (detached), in ``clip``.
     """
-    check_norm(norm)
-    if version not in AUTOATTACK_VERSIONS:
-        raise ValueError(f"unknown AutoAttack version {version!r}; expected one of {', '.join(AUTOATTACK_VERSIONS)}")
+    check_lp_norm(norm)
+    check_choice("AutoAttack version", version, AUTOATTACK_VERSIONS)
     eps = check_nonnegative("eps", eps)
     steps, queries, eot = check_integer("steps", steps), check_integer("queries", queries), check_integer("eot", eot)
     if clip is None:

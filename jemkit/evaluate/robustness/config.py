@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jemkit.checks import check_integer, check_nonnegative
-from jemkit.evaluate.attacks import AUTOATTACK_VERSIONS, check_clip, check_norm
+from jemkit.checks import check_choice, check_integer, check_nonnegative
+from jemkit.evaluate.robustness.attacks import AUTOATTACK_VERSIONS, check_clip, check_lp_norm
 
 __all__ = [
     "ATTACK_KINDS",
@@ -150,8 +150,10 @@ def parse_attack(config: dict[str, Any], box: AttackBox) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise TypeError(f"each attack must be a dict such as {{'kind': 'pgd', 'eps': 0.03}}, got {config!r}")
     kind = config.get("kind")
-    if kind not in _ATTACK_KEYS:
-        raise ValueError(f"unknown attack kind {kind!r} in {config!r}; expected one of {', '.join(ATTACK_KINDS)}")
+    try:
+        check_choice("attack kind", kind, ATTACK_KINDS)
+    except ValueError as err:
+        raise ValueError(f"{err} (in the attack {config!r})") from None
     allowed = _ATTACK_KEYS[kind]
     accepted = set(allowed) | {f"{k}_01" for k in _BUDGET_KEYS if k in allowed}
     unknown = sorted(set(config) - accepted - {"kind"})
@@ -170,7 +172,7 @@ def parse_attack(config: dict[str, Any], box: AttackBox) -> dict[str, Any]:
 
 def _check_values(parsed: dict[str, Any]) -> None:
     if parsed["kind"] in ("pgd", "autoattack"):
-        check_norm(parsed["norm"])
+        check_lp_norm(parsed["norm"])
         check_integer("steps", parsed["steps"])
     if parsed["kind"] == "pgd":
         check_integer("restarts", parsed["restarts"])
@@ -203,8 +205,7 @@ def attack_list(
     """The attack configs to run: ``attacks``, or a standard list (``budgets``), with AutoAttack after each PGD
     budget when ``autoattack``."""
     if budgets is not None:
-        if budgets not in STANDARD_BUDGETS:
-            raise ValueError(f"unknown budgets {budgets!r}; expected one of {', '.join(STANDARD_BUDGETS)}")
+        check_choice("budgets", budgets, tuple(STANDARD_BUDGETS))
         attacks = STANDARD_BUDGETS[budgets]
     result = []
     for attack in attacks:

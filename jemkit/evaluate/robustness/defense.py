@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from jemkit.checks import check_integer
-from jemkit.evaluate.attacks import Model
+from jemkit.checks import check_choice, check_integer
+from jemkit.evaluate.robustness.attacks import Model
 from jemkit.sampling.unrolled import unrolled_refine
 
 if TYPE_CHECKING:
@@ -91,17 +91,10 @@ class Defense:
 
 def _sampler_is_random(jem: JEM) -> bool:
     """Whether purification can differ between two calls: sampler noise (MALA always), or Dropout while sampling
-    in train mode. Unknown samplers count as random (EOT costs time, not correctness)."""
-    sampler = jem.sampler
-    noisy = getattr(sampler, "noise_std", None)
-    random = not hasattr(sampler, "update") or noisy is None or noisy > 0
+    in train mode. A sampler counts as random unless it declares otherwise (:attr:`Sampler.is_random`): EOT costs
+    time, not correctness."""
     dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in jem.classifier.modules())
-    return random or (jem.chains.sampling_mode == "train" and dropout)
-
-
-def _unrollable(sampler: Any) -> bool:
-    """A pure one-update step (SGLD, PYLD without YOPO inner steps) has an exact unrolled gradient."""
-    return callable(getattr(sampler, "update", None)) and getattr(sampler, "inner_steps", 1) == 1
+    return jem.sampler.is_random or (jem.chains.sampling_mode == "train" and dropout)
 
 
 def jem_defense(jem: JEM, n_steps: int, checkpoint: bool = True) -> Defense:
@@ -118,7 +111,7 @@ def jem_defense(jem: JEM, n_steps: int, checkpoint: bool = True) -> Defense:
 
     return Defense(
         purify=purify,
-        differentiable=differentiable if _unrollable(sampler) else None,
+        differentiable=differentiable if sampler.has_pure_step else None,
         random=_sampler_is_random(jem),
         name=f"{n_steps} {type(sampler).__name__} steps on E(x)",
         sampler=repr(sampler),
@@ -146,8 +139,7 @@ def attacked_through(model: Model, defense: Defense, how: str) -> Model:
             return model(differentiable(x))
 
         return unrolled
-    if how != "bpda":
-        raise ValueError(f"unknown attack through a defence {how!r}; expected one of {', '.join(ADAPTIVE_ATTACKS)}")
+    check_choice("attack through a defence", how, ADAPTIVE_ATTACKS)
 
     def bpda(x: Tensor) -> Tensor:
         return model(x + (defense.purify(x.detach()) - x).detach())

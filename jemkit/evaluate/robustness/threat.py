@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from jemkit.checks import check_integer
-from jemkit.evaluate.attack_config import AttackBox
-from jemkit.evaluate.defense import ADAPTIVE_ATTACKS, Defense, as_defense
+from jemkit.checks import check_integer, check_names
+from jemkit.evaluate.robustness.config import AttackBox
+from jemkit.evaluate.robustness.defense import ADAPTIVE_ATTACKS, Defense, as_defense
 
 __all__ = ["RANDOM_DEFENSE_DRAWS", "RANDOM_DEFENSE_EOT", "AttackProtocol", "resolve_protocol", "threat_model"]
 
@@ -49,9 +49,7 @@ def resolve_protocol(
     if adaptive is not None:
         if isinstance(adaptive, str):
             raise TypeError(f"adaptive must be a list of attack names such as ['bpda'], got the string {adaptive!r}")
-        unknown = [a for a in adaptive if a not in ADAPTIVE_ATTACKS]
-        if unknown:
-            raise ValueError(f"unknown adaptive attack(s) {unknown}; expected some of {', '.join(ADAPTIVE_ATTACKS)}")
+        check_names("adaptive attack(s)", adaptive, ADAPTIVE_ATTACKS)
     if eot is not None:
         check_integer("eot", eot)
     if draws is not None:
@@ -82,14 +80,15 @@ def _attacker(defense: Defense | None, protocol: AttackProtocol) -> str:
 
 def threat_model(
     defense: Defense | Callable[[Tensor], Tensor] | None,
-    clip: Any = (-1.0, 1.0),
+    clip: Any,
     adaptive: Sequence[str] | None = None,
     eot: int | None = None,
     draws: int | None = None,
     control: bool = True,
 ) -> dict[str, Any]:
     """What :func:`~jemkit.evaluate.robustness.robust_accuracy` with these arguments measures, as a report records
-    it. ``clip`` as there: ``(low, high)``, an :class:`~jemkit.InputDomain`, or ``None``."""
+    it. ``clip`` as there: ``(low, high)``, an :class:`~jemkit.InputDomain` (for a model,
+    :func:`~jemkit.evaluate.robustness.accuracy.attack_clip`), or ``None``."""
     defense = as_defense(defense)
     protocol = resolve_protocol(defense, adaptive, eot, draws, control)
     box = AttackBox.of(clip)

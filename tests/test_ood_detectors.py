@@ -1,15 +1,34 @@
-"""jemkit.detectors: pytorch-ood's feature detectors fitted in chunks give pytorch-ood's own scores, negated
-(higher = in-distribution), and rank far-away inputs below the training data."""
+"""jemkit.ood.detectors: pytorch-ood's feature detectors fitted in chunks give pytorch-ood's own scores, negated
+(higher = in-distribution), and rank far-away inputs below the training data; each detector is a registered class
+that fits, scores and saves on its own, and PostHocDetectors runs whichever are named."""
 
 from __future__ import annotations
+
+import io
+from collections.abc import Iterator
 
 import pytest
 import torch
 from pytorch_ood.detector import KNN, RMD, Mahalanobis, ViM
 from torch import Tensor
 
-from jemkit.adapters import class_logits
-from jemkit.detectors import POSTHOC_DETECTORS, PostHocDetectors, default_knn_k, default_vim_dim
+from jemkit.classifier import class_logits
+from jemkit.ood.detectors import (
+    DETECTORS,
+    POSTHOC_DETECTORS,
+    CannotFitError,
+    Detector,
+    Head,
+    KNNDetector,
+    MahalanobisDetector,
+    PostHocDetectors,
+    RMDDetector,
+    ViMDetector,
+    default_knn_k,
+    default_vim_dim,
+    register,
+)
+from jemkit.ood.detectors.base import score_in_chunks
 
 
 def _gaussian_classes(n: int = 240, dim: int = 12, classes: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -180,3 +199,145 @@ def test_thousand_classes_by_2048_features_fit_and_score() -> None:
     assert detectors.detectors["vim"].d == 1000 and detectors.detectors["knn"].k == 3
     scores = detectors.score(torch.randn(4, dim, generator=g).relu())
     assert all(s.shape == (4,) and bool(torch.isfinite(s).all()) for s in scores.values())
+
+
+# ---------------------------------------------------------------------- the registry and one detector a class
+
+
+def test_registry_holds_the_four_detectors_in_order() -> None:
+    assert POSTHOC_DETECTORS == ("mahalanobis", "rmd", "knn", "vim")
+    assert tuple(DETECTORS)[:4] == POSTHOC_DETECTORS
+    classes = (MahalanobisDetector, RMDDetector, KNNDetector, ViMDetector)
+    assert tuple(DETECTORS[name] for name in POSTHOC_DETECTORS) == classes
+    assert all(
+        issubclass(cls, Detector) and cls.name == name for name, cls in zip(POSTHOC_DETECTORS, classes, strict=True)
+    )
+    fitted = PostHocDetectors(knn_k=3, vim_dim=6).fit(*_gaussian_classes(), *_head(12, 4))
+    assert all(type(fitted.fitted[name]) is DETECTORS[name] for name in POSTHOC_DETECTORS)
+    # .detectors lists the pytorch-ood objects that score, as before the split
+    assert [type(d) for d in fitted.detectors.values()] == [Mahalanobis, RMD, KNN, ViM]
+    # Mahalanobis and RMD fitted together share one computation of the class statistics
+    assert fitted.detectors["mahalanobis"].precision is fitted.detectors["rmd"].precision
+
+
+def _save_and_load(state: dict) -> dict:
+    """``state`` through torch.save and a weights-only torch.load: plain tensors and numbers only."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", POSTHOC_DETECTORS)
+def test_each_detector_round_trips_through_its_own_state_dict(name: str) -> None:
+    z, y = _gaussian_classes()
+    w, b = _head(z.shape[1], 4)
+    options = {"knn": {"k": 4}, "vim": {"d": 5}}.get(name, {})
+    detector = DETECTORS[name](chunk_size=33, **options).fit(z, y, Head(w, b))
+    restored = DETECTORS[name](**options).load_state_dict(_save_and_load(detector.state_dict()))
+    z_test = torch.randn(25, z.shape[1]) * 3
+    expected = detector.score(z_test)
+    assert expected.shape == (25,) and expected.dtype == torch.float32
+    if name == "knn":  # the saved bank is normalised again on load: the identity up to rounding
+        torch.testing.assert_close(restored.score(z_test), expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(restored.score(z_test), expected)
+    # the same detector inside the collection scores the same
+    collection = PostHocDetectors(names=[name], knn_k=4, vim_dim=5).fit(z, y, w, b)
+    assert torch.equal(collection.score(z_test)[name], expected)
+
+
+def test_a_detector_refuses_to_score_or_save_before_fit() -> None:
+    for cls in (MahalanobisDetector, RMDDetector, KNNDetector, ViMDetector):
+        with pytest.raises(RuntimeError, match="before fit"):
+            cls().score(torch.zeros(3, 4))
+        with pytest.raises(RuntimeError, match="before fit"):
+            cls().state_dict()
+    with pytest.raises(CannotFitError, match="no last linear layer"):
+        ViMDetector().fit(*_gaussian_classes())
+    with pytest.raises(ValueError, match="k must be an integer"):
+        KNNDetector(k=0)
+
+
+class _DistanceToMean(Detector):
+    """A tiny custom detector: minus the Euclidean distance to the training features' mean."""
+
+    def __init__(self, chunk_size: int = 4096, device: torch.device | str | None = None) -> None:
+        super().__init__(chunk_size, device)
+        self.mean: Tensor | None = None
+
+    def fit(self, z: Tensor, y: Tensor, head: Head | None = None) -> _DistanceToMean:
+        self.mean = z.float().mean(0)
+        return self
+
+    def score(self, z: Tensor) -> Tensor:
+        return score_in_chunks(lambda zc: (zc - self.mean).norm(dim=1), z, self.chunk_size)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean}
+
+    def load_state_dict(self, state: dict) -> _DistanceToMean:
+        self.mean = state["mean"]
+        return self
+
+
+class _NeedsAHead(_DistanceToMean):
+    """A tiny custom detector that cannot be fitted without a head."""
+
+    title = "NeedsAHead"
+
+    def fit(self, z: Tensor, y: Tensor, head: Head | None = None) -> _NeedsAHead:
+        if head is None:
+            raise CannotFitError("it needs the head")
+        return super().fit(z, y, head)
+
+
+@pytest.fixture
+def custom_detectors() -> Iterator[None]:
+    """``distance`` and ``needs_head`` registered for one test, then removed from the registry."""
+    before = dict(DETECTORS)
+    register("distance")(_DistanceToMean)
+    register("needs_head")(_NeedsAHead)
+    yield
+    DETECTORS.clear()
+    DETECTORS.update(before)
+
+
+def test_a_registered_custom_detector_is_picked_up_by_name(custom_detectors: None) -> None:
+    z, y = _gaussian_classes()
+    z_test = torch.randn(9, z.shape[1])
+    detectors = PostHocDetectors(names=["distance", "mahalanobis"], chunk_size=4).fit(z, y)
+    scores = detectors.score(z_test)
+    assert list(scores) == ["mahalanobis", "distance"]  # registration order, as the built-ins keep
+    assert torch.equal(scores["distance"], -(z_test - z.mean(0)).norm(dim=1))
+    assert isinstance(detectors.detectors["distance"], _DistanceToMean)  # no pytorch-ood object behind it
+    restored = PostHocDetectors(names=["distance"]).load_state_dict(detectors.state_dict())
+    assert torch.equal(restored.score(z_test)["distance"], scores["distance"])
+    # the defaults stay jemkit's four
+    assert PostHocDetectors().names == POSTHOC_DETECTORS
+
+
+def test_a_custom_detector_that_cannot_fit_is_skipped_or_raises(custom_detectors: None) -> None:
+    z, y = _gaussian_classes()
+    lenient = PostHocDetectors(names=["distance", "needs_head"], strict=False).fit(z, y)
+    assert list(lenient.fitted) == ["distance"] and lenient.skipped == {"needs_head": "it needs the head"}
+    with pytest.raises(ValueError, match="NeedsAHead cannot be fitted: it needs the head"):
+        PostHocDetectors(names=["needs_head"]).fit(z, y)
+
+
+def test_register_refuses_a_taken_or_reserved_name(custom_detectors: None) -> None:
+    with pytest.raises(ValueError, match="'knn' is already registered"):
+        register("knn")(_DistanceToMean)
+    with pytest.raises(ValueError, match="other than"):
+        register("classes")
+    with pytest.raises(TypeError, match="Detector subclass"):
+        register("plain")(dict)
+
+
+def test_unknown_detector_names_are_refused_by_name() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown post-hoc detector\(s\) \['odin', 'gram'\]; expected some of mahalanobis"
+    ):
+        PostHocDetectors(names=["knn", "odin", "gram"])
+    with pytest.raises(ValueError, match=r"unknown post-hoc detector\(s\) \[\]"):
+        PostHocDetectors(names=[])
