@@ -21,7 +21,7 @@ training data's box (per feature for tabular rows, per channel otherwise), test 
 (pixels, features or time steps), mixtures of two test inputs and (open sets) the held-out classes, plus the time per
 training step. The scores: the classifier's own (``logpx``, ``msp``, ``max_logit``, ``grad_norm``) and the post-hoc
 toolbox a user gets without training, pytorch-ood's Mahalanobis, RMD, KNN and ViM on the run's own features
-(:mod:`jemkit.detectors`, fitted on its training split): so every JEM is set beside the plain classifier plus the
+(:mod:`jemkit.ood.detectors`, fitted on its training split): so every JEM is set beside the plain classifier plus the
 toolbox, and the toolbox on the JEM's features shows what the JEM's representation is worth. Over seeds it gives mean
 and standard deviation, as markdown tables and JSON, and checks each JEM against the plain classifier of the same run
 (``TARGETS``; with ``--finetune``, against the pre-trained classifier).

@@ -50,8 +50,9 @@ from benchmark_trainer import quiet_trainer  # noqa: E402
 from jemkit import JEM, PYLD, SGLD, DigitsDataModule, GaussianInit, InputDomain, ReplayBuffer, UniformInit  # noqa: E402
 from jemkit.adapt import EnergyAdaptation, Tent, norm_parameters  # noqa: E402
 from jemkit.data import SignalsDataModule, TabularDataModule  # noqa: E402
+from jemkit.data.corruptions import corrupt, data_kind  # noqa: E402
 from jemkit.energy import marginal_energy  # noqa: E402
-from jemkit.evaluate.shift import corrupt, data_kind, shift_report  # noqa: E402
+from jemkit.evaluate.shift import shift_report  # noqa: E402
 from jemkit.metrics import fit_temperature  # noqa: E402
 from jemkit.models import MLP, SignalCNN, SmallCNN  # noqa: E402
 
