@@ -192,8 +192,9 @@ class JEM(pl.LightningModule):
 
         ``source="buffer"`` continues the chains the replay buffer holds (conditional buffers only for ``y``) for the
         sampler's steps; ``"fresh"`` starts new chains from the buffer's initial distribution and runs five times as
-        many (:meth:`Chains.steps_for <jemkit.sampling.Chains.steps_for>`); ``n_steps`` overrides either. The buffer is
-        left unchanged. Works inside validation/inference mode as well.
+        many (:meth:`Chains.steps_for <jemkit.sampling.Chains.steps_for>`); ``n_steps`` overrides either; ``"init"``
+        draws from that distribution without a step. The buffer is left unchanged. Works inside validation/inference
+        mode as well.
         """
         y = y.to(self.device).long() if y is not None else None
         return self.chains.sample(self.energy, n, y, source, n_steps)

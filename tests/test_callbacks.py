@@ -116,7 +116,7 @@ def test_ood_monitor_rejects_bad_sets(tmp_path):
         monitor = OODMonitor(OODOptions(sets=[]), extra_sets={"none": empty})
         fit(tmp_path, small_digits_jem(), DigitsDataModule(), [monitor])
     with pytest.raises(ValueError, match="at least one OOD set"):
-        OODMonitor(OODOptions(sets=[]))
+        OODMonitor(OODOptions(sets=[], datamodule_sets=False))
     with pytest.raises(ValueError, match="unknown OOD score"):
         OODMonitor(OODOptions(scores=["entropy"]))
     with pytest.raises(ValueError, match="max_samples must be an integer >= 1"):

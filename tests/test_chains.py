@@ -106,12 +106,15 @@ def test_sample_is_the_one_policy_for_both_sources():
     before = buffer.samples.clone()
     chains = Chains(nn.Identity(), SGLD(n_steps=1, step_size=0.5, noise_std=0.0), buffer)
     assert chains.steps_for("buffer") == 1 and chains.steps_for("fresh") == 5 and chains.steps_for("fresh", 2) == 2
+    assert chains.steps_for("init") == 0 and chains.steps_for("init", 3) == 0  # where sampling starts
     stored = chains.sample(half_norm_energy, 8, source="buffer")  # one step of x(1 - 0.5) from stored chains
     assert all(any(torch.allclose(row, slot * 0.5) for slot in before) for row in stored)
     fresh = chains.sample(half_norm_energy, 8, source="fresh")  # five steps from U(5, 6)
     assert fresh.min() >= 5.0 / 32 - 1e-6 and fresh.max() <= 6.0 / 32 + 1e-6
     assert torch.equal(buffer.samples, before)
-    with pytest.raises(ValueError, match="unknown sample source 'replay'; expected one of 'buffer', 'fresh'"):
+    start = chains.sample(half_norm_energy, 8, source="init")
+    assert start.min() >= 5.0 and start.max() <= 6.0
+    with pytest.raises(ValueError, match="unknown sample source 'replay'; expected one of 'buffer', 'fresh', 'init'"):
         chains.sample(half_norm_energy, 2, source="replay")
     with pytest.raises(ValueError, match="n_steps must be an integer >= 0"):
         chains.steps_for("buffer", -1)

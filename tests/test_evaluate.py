@@ -7,7 +7,7 @@ import torch
 from jemkit import DigitsDataModule
 from jemkit.cli import main
 from jemkit.evaluate import OODOptions, evaluate, format_report
-from jemkit.evaluate.loading import load_datamodule, load_jem
+from jemkit.loading import load_datamodule, load_jem
 from jemkit.metrics import fit_temperature
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"

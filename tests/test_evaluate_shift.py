@@ -8,8 +8,8 @@ import pytest
 from jemkit import DigitsDataModule
 from jemkit.cli import main
 from jemkit.evaluate import evaluate, format_report
-from jemkit.evaluate.loading import load_jem
 from jemkit.evaluate.shift import ShiftOptions
+from jemkit.loading import load_jem
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "jem-digits.ckpt"
 FAST = {"robustness": False, "samples": False, "ood": False, "progress": False, "max_samples": 60}

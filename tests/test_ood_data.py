@@ -116,7 +116,7 @@ def test_interpolated_is_the_mean_of_two_reference_images(digits_test):
 
 
 def test_make_ood_dataset_builds_every_set(digits_test):
-    assert OOD_SETS == ("uniform", "gaussian", "constant", "shuffled", "interp")
+    assert OOD_SETS == ("uniform", "gaussian", "constant", "shuffled", "interp", "vflip", "invert")
     for name in OOD_SETS:
         dataset = make_ood_dataset(name, digits_test, seed=0)
         assert check_ood_dataset(dataset, (1, 8, 8), name) == len(digits_test)
@@ -156,3 +156,25 @@ def test_check_ood_dataset_errors():
     ):
         check_ood_dataset(UniformNoise(4, SHAPE), (1, 8, 8), "cifar")
     assert check_ood_dataset(TensorDataset(torch.zeros(4, 2)), [2], "bare") == 4
+
+
+def test_mirrored_sets_flip_images_and_mirror_values_in_the_box(digits_test):
+    from jemkit.data.ood import Mirrored, ood_sets_for
+    from jemkit.sampling import InputDomain
+
+    x = digits_test[0][0]
+    flipped, label = make_ood_dataset("vflip", digits_test)[0]
+    assert torch.equal(flipped, x.flip(-2)) and label == -1
+    assert torch.equal(make_ood_dataset("invert", digits_test)[0][0], -x)  # no domain: mirrored in [-1, 1]
+    box = InputDomain(low=0.0, high=1.0)
+    unit = TensorDataset((digits_test.tensors[0] + 1) / 2, digits_test.tensors[1])
+    torch.testing.assert_close(Mirrored(unit, "invert", box)[0][0], 1 - unit[0][0])  # dark becomes light
+    assert len(make_ood_dataset("invert", digits_test, num_samples=7)) == 7
+    rows = TensorDataset(torch.randn(5, 13), torch.zeros(5))
+    with pytest.raises(
+        ValueError, match=r"'vflip' turns images \[C, H, W\] upside down; the inputs have shape \(13,\)"
+    ):
+        make_ood_dataset("vflip", rows)
+    assert (
+        "vflip" in ood_sets_for((1, 8, 8)) and "vflip" not in ood_sets_for((13,)) and "invert" in ood_sets_for((2, 40))
+    )

@@ -11,7 +11,7 @@ from jemkit import JEM, PYLD, DigitsDataModule, ReplayBuffer
 from jemkit.cli import main
 from jemkit.evaluate import OODOptions, RobustnessOptions, SampleOptions, evaluate, format_report
 from jemkit.evaluate.baseline import comparison, format_comparison
-from jemkit.evaluate.loading import PlainClassifier, load_baseline, load_jem
+from jemkit.loading import PlainClassifier, load_classifier, load_jem
 from jemkit.ood.detectors import PostHocDetectors
 from jemkit.ood.features import extract_features, last_linear
 from jemkit.ood.scores import RECOMMENDED_SCORE, PostHocScores, score_batches
@@ -92,7 +92,7 @@ def test_evaluate_command_with_a_baseline_state_dict(tmp_path, capsys):
     jem = load_jem(str(CKPT))
     weights = tmp_path / "plain.pt"
     torch.save(jem.classifier.state_dict(), weights)
-    assert isinstance(load_baseline(str(weights), jem), PlainClassifier)
+    assert isinstance(load_classifier(str(weights), jem), PlainClassifier)
     out = tmp_path / "eval"
     args = ["evaluate", "--ckpt", str(CKPT), "--out", str(out), "--baseline_ckpt", str(weights)]
     args += ["--robustness.attacks", "[]", "--samples.per_class", "0", "--progress", "false", "--max_samples", "48"]

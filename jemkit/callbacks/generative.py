@@ -9,12 +9,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
 from jemkit.batches import unpack_batch
 from jemkit.checks import check_integer
 from jemkit.classifier import sampling_context
-from jemkit.metrics.generative import GenerativeMetrics, GenerativeOptions, build_generative_metrics, resolve_feature
+from jemkit.metrics.generative import (
+    GenerativeMetrics,
+    GenerativeOptions,
+    build_generative_metrics,
+    resolve_feature,
+    resolve_judge,
+)
 
 __all__ = ["GenerativeMonitor"]
 
@@ -56,6 +63,9 @@ class GenerativeMonitor(Callback):
         self.batch_size = check_integer("batch_size", batch_size)
         self.splits = check_integer("splits", splits)
         self.feature = resolve_feature(self.options.feature)
+        self._judge: str | nn.Module | None = (
+            self.options.judge
+        )  # a file is loaded once the JEM (its architecture) is known
         self.last: dict[str, dict[str, float]] = {}
         self._metrics: GenerativeMetrics | None = None
         self._num_real = 0
@@ -89,7 +99,9 @@ class GenerativeMonitor(Callback):
         x = unpack_batch(batch)[0][: self._share(trainer) - self._num_real]
         if self._metrics is None:
             with torch.inference_mode(False):  # metric states outside inference mode stay usable after it
-                metrics = build_generative_metrics(pl_module, self.feature, None, self.splits, x)
+                if isinstance(self._judge, str):
+                    self._judge = resolve_judge(self._judge, pl_module)
+                metrics = build_generative_metrics(pl_module, self.feature, None, self.splits, x, self._judge)
             self._metrics = metrics.to(pl_module.device)
         self._metrics.update_real(x)
         self._num_real += len(x)

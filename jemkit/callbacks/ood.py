@@ -13,7 +13,7 @@ from typing_extensions import override
 from jemkit.callbacks._logging import log_to_tensorboard, run_dir
 from jemkit.checks import check_integer
 from jemkit.classifier import sampling_context
-from jemkit.ood.pipeline import OODOptions, OODPipeline, OODResult, build_ood_sets
+from jemkit.ood.pipeline import OODOptions, OODPipeline, OODResult, build_ood_sets, datamodule_ood_sets
 from jemkit.ood.scores import reversed_scores
 from jemkit.pictures import ood_histograms, save_figure
 
@@ -28,10 +28,11 @@ class OODMonitor(Callback):
     detectors fitted on the first ``options.fit_samples`` training inputs (the same on every rank) and the fused
     score, standardised on the in-distribution validation inputs. In-distribution inputs are the datamodule's
     ``val_dataset`` (the positive class); OOD sets are the built-in ones named by ``options.sets`` (noise drawn in the
-    JEM's input domain) and any datasets you add. Logs ``val/ood/<set>/<score>/{auroc,aupr_in,aupr_out,fpr95}`` and
-    writes a score histogram per score (``<log_dir>/ood/<score>_epoch=NNNN.png``, rank zero). Under DDP each rank
-    scores its own share of every set; the metrics and the fused score's reference are torchmetrics states gathered
-    over all ranks, so every rank logs the same values.
+    JEM's input domain), the datamodule's own near-OOD sets (``options.datamodule_sets``) and any datasets you add.
+    Logs ``val/ood/<set>/<score>/{auroc,aupr_in,aupr_out,fpr95}`` and writes a score histogram per score
+    (``<log_dir>/ood/<score>_epoch=NNNN.png``, rank zero). Under DDP each rank scores its own share of every set; the
+    metrics and the fused score's reference are torchmetrics states gathered over all ranks, so every rank logs the
+    same values.
 
     Args:
         options: what to measure (default :class:`~jemkit.ood.pipeline.OODOptions`: every built-in set, score and
@@ -63,7 +64,7 @@ class OODMonitor(Callback):
         self.options = options if options is not None else OODOptions()
         self.options.check()
         self.extra_sets = dict(extra_sets or {})
-        if not self.options.sets and not self.extra_sets:
+        if self.options.sets == [] and not self.extra_sets and not self.options.datamodule_sets:
             raise ValueError("OODMonitor needs at least one OOD set (options.sets or extra_sets)")
         self.every_n_epochs = check_integer("every_n_epochs", every_n_epochs)
         self.max_samples = check_integer("max_samples", max_samples)
@@ -111,7 +112,8 @@ class OODMonitor(Callback):
         if reference is None:
             raise ValueError("OODMonitor needs validation data: a datamodule with val_dataset or a val dataloader")
         domain = getattr(pl_module, "domain", None)  # synthetic sets are drawn where the data lives
-        sets = build_ood_sets(reference, self.options.sets, self.max_samples, domain, self.extra_sets)
+        offered = datamodule_ood_sets(trainer.datamodule) if self.options.datamodule_sets else {}
+        sets = build_ood_sets(reference, self.options.sets, self.max_samples, domain, offered | self.extra_sets)
         with sampling_context(pl_module, "eval"):  # every submodule's own train/eval flag comes back after
             pipeline = OODPipeline(pl_module, self.options).fit(*self._train_loader(trainer))
             shards = {name: self._shard(dataset, trainer) for name, dataset in sets.items()}

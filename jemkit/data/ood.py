@@ -17,6 +17,10 @@ test the inputs a model can meet whatever the data's units. Nothing here assumes
 - :class:`PixelShuffled`: each in-distribution image with its pixels permuted: the same pixel values (so the same
   marginal statistics), no structure.
 - :class:`Interpolated`: JEM's "interp", the mean of two random in-distribution images.
+- :class:`Mirrored`: each in-distribution input upside down (``vflip``, images only) or with its values mirrored
+  in the data's box (``invert``: dark becomes light). Near-OOD: the same objects, statistics close to the data's.
+- :func:`mnist_style_digits`: scikit-learn's real handwritten digits drawn as MNIST draws them (a 20x20 digit
+  centred in a 28x28 black square), the classic near-OOD set beside Fashion-MNIST.
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from jemkit.checks import check_choice, check_integer
 
 __all__ = [
+    "IMAGE_ONLY_SETS",
     "OOD_SETS",
+    "Mirrored",
+    "mnist_style_digits",
+    "ood_sets_for",
     "ConstantImages",
     "GaussianNoise",
     "Interpolated",
@@ -44,8 +52,11 @@ __all__ = [
     "make_ood_dataset",
 ]
 
-OOD_SETS: tuple[str, ...] = ("uniform", "gaussian", "constant", "shuffled", "interp")
-"""Names accepted by :func:`make_ood_dataset`."""
+OOD_SETS: tuple[str, ...] = ("uniform", "gaussian", "constant", "shuffled", "interp", "vflip", "invert")
+"""Names accepted by :func:`make_ood_dataset` (``vflip`` for images only: :func:`ood_sets_for`)."""
+
+IMAGE_ONLY_SETS: tuple[str, ...] = ("vflip",)
+"""The sets that only images ``[C, H, W]`` have."""
 
 OOD_LABEL = -1
 """The label every OOD item carries: "no class"."""
@@ -250,6 +261,55 @@ class Interpolated(_SeededDataset):
         return (_image_of(self.dataset[a]) + _image_of(self.dataset[b])) / 2.0
 
 
+class Mirrored(Dataset):
+    """Every reference input mirrored: ``"vflip"`` turns an image ``[C, H, W]`` upside down; ``"invert"`` mirrors
+    each value in the box of ``domain`` (``low + high - x`` per channel or feature; without a domain, in ``[-1, 1]``:
+    ``-x``), so dark becomes light and the range is kept. Items ``(input, -1)``."""
+
+    def __init__(self, dataset: Dataset, how: str, domain: object | None = None) -> None:
+        check_choice("mirror", how, ("vflip", "invert"))
+        if len(dataset) < 1:  # type: ignore[arg-type]
+            raise ValueError(f"cannot build OOD set {how!r}: the reference dataset is empty")
+        shape = tuple(_image_of(dataset[0]).shape)
+        if how == "vflip" and len(shape) != 3:
+            raise ValueError(f"the OOD set 'vflip' turns images [C, H, W] upside down; the inputs have shape {shape}")
+        self.dataset, self.how, self.domain = dataset, how, domain
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x = _image_of(self.dataset[index])
+        if self.how == "vflip":
+            return x.flip(-2), OOD_LABEL
+        if self.domain is None:
+            return -x, OOD_LABEL
+        return self.domain.from_unit(-self.domain.to_unit(x.unsqueeze(0)))[0], OOD_LABEL
+
+
+def mnist_style_digits(size: int = 28) -> TensorDataset:
+    """scikit-learn's 1,797 handwritten digits drawn as MNIST draws its own: each 8x8 digit enlarged (bilinear) to a
+    20x20 box centred in a 28x28 black square, white ink, in ``[-1, 1]``; ``size`` 32 pads to 32x32 as
+    ``pad_to_32`` does. Items ``([1, size, size], -1)``: the near-OOD set of a Fashion-MNIST model."""
+    from sklearn.datasets import load_digits
+    from torch.nn import functional as F
+
+    if size not in (28, 32):
+        raise ValueError(f"MNIST-style digits are 28x28 (or padded to 32x32), got size {size!r}")
+    digits = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16.0  # ink in [0, 1]
+    box = F.interpolate(digits, size=(20, 20), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    pad = 4 + (size - 28) // 2
+    images = F.pad(box, (pad, pad, pad, pad)) * 2.0 - 1.0
+    return TensorDataset(images, torch.full((len(images),), OOD_LABEL, dtype=torch.long))
+
+
+def ood_sets_for(input_shape: Sequence[int]) -> list[str]:
+    """The built-in sets that fit inputs of ``input_shape`` (one input, no batch): all of :data:`OOD_SETS` for
+    images, all but :data:`IMAGE_ONLY_SETS` otherwise."""
+    image = len(tuple(input_shape)) == 3
+    return [name for name in OOD_SETS if image or name not in IMAGE_ONLY_SETS]
+
+
 class InDomain(Dataset):
     """A set drawn in ``[-1, 1]`` mapped into an input domain's box (``domain.from_unit``): uniform noise becomes
     uniform over the data's box, and so on. Items ``(input, -1)``."""
@@ -275,7 +335,8 @@ def make_ood_dataset(
     its center with a quarter of its width as standard deviation, constants anywhere in it.
 
     Args:
-        name: ``"uniform"``, ``"gaussian"``, ``"constant"``, ``"shuffled"`` or ``"interp"``.
+        name: ``"uniform"``, ``"gaussian"``, ``"constant"``, ``"shuffled"``, ``"interp"``, ``"vflip"`` (images) or
+            ``"invert"`` (mirrored in ``domain``'s box).
         reference: the in-distribution (test) dataset, items ``(image, label)``.
         num_samples: number of OOD items (default: ``len(reference)``).
         seed: seed of the OOD set.
@@ -298,6 +359,9 @@ def make_ood_dataset(
         return PixelShuffled(reference, seed=seed, num_samples=num_samples)
     if name == "interp":
         return Interpolated(reference, seed=seed, num_samples=num_samples)
+    if name in ("vflip", "invert"):
+        mirrored = Mirrored(reference, name, domain)
+        return mirrored if num_samples is None else Subset(mirrored, range(min(num_samples, n_ref)))
     shape = tuple(_image_of(reference[0]).shape)
     if name == "uniform":
         dataset: Dataset = UniformNoise(n, shape, seed=seed)

@@ -9,17 +9,20 @@ overriding ``dataset_cls`` and friends rather than copying code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torchvision.transforms as T
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets
 
 from jemkit.checks import check_integer
 from jemkit.data._common import SplitDataModule, check_batch_size
+from jemkit.data.idx import IDX_SPLITS, find_idx_folder, read_idx_split
+from jemkit.data.ood import mnist_style_digits
 
 __all__ = [
     "VisionDataModule",
@@ -186,9 +189,17 @@ class VisionDataModule(SplitDataModule):
 
 
 class _MNISTStyleDataModule(VisionDataModule):
-    """28x28 grey digits/clothes: no augmentation, optional zero padding to 32x32 for 32x32 architectures."""
+    """28x28 grey images in the four IDX files of MNIST's format, read by jemkit itself (:mod:`jemkit.data.idx`):
+    gzipped or not, in ``root``, in torchvision's ``<root>/<Name>/raw/`` or in the folder a Debian package installs;
+    no augmentation; optional zero padding to 32x32; optionally some classes only (an open set).
+
+    The images are scaled to ``[-1, 1]`` once, when the split is built (no per-image transform runs while training).
+    """
 
     channels: ClassVar[int] = 1
+    debian_folder: ClassVar[str | None] = None
+    """Where a Debian package puts the files (searched after ``root``)."""
+    debian_package: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -200,9 +211,17 @@ class _MNISTStyleDataModule(VisionDataModule):
         augment: bool = True,
         seed: int = 0,
         pad_to_32: bool = False,
+        classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__(root, download, batch_size, num_workers, val_size, augment, seed)
         self.pad_to_32 = pad_to_32
+        if classes is not None:
+            classes = [int(c) for c in classes]
+            if len(set(classes)) != len(classes) or not 2 <= len(classes) <= 10 or not set(classes) <= set(range(10)):
+                raise ValueError(f"classes must be 2 to 10 distinct classes in 0..9, got {classes!r}")
+            self.num_classes = len(classes)
+        self.classes = classes
+        self.heldout_dataset: Dataset | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -212,19 +231,101 @@ class _MNISTStyleDataModule(VisionDataModule):
     def _resize(self) -> list[Callable]:
         return [T.Pad(2)] if self.pad_to_32 else []  # zero padding, i.e. background (-1 after scaling)
 
+    # ------------------------------------------------------------------ where the files are
+    def candidate_folders(self) -> list[Path]:
+        """Where the four IDX files are looked for, in order: ``root``, torchvision's ``<root>/<Name>/raw``, then
+        the Debian package's folder."""
+        root = Path(self.root)
+        folders = [root, root / self.dataset_name / "raw"]
+        return folders + ([Path(self.debian_folder)] if self.debian_folder else [])
+
+    def data_folder(self) -> Path | None:
+        """The first folder of :meth:`candidate_folders` holding all four files (each plain or gzipped)."""
+        return find_idx_folder(self.candidate_folders())
+
+    def _missing(self) -> FileNotFoundError:
+        files = ", ".join(stem for pair in IDX_SPLITS.values() for stem in pair)
+        where = ", ".join(repr(str(folder.resolve())) for folder in self.candidate_folders())
+        package = ""
+        if self.debian_package:
+            package = f"install Debian's package (apt-get install {self.debian_package}: {self.debian_folder}), "
+        return FileNotFoundError(
+            f"{self.dataset_name} dataset not found: its four IDX files ({files}; each plain or gzipped .gz) are in "
+            f"none of {where}. To get them: {package}point root at a folder holding them, or pass download=True "
+            "(`--data.download true` on the CLI) on a machine with internet access to fetch them into "
+            f"{str(Path(self.root).resolve() / self.dataset_name / 'raw')!r}."
+        )
+
+    def prepare_data(self) -> None:
+        """Find the files; with ``download=True`` fetch them through torchvision unless they are found already
+        (Debian's copies, or gzipped ones, are used as they are: torchvision would not recognise them). Missing files
+        without ``download`` raise the error of :meth:`setup` here, before a Trainer writes its first log file."""
+        if self.data_folder() is not None:
+            return
+        if not self.download:
+            raise self._missing()
+        for train in (True, False):
+            self.dataset_cls(self.root, train=train, download=True)
+
+    # ------------------------------------------------------------------ splits
+    def _images(self, split: str) -> tuple[Tensor, Tensor]:
+        """``(images [N, 1, H, W] in [-1, 1], labels [N])`` of ``split``, padded as the module says."""
+        folder = self.data_folder()
+        if folder is None:
+            raise self._missing()
+        images, labels = read_idx_split(folder, split)
+        x = images.unsqueeze(1).float() / 127.5 - 1.0
+        if self.pad_to_32:
+            x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+        return x, labels
+
+    def _kept(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The examples of the kept classes, relabelled ``0..k-1`` in the order given (all of them without
+        ``classes``)."""
+        if self.classes is None:
+            return x, y
+        relabel = torch.full((10,), -1, dtype=torch.long)
+        relabel[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        keep = relabel[y] >= 0
+        return x[keep], relabel[y[keep]]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the files once for the ``stage`` (all splits for ``None``); ``FileNotFoundError`` naming where they
+        were looked for and how to get them otherwise."""
+        if stage in (None, "fit", "validate") and self.train_dataset is None:
+            x, y = self._kept(*self._images("train"))
+            if self.val_size >= len(x):
+                raise ValueError(
+                    f"val_size must be smaller than the {len(x)} training images of {self.dataset_name}, got "
+                    f"{self.val_size}"
+                )
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+            val, train = order[: self.val_size].sort().values, order[self.val_size :]
+            self.train_dataset = TensorDataset(x[train], y[train])
+            self.val_dataset = TensorDataset(x[val], y[val])
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            x, y = self._images("test")
+            if self.classes is not None:  # the other classes' test images: near-OOD for a model trained on the rest
+                held = ~torch.isin(y, torch.tensor(self.classes))
+                self.heldout_dataset = TensorDataset(x[held], y[held])
+            self.test_dataset = TensorDataset(*self._kept(x, y))
+
 
 class MNISTDataModule(_MNISTStyleDataModule):
     """MNIST: 60k/10k grey 28x28 handwritten digits, 10 classes, as ``[1, 28, 28]`` (or 32x32) in [-1, 1].
 
     Args:
-        root: directory holding ``MNIST/raw/*-idx?-ubyte``.
+        root: folder holding the four IDX files (``train-images-idx3-ubyte`` ..., gzipped or not), directly or in
+            torchvision's ``<root>/MNIST/raw``.
         download: fetch missing files in ``prepare_data`` (needs internet access).
         batch_size: examples per batch.
         num_workers: ``DataLoader`` worker processes.
-        val_size: training images held out (unaugmented) for validation.
+        val_size: training images held out for validation.
         augment: accepted for a uniform interface; MNIST uses no augmentation.
         seed: seed of the train/validation split.
         pad_to_32: zero-pad the images to 32x32 (e.g. for a WideResNet built for CIFAR).
+        classes: keep only these classes (relabelled ``0..k-1``); the others' test images become
+            ``heldout_dataset``.
 
     Example::
 
@@ -239,25 +340,32 @@ class MNISTDataModule(_MNISTStyleDataModule):
 
 
 class FashionMNISTDataModule(_MNISTStyleDataModule):
-    """Fashion-MNIST: 60k/10k grey 28x28 clothing images, 10 classes; same layout and options as MNIST.
+    """Fashion-MNIST: 60k/10k grey 28x28 clothing images, 10 classes; the options of :class:`MNISTDataModule`.
 
-    Args:
-        root: directory holding ``FashionMNIST/raw/*-idx?-ubyte``.
-        download: fetch missing files in ``prepare_data`` (needs internet access).
-        batch_size: examples per batch.
-        num_workers: ``DataLoader`` worker processes.
-        val_size: training images held out (unaugmented) for validation.
-        augment: accepted for a uniform interface; Fashion-MNIST uses no augmentation.
-        seed: seed of the train/validation split.
-        pad_to_32: zero-pad the images to 32x32.
+    Found without arguments where Debian's ``dataset-fashion-mnist`` installs it (``/usr/share/datasets/
+    fashion-mnist``, gzipped), or in ``root`` / ``<root>/FashionMNIST/raw`` (torchvision's layout).
+    :meth:`ood_datasets` gives its near-OOD companions: MNIST-style digits (the likelihood models' classic failure,
+    Nalisnick et al. 2019) and, with ``classes``, the held-out classes.
 
     Example::
 
-        dm = FashionMNISTDataModule(root="data", val_size=1000)
+        dm = FashionMNISTDataModule(val_size=1000)                  # Debian's files, or data/FashionMNIST/raw
+        open_set = FashionMNISTDataModule(classes=[0, 1, 2, 3, 4, 5])  # 6 classes in, 4 held out
     """
 
     dataset_cls = datasets.FashionMNIST
     dataset_name = "FashionMNIST"
+    debian_folder = "/usr/share/datasets/fashion-mnist"
+    debian_package = "dataset-fashion-mnist"
+
+    def ood_datasets(self) -> dict[str, Dataset]:
+        """Near-OOD sets that make sense beside clothes: ``digits`` (scikit-learn's real handwritten digits drawn
+        as MNIST draws them, :func:`jemkit.data.ood.mnist_style_digits`) and ``heldout`` (with ``classes``)."""
+        sets: dict[str, Dataset] = {"digits": mnist_style_digits(self.input_shape[-1])}
+        if self.classes is not None:
+            self.setup("test")
+            sets["heldout"] = self.heldout_dataset
+        return sets
 
 
 class CIFAR10DataModule(VisionDataModule):

@@ -10,7 +10,6 @@ evaluate``). Callbacks never import this package: what both need lives below it.
 
 from jemkit.data.corruptions import corrupt
 from jemkit.evaluate.calibration import CalibrationOptions, calibration_report
-from jemkit.evaluate.loading import load_baseline, load_datamodule, load_jem
 from jemkit.evaluate.report import evaluate, format_report
 from jemkit.evaluate.robustness import (
     DEFAULT_ATTACKS,
@@ -26,6 +25,7 @@ from jemkit.evaluate.robustness import (
 )
 from jemkit.evaluate.samples import SampleOptions
 from jemkit.evaluate.shift import ShiftOptions, format_shift, shift_report
+from jemkit.loading import load_classifier, load_datamodule, load_jem
 from jemkit.metrics.generative import GenerativeOptions, fid_score, generative_metrics, inception_score
 from jemkit.ood.pipeline import OODOptions
 
@@ -50,7 +50,7 @@ __all__ = [
     "generative_metrics",
     "inception_score",
     "jem_defense",
-    "load_baseline",
+    "load_classifier",
     "load_datamodule",
     "load_jem",
     "pgd_attack",

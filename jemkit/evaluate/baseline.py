@@ -2,7 +2,7 @@
 
 A JEM earns its cost only where it beats the classifier it came from plus what a user gets without training
 (temperature scaling, post-hoc OOD detectors). ``jemkit evaluate --baseline_ckpt PATH`` (loaded by
-:func:`jemkit.evaluate.loading.load_baseline`) evaluates that classifier the same way (calibration before and after
+:func:`jemkit.loading.load_classifier`) evaluates that classifier the same way (calibration before and after
 temperature scaling, every OOD set with its own scores and the post-hoc detectors on its features) and
 :func:`comparison` puts the two side by side: for each OOD set, the JEM's recommended score
 (:data:`jemkit.ood.RECOMMENDED_SCORE`, ``logpx`` where it was not computed) against the best score of the plain

@@ -21,11 +21,11 @@ from lightning.pytorch import LightningDataModule
 
 from jemkit.checkpoint import load_checkpoint_file
 from jemkit.evaluate.calibration import CalibrationOptions
-from jemkit.evaluate.loading import TRUST_OPTION, load_baseline, load_datamodule, load_jem
 from jemkit.evaluate.report import evaluate, format_report
 from jemkit.evaluate.robustness import RobustnessOptions
 from jemkit.evaluate.samples import SampleOptions
 from jemkit.evaluate.shift import ShiftOptions
+from jemkit.loading import TRUST_OPTION, load_classifier, load_datamodule, load_jem
 from jemkit.metrics.generative import GenerativeOptions
 from jemkit.ood.pipeline import OODOptions
 
@@ -116,7 +116,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     for ood_module in init.get("ood_data") or []:
         ood_module.setup("test")
         ood_data[type(ood_module).__name__] = ood_module.test_dataset
-    baseline = load_baseline(cfg.baseline_ckpt, jem, device) if cfg.baseline_ckpt else None
+    baseline = load_classifier(cfg.baseline_ckpt, jem, device) if cfg.baseline_ckpt else None
     report = evaluate(
         jem,
         datamodule,

@@ -27,7 +27,7 @@ from jemkit.evaluate.samples import SampleOptions, samples_section
 from jemkit.evaluate.shift import ShiftOptions, format_shift, shift_section
 from jemkit.evaluate.splits import capped_loader, split_dataset
 from jemkit.metrics.generative import GenerativeOptions, generative_metrics
-from jemkit.ood.pipeline import OODOptions, build_ood_sets
+from jemkit.ood.pipeline import OODOptions, build_ood_sets, datamodule_ood_sets
 
 if TYPE_CHECKING:
     from jemkit.module import JEM
@@ -90,7 +90,7 @@ def evaluate(
             (:class:`~jemkit.evaluate.shift.ShiftOptions`; default: skipped; ``True``: every shift of the data's
             kind at severities 1-5).
         ood_data: more OOD sets ``{name: Dataset}`` of the test data's input shape.
-        baseline: the plain classifier (:func:`~jemkit.evaluate.baseline.load_baseline`), evaluated beside the JEM
+        baseline: the plain classifier (:func:`~jemkit.evaluate.baseline.load_classifier`), evaluated beside the JEM
             with the same calibration and OOD options on the same sets: ``report["baseline"]`` and
             ``report["comparison"]`` (see :func:`~jemkit.evaluate.baseline.comparison`).
         max_samples: cap on the test (and each OOD) set for OOD and robustness; ``None`` for all.
@@ -128,7 +128,9 @@ def evaluate(
     _check_input_shape(jem, test_set)
     ood_sets = None  # built once, so that the JEM and the baseline are scored on the same inputs
     if options["ood"] is not None:
-        ood_sets = build_ood_sets(test_set, options["ood"].sets, max_samples, getattr(jem, "domain", None), ood_data)
+        extra = datamodule_ood_sets(datamodule) if options["ood"].datamodule_sets else {}
+        domain = getattr(jem, "domain", None)
+        ood_sets = build_ood_sets(test_set, options["ood"].sets, max_samples, domain, extra | (ood_data or {}))
     splits = _Splits(datamodule, test_set, ood_sets, out, max_samples, batch_size, progress)
     with sampling_context(jem, "eval"):
         report = _sections(jem, splits, options)
@@ -215,10 +217,13 @@ def _sections(jem: JEM, splits: _Splits, options: dict[str, Any]) -> dict[str, A
     generative: GenerativeOptions | None = options["generative"]
     if generative is not None:
         real = DataLoader(test_set, batch_size=batch_size)
+        val_set = splits.split("validate")  # held-out data, measured as the samples are: the floor beside them
+        heldout = DataLoader(val_set, batch_size=batch_size) if val_set is not None else None
+        arguments = generative.metrics_arguments(jem)
         metrics = generative_metrics(
-            jem, real, batch_size=batch_size, progress=splits.progress, **generative.metrics_arguments()
+            jem, real, batch_size=batch_size, progress=splits.progress, heldout=heldout, **arguments
         )
-        report["generative"] = {"real": "test", **metrics}
+        report["generative"] = {"real": "test", "heldout": "validation" if heldout is not None else None, **metrics}
     return report
 
 

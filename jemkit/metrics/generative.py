@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -214,11 +215,22 @@ def build_generative_metrics(
     is_feature: str | nn.Module | None = None,
     splits: int = 10,
     example: Tensor | None = None,
+    judge: nn.Module | None = None,
 ) -> GenerativeMetrics:
-    """FID and IS metrics for ``jem``'s samples (see :func:`generative_metrics` for ``feature`` and ``is_feature``).
+    """FID and IS metrics for ``jem``'s samples (see :func:`generative_metrics` for ``feature``, ``is_feature`` and
+    ``judge``).
 
     ``example`` (a batch of inputs) gives the feature size of a user network without ``num_features``.
     """
+    if judge is not None:  # a classifier that did not generate the samples judges them: its features and its softmax
+        name = f"judge {type(getattr(judge, 'classifier', judge)).__name__}"
+        net = PenultimateFeatures(getattr(judge, "classifier", judge))
+        logits = ClassifierLogits(judge, temperature=float(getattr(judge, "temperature", 1.0)))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            score = InceptionScore(feature=logits, splits=splits)
+        fid = FrechetInceptionDistance(feature=net, reset_real_features=False)
+        return GenerativeMetrics(name, name, fid, score, _float, _float)
     if is_feature is None:
         is_feature = "inception" if isinstance(feature, str) and feature == "inception" else "self"
     for name, value in (("feature", feature), ("is_feature", is_feature)):
@@ -278,17 +290,23 @@ class GenerativeOptions:
     Args:
         num_samples: samples drawn per source, and the cap on real inputs (FID is biased by the sample count:
             compare figures taken with the same count).
-        sources: sample sources, some of ``buffer`` (the stored chains continued) and ``fresh`` (new chains from the
-            replay buffer's initial distribution); see :meth:`jemkit.JEM.sample`.
+        sources: sample sources, some of ``buffer`` (the stored chains continued), ``fresh`` (new chains from the
+            replay buffer's initial distribution) and ``init`` (that distribution itself: where sampling starts, the
+            reference that shows how far it moved); see :meth:`jemkit.JEM.sample`.
         feature: FID features: ``self`` (the JEM's penultimate layer, offline), ``inception`` (needs
             ``jemkit[fid]``), or a dotted path ``module.attr`` to an nn.Module or a callable returning one.
         fresh_steps: steps of fresh chains (default: the JEM's policy, 5x the sampler's).
+        judge: a classifier that did not generate the samples judges them, in place of ``feature``: FID in its
+            penultimate features, IS on its softmax (an "in-domain" Inception score). A checkpoint path (a ``jemkit
+            fit`` checkpoint, e.g. the plain classifier trained with ``weights={px: 0}``, or weights of the JEM's
+            architecture) or a dotted path to an nn.Module classifier. FID and IS in the JEM's own features flatter it.
     """
 
     num_samples: int = 500
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
     feature: str = "self"
     fresh_steps: int | None = None
+    judge: str | None = None
 
     def check(self) -> None:
         check_integer("num_samples", self.num_samples, minimum=2)
@@ -303,13 +321,15 @@ class GenerativeOptions:
         with :attr:`fresh_steps` for fresh chains when given."""
         return jem.chains.steps_for(source, self.fresh_steps if source == "fresh" else None)
 
-    def metrics_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`generative_metrics` these options stand for."""
+    def metrics_arguments(self, jem: Any = None) -> dict[str, Any]:
+        """The keyword arguments of :func:`generative_metrics` these options stand for (``jem`` gives the
+        architecture a judge's weights are loaded into)."""
         return {
             "num_samples": self.num_samples,
             "sources": self.sources,
             "fresh_steps": self.fresh_steps,
             "feature": resolve_feature(self.feature),
+            "judge": None if self.judge is None else resolve_judge(self.judge, jem),
         }
 
 
@@ -324,6 +344,8 @@ def generative_metrics(
     batch_size: int = 100,
     splits: int = 10,
     progress: bool = False,
+    judge: nn.Module | None = None,
+    heldout: Iterable[Any] | None = None,
 ) -> dict[str, Any]:
     """FID and IS of ``num_samples`` samples per source against up to ``num_samples`` real inputs.
 
@@ -343,9 +365,14 @@ def generative_metrics(
         batch_size: samples per sampler call.
         splits: IS splits (the mean and std are over splits; papers use 10).
         progress: show a progress bar per source.
+        judge: a classifier (``forward -> logits``) that judges the samples in place of ``feature`` and
+            ``is_feature``: FID in its penultimate features, IS on its softmax (:func:`resolve_judge` loads one).
+        heldout: real inputs other than ``real`` (a validation split), measured like a source under the name
+            ``"data"``: the floor that samples are compared with.
 
     Returns:
-        ``{"feature", "is_feature", "num_real", <source>: {"num_samples", "steps", "fid", "is_mean", "is_std"}}``.
+        ``{"feature", "is_feature", "num_real", <source>: {"num_samples", "steps", "fid", "is_mean", "is_std"}}``
+        (``"data"`` for ``heldout``, with ``steps`` ``None``).
 
     Example::
 
@@ -363,7 +390,8 @@ def generative_metrics(
         for batch in real:
             x = _inputs(batch)[: num_samples - num_real].to(device)
             if metrics is None:
-                metrics = build_generative_metrics(jem, feature, is_feature, min(splits, num_samples), x).to(device)
+                metrics = build_generative_metrics(jem, feature, is_feature, min(splits, num_samples), x, judge)
+                metrics.to(device)
             metrics.update_real(x)
             num_real += len(x)
             if num_real >= num_samples:
@@ -380,6 +408,17 @@ def generative_metrics(
                     metrics.update_fake(jem.sample(n, n_steps=steps, source=source))
                     bar.update(n)
             result[source] = {"num_samples": num_samples, "steps": steps, **metrics.compute()}
+        if heldout is not None:
+            metrics.reset_fake()
+            count = 0
+            for batch in heldout:
+                x = _inputs(batch)[: num_samples - count].to(device)
+                metrics.update_fake(x)
+                count += len(x)
+                if count >= num_samples:
+                    break
+            if count >= 2:
+                result["data"] = {"num_samples": count, "steps": None, **metrics.compute()}
     return result
 
 
@@ -429,6 +468,22 @@ def _compute_is(metric: InceptionScore) -> tuple[Tensor, Tensor]:
         torch.manual_seed(0)
         warnings.filterwarnings("ignore", message=".*degrees of freedom is <= 0.*")
         return metric.compute()
+
+
+def resolve_judge(spec: str | nn.Module, jem: Any = None) -> nn.Module:
+    """The classifier that ``spec`` names, to judge a JEM's samples: an ``nn.Module`` as it is; a file, loaded with
+    :func:`jemkit.loading.load_classifier` (a ``jemkit fit`` checkpoint, or weights of ``jem``'s classifier
+    architecture); else a dotted path ``module.attr`` to an nn.Module or a callable returning one."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if Path(spec).is_file():
+        from jemkit.loading import load_classifier  # loads jemkit.module: only when a judge is read from a file
+
+        return load_classifier(spec, jem, getattr(jem, "device", "cpu"))
+    judge = resolve_feature(spec)
+    if not isinstance(judge, nn.Module):
+        raise ValueError(f"judge must be a checkpoint file or a dotted path to a classifier, got {spec!r}")
+    return judge
 
 
 def resolve_feature(spec: str | nn.Module) -> str | nn.Module:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from jemkit.checks import check_integer, check_names
-from jemkit.data.ood import OOD_SETS, check_ood_dataset, make_ood_dataset
+from jemkit.data.ood import OOD_SETS, check_ood_dataset, make_ood_dataset, ood_sets_for
 from jemkit.ood.detectors import DETECTORS, POSTHOC_DETECTORS
 from jemkit.ood.scores import (
     FUSED_PARTS,
@@ -39,7 +39,7 @@ from jemkit.ood.scores import (
     score_batches,
 )
 
-__all__ = ["OODOptions", "OODPipeline", "OODResult", "build_ood_sets"]
+__all__ = ["OODOptions", "OODPipeline", "OODResult", "build_ood_sets", "datamodule_ood_sets"]
 
 
 @dataclass
@@ -48,7 +48,10 @@ class OODOptions:
 
     Args:
         sets: built-in OOD sets (:data:`jemkit.data.ood.OOD_SETS`), drawn in the model's input domain where they are
-            noise.
+            noise; ``None``: every one that fits the data (:func:`jemkit.data.ood.ood_sets_for`: ``vflip`` for
+            images only).
+        datamodule_sets: also the near-OOD sets the datamodule offers: its ``ood_datasets()`` (e.g. MNIST-style
+            digits beside Fashion-MNIST) and its ``heldout_dataset`` (the classes an open set leaves out).
         scores: the model's own OOD scores (:data:`jemkit.ood.scores.SCORES`), higher for in-distribution inputs.
         detectors: post-hoc detectors fitted on training features, some of ``mahalanobis``, ``rmd``, ``knn``, ``vim``
             or any registered with :func:`jemkit.ood.detectors.register` (``[]``: none).
@@ -58,34 +61,49 @@ class OODOptions:
             reference scores, summed) when its parts are measured.
     """
 
-    sets: list[str] = field(default_factory=lambda: list(OOD_SETS))
+    sets: list[str] | None = None
     scores: list[str] = field(default_factory=lambda: list(SCORES))
     detectors: list[str] = field(default_factory=lambda: list(POSTHOC_DETECTORS))
     features: str | None = None
     fit_samples: int = 10_000
     fused: bool = True
+    datamodule_sets: bool = True
 
     def check(self) -> None:
         """Refuse unknown OOD sets, scores and detectors before any work is done or any file written."""
-        check_names("OOD set(s)", self.sets, OOD_SETS)
+        if self.sets is not None:
+            check_names("OOD set(s)", self.sets, OOD_SETS)
         check_names("OOD score(s)", self.scores, SCORES)
         check_names("post-hoc detector(s)", self.detectors, tuple(DETECTORS))  # built-in and registered ones
         check_integer("fit_samples", self.fit_samples)
 
 
+def datamodule_ood_sets(datamodule: Any) -> dict[str, Dataset]:
+    """The near-OOD sets a datamodule offers: what its ``ood_datasets()`` returns, and its ``heldout_dataset`` (the
+    classes an open-set split leaves out) as ``"heldout"``; empty for a datamodule with neither."""
+    offered = getattr(datamodule, "ood_datasets", None)
+    sets = dict(offered()) if callable(offered) else {}
+    heldout = getattr(datamodule, "heldout_dataset", None)
+    if heldout is not None and len(heldout) > 0:
+        sets.setdefault("heldout", heldout)
+    return sets
+
+
 def build_ood_sets(
     reference: Dataset,
-    names: Sequence[str],
+    names: Sequence[str] | None,
     num_samples: int | None = None,
     domain: Any = None,
     extra_sets: dict[str, Dataset] | None = None,
 ) -> dict[str, Dataset]:
-    """The built-in OOD sets ``names`` made to match ``reference`` (``num_samples`` items each, default as many as
-    it has; noise drawn in ``domain``'s box), and ``extra_sets``, each checked against the reference's input shape."""
+    """The built-in OOD sets ``names`` (``None``: every one that fits the data) made to match ``reference``
+    (``num_samples`` items each, default as many as it has; noise drawn in ``domain``'s box), and ``extra_sets``, each
+    checked against the reference's input shape."""
     n = None if num_samples is None else min(num_samples, len(reference))
+    input_shape = tuple(reference[0][0].shape)
+    names = ood_sets_for(input_shape) if names is None else names
     sets = {name: make_ood_dataset(name, reference, n, domain=domain) for name in names}
     sets |= extra_sets or {}
-    input_shape = tuple(reference[0][0].shape)
     for name, dataset in sets.items():
         check_ood_dataset(dataset, input_shape, name)
     return sets

@@ -31,9 +31,10 @@ from jemkit.sampling.langevin import SGLD, EnergyFn, FirstLayer, Sampler, Step
 
 __all__ = ["FRESH_STEPS_FACTOR", "SOURCES", "Chains"]
 
-SOURCES = ("buffer", "fresh")
-"""Where samples come from: the chains the replay buffer holds, continued, or new chains from its initial
-distribution."""
+SOURCES = ("buffer", "fresh", "init")
+"""Where samples come from: the chains the replay buffer holds, continued (``"buffer"``), new chains from its initial
+distribution (``"fresh"``), or that initial distribution itself, no step taken (``"init"``: where sampling starts,
+the reference that shows how far it moved)."""
 
 FRESH_STEPS_FACTOR = 5
 """Fresh chains run this many times the sampler's steps by default (:meth:`Chains.steps_for`)."""
@@ -136,16 +137,19 @@ class Chains:
     # ------------------------------------------------------------------ sampling
     def steps_for(self, source: str, n_steps: int | None = None) -> int:
         """Sampler steps run for chains from ``source`` unless ``n_steps`` says: the sampler's own for ``"buffer"``
-        chains (one more training step's worth), five times that for ``"fresh"`` ones, which start far from the data."""
+        chains (one more training step's worth), five times that for ``"fresh"`` ones, which start far from the data,
+        none for ``"init"``."""
         check_choice("sample source", source, SOURCES)
+        if source == "init":
+            return 0
         if n_steps is not None:
             return check_integer("n_steps", n_steps, minimum=0)
         return self.sampler.n_steps * (FRESH_STEPS_FACTOR if source == "fresh" else 1)
 
     def start(self, n: int, y: Tensor | None = None, source: str = "buffer") -> Tensor:
         """``n`` start points in data units: the chains the buffer holds (``"buffer"``, without random restarts; for
-        labels ``y [n]`` only if it is conditional) or draws from its initial distribution (``"fresh"``). The buffer
-        is left unchanged."""
+        labels ``y [n]`` only if it is conditional) or draws from its initial distribution (``"fresh"``, ``"init"``).
+        The buffer is left unchanged."""
         check_choice("sample source", source, SOURCES)
         self._check_ready()
         if source == "buffer" and (y is None or self.buffer.conditional):

@@ -1,5 +1,6 @@
-"""Loading what an evaluation needs from files: a JEM checkpoint, the datamodule it recorded, the plain classifier
-to compare it with. Used by ``jemkit evaluate`` and by anyone evaluating from Python."""
+"""Loading what an evaluation needs from files: a JEM checkpoint, the datamodule it recorded, and a classifier of the
+same architecture (the plain classifier a JEM is compared with, or the one that judges its samples). Used by
+``jemkit evaluate``, the generative metrics and anyone evaluating from Python."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from jemkit.checkpoint import load_checkpoint_file
 from jemkit.classifier import OutputKey, select_logits
 from jemkit.module import JEM
 
-__all__ = ["TRUST_OPTION", "PlainClassifier", "load_baseline", "load_datamodule", "load_jem"]
+__all__ = ["TRUST_OPTION", "PlainClassifier", "load_classifier", "load_datamodule", "load_jem"]
 
 TRUST_OPTION = "--weights_only false"
 """The command line's option for loading a checkpoint that carries pickled code, named in refusals."""
@@ -70,15 +71,21 @@ class PlainClassifier(nn.Module):
         return select_logits(self.classifier(x), self.output_key)
 
 
-def load_baseline(path: str, jem: JEM, device: str | torch.device = "cpu") -> nn.Module:
-    """The baseline in the file at ``path``: a checkpoint of ``jemkit fit`` (any JEM, e.g. trained with
-    ``weights={px: 0}``), or the weights of the JEM's own classifier architecture (a ``state_dict``, or a checkpoint
-    holding one)."""
-    from jemkit.models import with_weights  # the models package is loaded only for a baseline
+def load_classifier(path: str, jem: JEM | None, device: str | torch.device = "cpu") -> nn.Module:
+    """The classifier in the file at ``path``: a checkpoint of ``jemkit fit`` (any JEM, e.g. the plain classifier
+    trained with ``weights={px: 0}``), or the weights of the JEM's own classifier architecture (a ``state_dict``, or a
+    checkpoint holding one) as a :class:`PlainClassifier`. Both give logits from ``forward`` and hold the network in
+    ``classifier``."""
+    from jemkit.models import with_weights  # the models package is loaded only for weights alone
 
     try:
         return load_jem(path, str(device))
-    except (ValueError, KeyError, TypeError):
-        pass  # not a jemkit fit checkpoint with a classifier config: a state_dict for the JEM's architecture
+    except (ValueError, KeyError, TypeError) as err:
+        if jem is None:
+            raise ValueError(
+                f"{path} is not a `jemkit fit` checkpoint ({err}); weights alone need the JEM whose classifier "
+                "architecture they fit"
+            ) from err
+        # not a jemkit fit checkpoint with a classifier config: a state_dict for the JEM's architecture
     classifier = with_weights(copy.deepcopy(jem.classifier), path)
     return PlainClassifier(classifier, getattr(jem, "output_key", None)).to(device)
