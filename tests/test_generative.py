@@ -27,6 +27,7 @@ from jemkit.metrics.generative import (
     generative_metrics,
     inception_images,
     inception_score,
+    resolve_judge,
 )
 from jemkit.models import SmallCNN
 from jemkit.sampling import PYLD
@@ -161,6 +162,7 @@ def test_generative_metrics_reports_both_sources_with_counts_and_steps():
         assert 1.0 - 1e-4 <= section[source]["is_mean"] <= 10.0
     assert jem.training and jem.classifier.training  # the caller's mode comes back
     assert torch.equal(jem.buffer.samples, buffer_before) and jem.buffer.reinit_prob == 0.05
+    assert section["init"]["num_samples"] == 24 and section["init"]["steps"] == 0  # where the chains start
     default = generative_metrics(jem, real_loader(8), num_samples=8, sources=["fresh"], splits=1)
     assert default["fresh"]["steps"] == 10 and "buffer" not in default  # 5x the sampler's steps
     assert default["num_real"] == 8
@@ -191,6 +193,33 @@ def test_inception_weights_that_cannot_be_downloaded_are_named(monkeypatch):
     with pytest.raises(RuntimeError, match=r"internet.*feature=\"self\"") as info:
         generative_metrics(tiny_jem(), real_loader(), num_samples=8, feature="inception")
     assert isinstance(info.value.__cause__, URLError)
+
+
+def test_a_judge_measures_the_samples_beside_their_start_and_held_out_data(tmp_path):
+    jem = tiny_jem()
+    real = real_loader(48)
+    torch.manual_seed(3)
+    own = generative_metrics(jem, real, num_samples=24, splits=2, heldout=real)
+    torch.manual_seed(3)
+    judged = generative_metrics(jem, real, num_samples=24, splits=2, heldout=real, judge=jem)
+    # the JEM judging itself through `judge` is `feature="self"`: the same features, the same softmax
+    for source in ("buffer", "fresh", "init", "data"):
+        assert judged[source]["fid"] == pytest.approx(own[source]["fid"], rel=1e-4, abs=1e-4)
+        assert judged[source]["is_mean"] == pytest.approx(own[source]["is_mean"], rel=1e-4)
+    assert judged["feature"] == judged["is_feature"] == "judge SmallCNN"
+    assert judged["init"]["steps"] == 0 and judged["data"]["steps"] is None
+    assert abs(judged["data"]["fid"]) < 1e-2  # held-out data that is the real data: the floor is zero
+    other = SmallCNN(width=4)
+    torch.save(other.state_dict(), tmp_path / "judge.pt")  # weights of another architecture (width 4; the JEM: 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        resolve_judge(str(tmp_path / "judge.pt"), jem)
+    torch.save(jem.classifier.state_dict(), tmp_path / "same.pt")
+    loaded = resolve_judge(str(tmp_path / "same.pt"), jem)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), jem.eval()(x))
+    with pytest.raises(ValueError, match="not a `jemkit fit` checkpoint"):
+        resolve_judge(str(tmp_path / "same.pt"), None)
 
 
 # ----------------------------------------------------------------------------- callback and report

@@ -124,3 +124,14 @@ def test_importing_the_callbacks_loads_no_evaluation_attacks_or_corruptions():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_report_scores_the_sets_that_fit_the_data_and_those_the_datamodule_offers(tmp_path):
+    jem = JEM(SmallCNN(num_classes=5, width=8), buffer=ReplayBuffer(capacity=16, input_shape=(1, 8, 8)))
+    open_set = DigitsDataModule(classes=(0, 1, 2, 3, 4))
+    quiet = {"calibration": False, "robustness": False, "samples": False, "progress": False, "max_samples": 50}
+    report = evaluate(jem, open_set, tmp_path / "a", ood=OODOptions(detectors=[], fused=False), **quiet)
+    expected = {"uniform", "gaussian", "constant", "shuffled", "interp", "vflip", "invert", "heldout"}
+    assert set(report["ood"]) == expected  # images get the mirrored sets; the open set offers its held-out digits
+    alone = OODOptions(sets=["uniform"], detectors=[], fused=False, datamodule_sets=False)
+    assert set(evaluate(jem, open_set, tmp_path / "b", ood=alone, **quiet)["ood"]) == {"uniform"}

@@ -361,3 +361,23 @@ def test_samplers_declare_what_they_can_do():
         resolve_compile_mode(True, mala, torch.nn.Identity(), "eval")
     with pytest.raises(ValueError, match="YOPO"):
         resolve_compile_mode(True, yopo, torch.nn.Identity(), "eval")
+
+
+def test_rms_scaled_steps_move_every_chain_by_the_step_whatever_the_energys_scale():
+    x0 = torch.rand(32, 2) * 1.2 - 0.6  # inside the box: no clamping on the first step
+    sampler = PYLD(n_steps=1, step_size=0.05, scale="rms")
+    moved = sampler.sample(quadratic_energy, x0) - x0
+    rms = moved.square().mean(1).sqrt()
+    torch.testing.assert_close(rms, torch.full((32,), 0.05))  # each chain: 0.05 on average over its coordinates
+    # the direction is the gradient's, and an energy 1,000 times as steep (or as flat) gives the same chains
+    grad = (x0 - MU) / SCALE**2
+    assert (torch.nn.functional.cosine_similarity(-moved, grad, dim=1) > 0.9999).all()
+    for factor in (1e-3, 1e3):
+        torch.testing.assert_close(
+            PYLD(5, 0.05, scale="rms").sample(lambda x, factor=factor: factor * quadratic_energy(x), x0),
+            PYLD(5, 0.05, scale="rms").sample(quadratic_energy, x0),
+        )
+    clipped = PYLD(5, 0.05).sample(lambda x: 1e-3 * quadratic_energy(x), x0)  # JEM++'s step barely moves there
+    assert (clipped - x0).abs().max() < 0.01  # where the rms step moved 5 x 0.05
+    with pytest.raises(ValueError, match="unknown scale 'l1'; expected one of 'clip', 'rms'"):
+        PYLD(scale="l1")

@@ -11,10 +11,14 @@ __all__ = ["SmallCNN"]
 
 
 class SmallCNN(nn.Module):
-    """Three 3x3 conv blocks (``width``, ``2*width`` stride 2, ``4*width`` stride 2), global average pooling
-    and a linear head: ``[B, in_channels, H, W] -> logits [B, num_classes]``, for any ``H, W >= 1``.
+    """Three 3x3 conv blocks (``width``, ``2*width`` stride 2, ``4*width`` stride 2), average pooling to a
+    ``pooled_size x pooled_size`` grid and a linear head: ``[B, in_channels, H, W] -> logits [B, num_classes]``, for
+    any ``H, W >= 1``.
 
-    About 94k parameters at ``width=32`` with one input channel and 10 classes.
+    ``pooled_size=1`` (global average pooling, the default) suits tiny images such as the 8x8 digits: about 94k
+    parameters at ``width=32`` with one input channel and 10 classes. On 28x28 images it forgets where things are, and
+    shapes are what tell clothes apart: on Fashion-MNIST (1,500 steps, width 16) it reached 73.9% test accuracy where
+    ``pooled_size=4`` (a 4x4 grid of the 7x7 map, 34k parameters) reached 86.3%.
     """
 
     def __init__(
@@ -24,6 +28,7 @@ class SmallCNN(nn.Module):
         width: int = 32,
         norm: str | None = None,
         activation: str = "leaky_relu",
+        pooled_size: int = 1,
     ) -> None:
         super().__init__()
         check_integer("num_classes", num_classes)
@@ -31,6 +36,7 @@ class SmallCNN(nn.Module):
         check_integer("width", width)
         check_norm_layer(norm)
         check_activation(activation)
+        check_integer("pooled_size", pooled_size)
         self.num_classes = num_classes
         self.in_channels = in_channels
 
@@ -43,10 +49,10 @@ class SmallCNN(nn.Module):
             block(in_channels, width, 1),
             block(width, 2 * width, 2),
             block(2 * width, 4 * width, 2),
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(pooled_size),
             nn.Flatten(),
         )
-        self.head = nn.Linear(4 * width, num_classes)
+        self.head = nn.Linear(4 * width * pooled_size**2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, in_channels, H, W] -> logits [B, num_classes]``."""

@@ -26,10 +26,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from jemkit.checks import check_integer
+from jemkit.checks import check_choice, check_integer
 from jemkit.sampling.amp import sampling_grad_scale
 
-__all__ = ["MALA", "PYLD", "SGLD", "EnergyFn", "FirstLayer", "Sampler", "Step", "energy_and_grad"]
+__all__ = ["MALA", "PYLD", "SGLD", "STEP_SCALES", "EnergyFn", "FirstLayer", "Sampler", "Step", "energy_and_grad"]
+
+STEP_SCALES = ("clip", "rms")
+"""How :class:`PYLD` scales the energy's gradient into a step."""
 
 EnergyFn = Callable[[Tensor], Tensor]
 """Maps inputs ``[B, ...]`` to energies ``[B]``."""
@@ -249,6 +252,13 @@ class PYLD(SGLD):
     ``x <- clamp(x - step_size * clamp(dE/dx, -eps, eps) + noise_std * N(0, I), low, high)``. Same interface as
     :class:`SGLD` (``PYLD(n_steps=5)(energy_fn, x0)`` via :meth:`sample`), compilable, and any energy will do.
 
+    ``scale="rms"`` divides each chain's gradient by its root mean square over the chain's coordinates before the
+    step (``x <- clamp(x - step_size * g / rms(g) + noise, low, high)``, as L2 PGD normalises its steps; ``eps`` is
+    not used): every chain moves ``step_size`` per step on average, whatever the energy's scale. A JEM whose
+    generative term is light (jemkit's ``px`` 0.1) has small input gradients, and JEM++'s clipped step then barely
+    moves its chains: on Fashion-MNIST their samples stayed as far from the data as the restarts they came from
+    (``benchmarks/RESULTS.md``).
+
     ``inner_steps > 1`` takes JEM++'s YOPO steps ("you only propagate once"): each of the ``n_steps`` outer steps runs
     one full forward and backward, keeps the gradient at the first layer's output, and makes ``inner_steps`` updates
     whose gradients go through the first layer only (see :class:`FirstLayer`); ``n_steps * inner_steps`` updates for
@@ -264,6 +274,8 @@ class PYLD(SGLD):
         noise_std: standard deviation of the Gaussian noise per update (JEM++: none).
         clip: the data range ``(low, high)`` samples are clamped into (JEM++: ``(-1, 1)``).
         inner_steps: updates per full backward pass (JEM++'s YOPO: 5; 1 = plain proximal steps).
+        scale: ``"clip"`` (JEM++: the gradient clipped at ``eps``) or ``"rms"`` (each chain's gradient divided by its
+            root mean square: steps of ``step_size`` whatever the energy's scale).
         first_layer: the classifier's submodule the inner steps go through, by name (e.g. ``"features.0"``, a
             convolution with its activation); ``None``: the first module the classifier's input enters.
 
@@ -281,11 +293,13 @@ class PYLD(SGLD):
         clip: tuple[float, float] = (-1.0, 1.0),
         inner_steps: int = 1,
         first_layer: str | None = None,
+        scale: str = "clip",
     ) -> None:
         if clip is None:
             raise ValueError("PYLD is proximal: it needs the data range clip=(low, high)")
         super().__init__(n_steps, step_size, noise_std, clip)
         self.eps = _check_positive("eps", eps)
+        self.scale = check_choice("scale", scale, STEP_SCALES)
         self.inner_steps = check_integer("inner_steps", inner_steps)
         if first_layer is not None and not isinstance(first_layer, str):
             raise TypeError(f"first_layer must be a submodule's name or None, got {type(first_layer).__name__}")
@@ -301,6 +315,9 @@ class PYLD(SGLD):
 
     def update(self, x: Tensor, grad: Tensor) -> Tensor:
         """One proximal step given ``dE/dx``: plain tensor arithmetic, compilable with the energy."""
+        if self.scale == "rms":
+            rms = grad.float().flatten(1).square().mean(1).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+            return super().update(x, grad / rms.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
         return super().update(x, grad.clamp(-self.eps, self.eps))
 
     def sample(
@@ -360,9 +377,10 @@ class PYLD(SGLD):
 
     def __repr__(self) -> str:
         yopo = f", inner_steps={self.inner_steps}, first_layer={self.first_layer!r}" if self.inner_steps > 1 else ""
+        scale = f", scale={self.scale!r}" if self.scale != "clip" else ""
         return (
             f"PYLD(n_steps={self.n_steps}, step_size={self.step_size}, eps={self.eps}, noise_std={self.noise_std}, "
-            f"clip={self.clip}{yopo})"
+            f"clip={self.clip}{yopo}{scale})"
         )
 
 
