@@ -77,7 +77,7 @@ def _jem() -> dict[str, Any]:
     0.03, Adam 1e-4 warmed up over 1,000 steps."""
     return {
         "sampler": SGLD(n_steps=20, step_size=1.0, noise_std=0.01),
-        "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05),
+        "buffer": ReplayBuffer(capacity=10_000, reinit_prob=0.05, init=UniformInit()),
         "weights": {"px": 1.0, "energy_l2": 0.0},  # the paper's objective: no energy regulariser
         "data_noise": 0.03,
         "lr": 1e-4,
@@ -136,7 +136,9 @@ def resolve_settings(preset: str | None, given: dict[str, Any], classifier: nn.M
     """Every key of :data:`SETTINGS`: the caller's value where not ``None``, else the preset's, else jemkit's default
     for ``classifier`` (:func:`default_settings`).
 
-    ``weights`` merge key by key (the caller's over the preset's over :data:`~jemkit.losses.DEFAULT_WEIGHTS`).
+    ``weights`` merge key by key (the caller's over the preset's over :data:`~jemkit.losses.DEFAULT_WEIGHTS`). A
+    buffer given without restarts (``ReplayBuffer(capacity=5000)``: no ``init``) gets the preset's, else the
+    default ones: choosing the buffer's size or storage does not give up the restarts the defaults were chosen with.
     """
     unknown = sorted(set(given) - set(SETTINGS))
     if unknown:
@@ -147,6 +149,9 @@ def resolve_settings(preset: str | None, given: dict[str, Any], classifier: nn.M
         key: given.get(key) if given.get(key) is not None else chosen.get(key, defaults[key]) for key in SETTINGS
     }
     resolved["weights"] = objective_weights(given.get("weights"), chosen.get("weights"))
+    buffer = given.get("buffer")
+    if buffer is not None and not getattr(buffer, "init_given", True):  # your buffer, our restarts
+        buffer.init = chosen.get("buffer", defaults["buffer"]).init
     return resolved
 
 

@@ -51,6 +51,18 @@ def test_a_subclass_with_a_preset_initialises_once_and_records_its_settings_once
     assert jem.hparams_initial.weights["px"] == 1.0 and jem.hparams.sampler["class_path"].endswith("PYLD")
 
 
+def test_a_buffer_given_without_restarts_gets_the_defaults_or_the_presets():
+    from jemkit import UniformInit
+    from jemkit.presets import default_restarts
+
+    sized = JEM(TinyMLP(), buffer=ReplayBuffer(capacity=500, storage="uint8"))
+    assert sized.buffer.capacity == 500 and sized.buffer.storage == "uint8"
+    assert repr(sized.buffer.init) == repr(default_restarts(TinyMLP()))  # the restarts the defaults were chosen with
+    assert isinstance(JEM(TinyMLP(), preset="jem", buffer=ReplayBuffer(capacity=500)).buffer.init, UniformInit)
+    chosen = UniformInit(-0.5, 0.5)
+    assert JEM(TinyMLP(), buffer=ReplayBuffer(init=chosen)).buffer.init is chosen  # a choice is kept
+
+
 def test_presets_give_fresh_objects_and_unknown_names_are_refused():
     first, second = preset_settings("jempp"), preset_settings("jempp")
     assert first["sampler"] is not second["sampler"] and first["buffer"] is not second["buffer"]

@@ -76,7 +76,8 @@ class ReplayBuffer(nn.Module):
         capacity: number of stored samples (JEM default 10,000), across all ranks: under DDP each rank keeps an equal
             shard (:meth:`initialize` with ``world_size``), and checkpoints hold every shard.
         reinit_prob: probability that a drawn start point is replaced by a fresh draw from ``init`` (JEM default 0.05).
-        init: initial distribution of fresh chains; default uniform on ``[-1, 1]``.
+        init: initial distribution of fresh chains; default uniform on ``[-1, 1]``, except in a JEM, which gives a
+            buffer built without one its default restarts (:func:`jemkit.presets.default_restarts`).
         input_shape: shape of one sample without the batch dimension, or ``None`` to set it later.
         num_classes: number of classes; required for ``conditional=True`` by the time the buffer is filled.
         conditional: store samples per class so that :meth:`sample` can be asked for given labels.
@@ -116,6 +117,7 @@ class ReplayBuffer(nn.Module):
         self.total_capacity = int(capacity)  # across all ranks
         self.reinit_prob = float(reinit_prob)
         self.init = init if init is not None else UniformInit()
+        self.init_given = init is not None  # a JEM fills in its default restarts where none was chosen
         self.num_classes = num_classes
         self.conditional = conditional
         self.storage = storage
