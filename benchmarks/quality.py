@@ -91,6 +91,7 @@ FUSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "logpx+mahalanobis+knn+rmd": ("sum", ("logpx", "mahalanobis", "knn", "rmd")),
     "logpx+mahalanobis+knn+rmd+vim": ("sum", ("logpx", "mahalanobis", "knn", "rmd", "vim")),
     "mahalanobis+knn": ("sum", ("mahalanobis", "knn")),  # the control: the same fusion without the JEM's density
+    "logpx_ic": ("sum", ("logpx", "complexity")),  # the density corrected for input complexity (Serra et al. 2020)
     "min(logpx,mahalanobis,knn)": ("min", ("logpx", "mahalanobis", "knn")),
 }
 RULE_CANDIDATES = ("logpx", *POSTHOC_DETECTORS, *FUSIONS)  # one rule each, the same for every scenario
@@ -429,9 +430,8 @@ def run_one(
     splits = {"val": _capped(dm.val_dataset, cap), "test": test, **ood}
     if dump is not None:
         splits = {"train": _capped(dm.train_dataset, cap), **splits}
-    scores = {
-        name: score_batches(jem, loader(d), SCORES, jem.temperature, posthoc=posthoc) for name, d in splits.items()
-    }
+    own = (*SCORES, "complexity")  # the classifier's scores, and the inputs' complexity that logpx_ic reads
+    scores = {name: score_batches(jem, loader(d), own, jem.temperature, posthoc=posthoc) for name, d in splits.items()}
     auroc = _aurocs(scores)
     if dump is not None:
         _dump(dump, scenario, config, seed, jem, dm, scores)
@@ -532,7 +532,7 @@ def _rescore(run: dict[str, Any], folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"no dumped scores for {run['scenario']} / {run['config']} / seed {run['seed']}: {path}")
     saved = torch.load(path, weights_only=True)["scores"]
-    base = (*SCORES, *POSTHOC_DETECTORS)
+    base = (*SCORES, "complexity", *POSTHOC_DETECTORS)
     scores = {split: {k: v for k, v in values.items() if k in base} for split, values in saved.items()}
     return run | {"auroc": _aurocs(scores)}
 

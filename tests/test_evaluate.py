@@ -55,7 +55,7 @@ def test_evaluate_command_on_shipped_checkpoint_writes_valid_report(tmp_path, ca
     temperature = fit_temperature(val_logits, dm.val_dataset.tensors[1])
     assert report["temperature_scaling"]["temperature"] == pytest.approx(temperature, rel=1e-4)
     assert set(report["ood"]) == {"uniform", "interp"}
-    assert set(report["ood"]["uniform"]) == {"logpx", "msp", "mahalanobis", "rmd", "knn", "vim", "fused"}
+    assert set(report["ood"]["uniform"]) == {"logpx", "msp", "mahalanobis", "rmd", "knn", "vim", "fused", "logpx_ic"}
     assert report["ood"]["uniform"]["logpx"]["auroc"] > 0.9  # a trained JEM tells digits from noise
     rows = {r["attack"]: r for r in report["robustness"]["rows"]}
     assert rows["pgd-linf"]["accuracy"] < rows["clean"]["accuracy"]

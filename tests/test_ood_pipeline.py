@@ -102,7 +102,7 @@ def test_the_report_and_the_callback_give_the_same_figures_on_the_same_data(tmp_
     )  # fmt: skip
     assert set(report["ood"]) == set(monitor.last) == {"uniform", "interp"}
     for name, by_score in monitor.last.items():
-        assert set(by_score) == {"logpx", "msp", "max_logit", "grad_norm", "mahalanobis", "knn", "fused"}
+        assert set(by_score) == {"logpx", "msp", "max_logit", "grad_norm", "mahalanobis", "knn", "fused", "logpx_ic"}
         for score, values in by_score.items():
             assert report["ood"][name][score] == pytest.approx(values, abs=1e-6), (name, score)
 

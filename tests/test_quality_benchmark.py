@@ -16,14 +16,13 @@ def _check(summary: dict, scenario: str, configs: list[str]) -> None:
         entry = summary[scenario][config]
         assert entry["failed"] == [] and entry["seeds"] == 1
         assert 0.0 <= entry["acc"][0] <= 1.0 and entry["ece"][1] == 0.0  # one seed: no spread
-        sets = (
-            {"noise", "shuffled", "mixtures", "heldout"} if scenario == "openset" else {"noise", "shuffled", "mixtures"}
-        )
+        sets = {"noise", "shuffled", "mixtures", "vflip", "invert"} | ({"heldout"} if scenario == "openset" else set())
         assert set(entry["auroc"]) == sets
         assert all(0.0 <= pair[0] <= 1.0 for scores in entry["auroc"].values() for pair in scores.values())
         # every run carries the post-hoc toolbox on its own features, the fused score rules and its temperature-scaled
         # calibration
-        assert all(set(scores) == {*quality.ALL_SCORES, *quality.FUSIONS} for scores in entry["auroc"].values())
+        expected = {*quality.ALL_SCORES, "complexity", *quality.FUSIONS}
+        assert all(set(scores) == expected for scores in entry["auroc"].values())
         assert entry["temperature"][0] > 0.0 and 0.0 <= entry["ece_ts"][0] <= 1.0
 
 

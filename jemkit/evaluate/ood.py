@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from jemkit.evaluate.splits import capped_loader
 from jemkit.evaluate.tables import text_table
 from jemkit.ood.pipeline import OODOptions, OODPipeline
-from jemkit.ood.scores import reversed_scores
+from jemkit.ood.scores import FUSED_RULES, reversed_scores
 from jemkit.pictures import ood_histograms, save_figure
 
 __all__ = ["format_ood", "ood_section"]
@@ -71,9 +71,10 @@ def format_ood(ood: dict[str, dict[str, dict[str, float]]], posthoc: dict[str, A
             f"post-hoc detectors ({', '.join(posthoc['detectors'])}) fitted on {posthoc['fit_samples']} training "
             f"inputs' features ({posthoc['features']})"
         )
-    if posthoc and posthoc.get("fused"):
-        fused = posthoc["fused"]
-        notes.append(f"fused: {' + '.join(fused['parts'])}, each standardised on the {fused['standardised_on']}")
+    for rule in FUSED_RULES:
+        if posthoc and posthoc.get(rule):
+            fused = posthoc[rule]
+            notes.append(f"{rule}: {' + '.join(fused['parts'])}, each standardised on the {fused['standardised_on']}")
     if posthoc and posthoc.get("skipped"):
         notes.append(f"skipped: {posthoc['skipped']}")
     return [

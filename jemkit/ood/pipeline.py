@@ -30,7 +30,8 @@ from jemkit.checks import check_integer, check_names
 from jemkit.data.ood import OOD_SETS, check_ood_dataset, make_ood_dataset, ood_sets_for
 from jemkit.ood.detectors import DETECTORS, POSTHOC_DETECTORS
 from jemkit.ood.scores import (
-    FUSED_PARTS,
+    FUSED_RULES,
+    INPUT_PARTS,
     SCORES,
     FusedReference,
     FusedScore,
@@ -57,8 +58,9 @@ class OODOptions:
             or any registered with :func:`jemkit.ood.detectors.register` (``[]``: none).
         features: the classifier's layer whose output is the feature (default: the input of its last linear layer).
         fit_samples: training inputs the detectors are fitted on (the first ones, the same on every rank).
-        fused: also report the fused score (``logpx``, Mahalanobis and KNN, each standardised on in-distribution
-            reference scores, summed) when its parts are measured.
+        fused: also report the fused scores (:data:`~jemkit.ood.scores.FUSED_RULES`: ``fused``, ``logpx``,
+            Mahalanobis and KNN; ``logpx_ic``, ``logpx`` and the input's complexity; each part standardised on
+            in-distribution reference scores, summed) when their parts are measured.
     """
 
     sets: list[str] | None = None
@@ -191,37 +193,55 @@ class OODPipeline:
     def score(
         self, batches: Iterable, scores: Sequence[str] | None = None, desc: str | None = None
     ) -> dict[str, Tensor]:
-        """``{score: [N]}`` of every input in ``batches``: the model's ``scores`` (default the options') and the
-        fitted detectors', from one forward a batch; a progress bar named ``desc`` if the pipeline shows them."""
+        """``{score: [N]}`` of every input in ``batches``: the model's ``scores`` (default the options', and the input
+        statistics the fused rules read) and the fitted detectors', from one forward a batch; a progress bar named
+        ``desc`` if the pipeline shows them."""
         if desc is not None:
             batches = tqdm(batches, desc=desc, disable=not self.progress, leave=False)
-        chosen = self.options.scores if scores is None else scores
+        chosen = [*self.options.scores, *self._input_parts()] if scores is None else scores
         return score_batches(self.model, batches, chosen, self.temperature, self.device, self.posthoc)
 
-    def fused_score(self, reference: dict[str, Tensor]) -> FusedScore | None:
-        """The fused score standardised on in-distribution ``reference`` scores (every rank's, gathered by a
-        torchmetrics state); ``None`` when a part is missing or there are fewer than two references."""
-        if not all(part in reference for part in FUSED_PARTS):
-            return None
-        collected = FusedReference(FUSED_PARTS).to(next(iter(reference.values())).device)
-        collected.update(reference)
-        return collected.compute()
+    def _input_parts(self) -> list[str]:
+        """The input statistics (:data:`~jemkit.ood.scores.INPUT_PARTS`) a fused rule of the options reads."""
+        if not self.options.fused:
+            return []
+        return [p for p in INPUT_PARTS if any(p in parts for parts in FUSED_RULES.values())]
+
+    def fused_scores(self, reference: dict[str, Tensor]) -> list[FusedScore]:
+        """Every rule of :data:`~jemkit.ood.scores.FUSED_RULES` whose parts ``reference`` holds, standardised on
+        those in-distribution reference scores (every rank's, gathered by a torchmetrics state); none with fewer
+        than two references."""
+        fused = []
+        for name, parts in FUSED_RULES.items():
+            if not all(part in reference for part in parts):
+                continue
+            collected = FusedReference(parts, name).to(next(iter(reference.values())).device)
+            collected.update(reference)
+            rule = collected.compute()
+            if rule is not None:
+                fused.append(rule)
+        return fused
 
     # ------------------------------------------------------------------ 3. compare
     def compare(
         self,
         in_scores: dict[str, Tensor],
         out_scores: dict[str, dict[str, Tensor]],
-        fused: FusedScore | None = None,
+        fused: Sequence[FusedScore] = (),
         fused_on: str = "in-distribution inputs",
     ) -> OODResult:
-        """The metrics of ``in_scores`` against each set of ``out_scores``, with ``fused`` (standardised on what
-        ``fused_on`` says) added to both first."""
+        """The metrics of ``in_scores`` against each set of ``out_scores``, with each ``fused`` score (standardised
+        on what ``fused_on`` says) added to both first; input statistics are parts, not compared alone."""
         described = dict(self.described)
-        if fused is not None:
-            in_scores = fused.add_to(in_scores)
-            out_scores = {name: fused.add_to(values) for name, values in out_scores.items()}
-            described["fused"] = {"parts": list(fused.parts), "standardised_on": fused_on}
+        for rule in fused:
+            in_scores = rule.add_to(in_scores)
+            out_scores = {name: rule.add_to(values) for name, values in out_scores.items()}
+            described[rule.name] = {"parts": list(rule.parts), "standardised_on": fused_on}
+
+        def reported(scores: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v for k, v in scores.items() if k not in INPUT_PARTS}
+
+        in_scores, out_scores = reported(in_scores), {name: reported(v) for name, v in out_scores.items()}
         return OODResult(in_scores, out_scores, compare_scores(in_scores, out_scores), described)
 
     def run(
@@ -231,16 +251,17 @@ class OODPipeline:
         fused_on: Iterable | str | None = "in",
         fused_on_name: str = "in-distribution inputs",
     ) -> OODResult:
-        """Score ``in_batches`` and every set, then compare. The fused score (when the options ask for it and its
-        parts are measured) is standardised on ``fused_on``: ``"in"`` the in-distribution scores themselves, else
-        reference batches (a validation split), ``None`` for no fused score. Call :meth:`fit` first for detectors."""
+        """Score ``in_batches`` and every set, then compare. The fused scores (when the options ask for them and
+        their parts are measured) are standardised on ``fused_on``: ``"in"`` the in-distribution scores themselves,
+        else reference batches (a validation split), ``None`` for none. Call :meth:`fit` first for detectors."""
         in_scores = self.score(in_batches, desc="OOD in-dist")
         out_scores = {name: self.score(batches, desc=f"OOD {name}") for name, batches in sets.items()}
-        fused = None
-        if self.options.fused and fused_on is not None and all(p in in_scores for p in FUSED_PARTS):
+        fused: list[FusedScore] = []
+        if self.options.fused and fused_on is not None:
             if isinstance(fused_on, str):
                 reference = in_scores
-            else:  # the model's own parts; the detectors' come with every forward
-                reference = self.score(fused_on, [p for p in FUSED_PARTS if p in SCORES])
-            fused = self.fused_score(reference)
+            else:  # the model's own parts and the input's; the detectors' come with every forward
+                parts = {p for rule in FUSED_RULES.values() for p in rule if p in (*SCORES, *INPUT_PARTS)}
+                reference = self.score(fused_on, [p for p in (*SCORES, *INPUT_PARTS) if p in parts])
+            fused = self.fused_scores({k: v for k, v in reference.items() if k in in_scores})
         return self.compare(in_scores, out_scores, fused, fused_on_name)

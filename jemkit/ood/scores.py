@@ -29,11 +29,14 @@ from torchmetrics import Metric
 
 from jemkit.checks import check_names
 from jemkit.energy import log_px, log_py_given_x
+from jemkit.ood.complexity import input_complexity
 from jemkit.ood.detectors import POSTHOC_DETECTORS, PostHocDetectors
 from jemkit.ood.features import FeatureHook, extract_features, last_linear
 
 __all__ = [
     "FUSED_PARTS",
+    "FUSED_RULES",
+    "INPUT_PARTS",
     "RECOMMENDED_SCORE",
     "SCORES",
     "FusedReference",
@@ -55,6 +58,16 @@ meets 13 (``benchmarks/RESULTS.md``). Where it cannot be computed (no detectors,
 
 FUSED_PARTS: tuple[str, ...] = ("logpx", "mahalanobis", "knn")
 """The scores :class:`FusedScore` sums by default: the JEM's density and two detectors on its own features."""
+
+INPUT_PARTS: tuple[str, ...] = ("complexity",)
+"""Statistics of the input alone that a fused rule may read beside the scores: ``complexity``, the bits per value a
+lossless compressor needs (:func:`jemkit.ood.complexity.input_complexity`). They are parts, never reported alone."""
+
+FUSED_RULES: dict[str, tuple[str, ...]] = {"fused": FUSED_PARTS, "logpx_ic": ("logpx", "complexity")}
+"""The fused scores the OOD pipeline reports, by name: ``fused`` (:data:`RECOMMENDED_SCORE`) and ``logpx_ic``, the
+JEM's density corrected for the input's complexity (Serrà et al. 2020): simple inputs, which densities rank too
+likely (MNIST beside Fashion-MNIST), are caught; more complex ones than the data (blends, noise) are ranked higher
+than by ``logpx`` alone. Each part is standardised on in-distribution reference inputs."""
 
 
 @dataclass
@@ -197,11 +210,12 @@ def ood_scores(
     scores: Sequence[str] = SCORES,
     temperature: float = 1.0,
 ) -> dict[str, Tensor]:
-    """Scores ``{name: [B]}`` of inputs ``x [B, ...]`` for a classifier ``model: x -> logits [B, C]``.
+    """Scores ``{name: [B]}`` of inputs ``x [B, ...]`` for a classifier ``model: x -> logits [B, C]``; also the
+    :data:`INPUT_PARTS` named in ``scores`` (``complexity`` in the model's input domain, if it has one).
 
     Only ``grad_norm`` needs a backward pass (input gradients only); it works inside validation/inference mode.
     """
-    check_names("OOD score(s)", scores, SCORES)
+    check_names("OOD score(s)", scores, (*SCORES, *INPUT_PARTS))
     out: dict[str, Tensor] = {}
     if "grad_norm" in scores:
         with torch.inference_mode(False), torch.enable_grad():
@@ -218,6 +232,8 @@ def ood_scores(
         out["msp"] = log_py_given_x(logits, temperature).max(1).values.exp()
     if "max_logit" in scores:
         out["max_logit"] = logits.max(1).values
+    if "complexity" in scores:
+        out["complexity"] = input_complexity(x, getattr(model, "domain", None))
     return {name: out[name] for name in scores}
 
 
