@@ -268,6 +268,12 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "ft-clean-lr3e-4": lambda: {"lr": 3e-4, "data_noise": 0.0},
     "ft-margin0.01": lambda: {"weights": {"margin": 0.01}},
     "ft-px0.03-margin0.01": lambda: {"weights": {"px": 0.03, "margin": 0.01}},
+    "ft-rms": lambda: {"preset": "finetune", "sampler": PYLD(n_steps=5, step_size=0.05, scale="rms")},
+    "ft-rms-mix": lambda: {
+        "preset": "finetune",
+        "sampler": PYLD(n_steps=5, step_size=0.05, scale="rms"),
+        "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.2)),
+    },
     # issue 33: samples that look like the data (Gaussian restarts only, heavier generative weight), written out
     "gauss-px0.1": lambda: {"buffer": ReplayBuffer(init=GaussianInit())},
     "gauss-px0.3": lambda: {"buffer": ReplayBuffer(init=GaussianInit()), "weights": {"px": 0.3}},
@@ -435,7 +441,7 @@ def run_one(
     auroc = _aurocs(scores)
     if dump is not None:
         _dump(dump, scenario, config, seed, jem, dm, scores)
-    if x_test.dim() == 4:  # images: how far the samples moved from where chains start, toward held-out data
+    if x_test.dim() == 4 and steps > 0:  # images: how far the samples moved from their start, toward held-out data
         result["samples"] = _sample_quality(jem, dm, make_model, batchnorm, width, judge, test, cap)
         if dump is not None:  # and what they look like
             grids = {source: jem.sample(64, source=source) for source in SOURCES}

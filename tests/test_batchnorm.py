@@ -51,7 +51,7 @@ def test_auto_sampling_mode_is_train_with_batchnorm_and_eval_without():
 def test_the_default_chains_restart_from_the_box_with_batchnorm_and_from_a_mixture_without():
     with_bn, without = JEM(TinyMLP(batchnorm=True)), JEM(TinyMLP())
     assert type(with_bn.buffer.init) is UniformInit
-    assert type(without.buffer.init) is GaussianInit and without.buffer.init.uniform_fraction == 0.5
+    assert type(without.buffer.init) is GaussianInit and without.buffer.init.uniform_fraction == 0.2
     assert with_bn.hparams.buffer["init_args"]["init"]["class_path"].endswith("UniformInit")  # recorded as resolved
     syncbn = JEM(nn.SyncBatchNorm.convert_sync_batchnorm(TinyMLP(batchnorm=True)))
     assert type(syncbn.buffer.init) is UniformInit

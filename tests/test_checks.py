@@ -12,6 +12,7 @@ from jemkit import JEM, DivergenceError, ReplayBuffer
 from jemkit.checks import check_integer, check_label_count, check_nonnegative, input_scale_hint
 from jemkit.data import DigitsDataModule
 from jemkit.models import SmallCNN
+from jemkit.sampling import PYLD
 from tests.helpers import TinyMLP, trainer
 
 
@@ -67,12 +68,14 @@ def test_raw_0_255_pixels_train_with_a_warning_that_names_the_range_and_the_fix(
 
 @pytest.mark.slow
 def test_a_divergence_on_raw_pixels_names_the_inputs_and_the_suggested_scaling_trains(tmp_path):
-    """A linear classifier on 32x32 digits in 0..255: its untrained energies trip the guard at step 0. The error
-    says why; the fix it gives (x / 127.5 - 1) trains without a warning."""
+    """A linear classifier on 32x32 digits in 0..255, sampled by steps that grow with the gradient (JEM++'s clipped
+    proximal steps): its untrained energies trip the guard at step 0. The error says why; the fix it gives
+    (x / 127.5 - 1) trains without a warning."""
 
     def linear_jem() -> JEM:
         torch.manual_seed(0)
-        return JEM(nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10)), buffer=ReplayBuffer(capacity=256))
+        classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10))
+        return JEM(classifier, sampler=PYLD(n_steps=5, step_size=0.2), buffer=ReplayBuffer(capacity=256))
 
     x, y = _digits(255.0, upsample=4)
     assert input_scale_hint(x) is not None

@@ -65,7 +65,7 @@ def test_print_config_shows_the_defaults_the_configured_classifier_gets(capsys):
             main([*base, f"--model.classifier.norm={norm}", "--print_config"])
         shown[norm] = yaml.safe_load(capsys.readouterr().out)["model"]["buffer"]["init_args"]["init"]
     assert shown["null"]["class_path"].endswith("GaussianInit")
-    assert shown["null"]["init_args"]["uniform_fraction"] == 0.5
+    assert shown["null"]["init_args"]["uniform_fraction"] == 0.2
     assert shown["batch"]["class_path"].endswith("UniformInit")  # BatchNorm: restarts from the box
 
 

@@ -34,7 +34,7 @@ def binary_jem(tmp_path_factory):
     torch.manual_seed(0)
     data = TabularDataModule(dataset="breast_cancer", label_dtype="float", batch_size=64)
     jem = JEM(MLP(30, 1), buffer=ReplayBuffer(capacity=256))
-    trainer(tmp_path_factory.mktemp("fit"), max_steps=150).fit(jem, data)
+    trainer(tmp_path_factory.mktemp("fit"), max_steps=600).fit(jem, data)
     return jem, data
 
 
@@ -50,9 +50,9 @@ def test_a_binary_head_is_evaluated_from_a_datamodule_with_loaders_only(binary_j
         progress=False,
     )
     assert report["num_test"] == len(data.test_dataset)
-    assert report["calibration"]["accuracy"] > 0.9  # measured 0.95-0.97 after 150 steps
+    assert report["calibration"]["accuracy"] > 0.9  # measured 0.97 after 600 steps
     assert 0 < report["temperature_scaling"]["temperature"] < 10  # fitted on the validation loader
-    assert report["ood"]["uniform"]["logpx"]["auroc"] > 0.9  # noise over the standardised features' own box
+    assert report["ood"]["uniform"]["logpx"]["auroc"] > 0.9  # noise over the standardised features' own box (0.95)
     assert any(name.startswith("samples_") for name in report["figures"])  # histograms of rows against data
 
 

@@ -31,7 +31,8 @@ def test_resnet18_wraps_in_one_line_and_trains_with_plain_trainer(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     classifier = torchvision.models.resnet18(num_classes=10)
     jem = JEM(classifier)
-    assert type(jem.sampler).__name__ == "PYLD" and (jem.sampler.n_steps, jem.sampler.step_size) == (5, 0.2)
+    sampler = jem.sampler
+    assert type(sampler).__name__ == "PYLD" and (sampler.n_steps, sampler.step_size, sampler.scale) == (5, 0.05, "rms")
     assert (jem.buffer.capacity, jem.buffer.reinit_prob, type(jem.buffer.init).__name__) == (
         10_000,
         0.05,

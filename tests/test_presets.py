@@ -25,8 +25,8 @@ def test_a_preset_fills_what_was_left_at_its_default_and_explicit_values_win():
 
 
 def test_an_explicit_value_equal_to_the_default_wins_over_the_preset():
-    jem = JEM(TinyMLP(), preset="jempp", weights={"px": 0.1}, lr=1e-3)  # 0.1 is jemkit's default px weight
-    assert jem.weights["px"] == 0.1 and jem.hparams.weights["px"] == 0.1
+    jem = JEM(TinyMLP(), preset="jempp", weights={"px": 0.05}, lr=1e-3)  # 0.05 is jemkit's default px weight
+    assert jem.weights["px"] == 0.05 and jem.hparams.weights["px"] == 0.05
     merged = JEM(TinyMLP(), preset="jem", weights={"energy_l2": 0.5})  # weights merge key by key
     assert merged.weights == {"ce": 1.0, "px": 1.0, "pxy": 0.0, "energy_l2": 0.5, "margin": 0.0}
 

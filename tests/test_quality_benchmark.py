@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from jemkit.sampling import SOURCES
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ holds scripts
 import quality
 
@@ -57,7 +59,9 @@ def test_training_from_scratch_writes_json_and_markdown(tmp_path, monkeypatch):
     merged = quality.main(["--from_json", f"{out}.json", "--out", str(tmp_path / "merged")])
     assert (tmp_path / "merged.md").read_text() == table
     assert merged["summary"] == result["summary"]
-    assert sorted(p.name for p in dump.iterdir()) == ["openset-default-seed0.pt", "openset-plain-seed0.pt"]
+    grids = [f"{source}_openset-{config}-seed0.png" for config in ("default", "plain") for source in SOURCES]
+    expected = sorted([*grids, "openset-default-seed0.pt", "openset-plain-seed0.pt"])
+    assert sorted(p.name for p in dump.iterdir()) == expected  # per-sample scores, and sample grids of each source
     # rescored from the dumped per-sample scores: the same AUROCs, and a rule added later is measured too
     monkeypatch.setitem(quality.FUSIONS, "logpx+msp", ("sum", ("logpx", "msp")))
     rescored = quality.main(["--from_json", f"{out}.json", "--rescore", str(dump)])

@@ -28,7 +28,7 @@ FINETUNE_RECIPES = {"digits_finetune.yaml", "finetune_resnet18_cifar10.yaml"}  #
 
 
 def test_every_recipe_is_listed_here_or_tested_elsewhere():
-    expected = {BASE, *GPU_RECIPES, *FOLLOW_UP_RECIPES, *FINETUNE_RECIPES, "digits.yaml"}
+    expected = {BASE, *GPU_RECIPES, *FOLLOW_UP_RECIPES, *FINETUNE_RECIPES, "digits.yaml", "fashion_mnist.yaml"}
     assert {p.name for p in RECIPES.glob("*.yaml")} == expected
 
 
@@ -146,3 +146,30 @@ def test_cifar10_recipes_run_end_to_end_on_fake_data(tmp_path, monkeypatch, name
     assert not jem.chains.compiled and jem.channels_last  # compile and bf16 stay opt-in until measured on a GPU
     assert jem.buffer.samples.shape == (32, 3, 32, 32)
     assert list((run / "logs").glob("version_*/events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_the_fashion_mnist_recipe_validates_keeps_best_and_stores_its_chains_in_bytes(tmp_path, monkeypatch):
+    """Tiny IDX files stand in for Debian's package; validation runs within the short run, so best.ckpt exists."""
+    from tests.test_data_idx import write_set
+
+    monkeypatch.chdir(tmp_path)  # the recipe writes under ./runs/fashion_mnist
+    folder = write_set(tmp_path / "idx", gzipped=True, n_train=80, n_test=20)
+    main(
+        [
+            "fit",
+            "-c",
+            str(RECIPES / "fashion_mnist.yaml"),
+            f"--data.init_args.root={folder}",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.val_size=16",
+            "--model.buffer.init_args.capacity=32",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    checkpoints = tmp_path / "runs/fashion_mnist/checkpoints"
+    assert {p.name for p in checkpoints.glob("*.ckpt")} == {"best.ckpt", "last.ckpt"}
+    jem = JEM.load_from_checkpoint(checkpoints / "best.ckpt")
+    assert jem.buffer.samples.dtype == torch.uint8 and jem.buffer.samples.shape == (32, 1, 28, 28)

@@ -74,7 +74,8 @@ class OODMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sets=tuple(self.options.sets), scores=tuple(self.options.scores))
+        sets = None if self.options.sets is None else tuple(self.options.sets)
+        return self._generate_state_key(sets=sets, scores=tuple(self.options.scores))
 
     @staticmethod
     def _split(trainer: pl.Trainer, name: str) -> Dataset | None:

@@ -111,8 +111,8 @@ class Chains:
         x, y = x[finite], y[finite]
         if not self.domain.is_fitted:
             self.domain.fit(x[: self.domain.fit_batches * xs[0].shape[0]])
-        if init_batches:
-            keep = y >= 0
+        keep = y >= 0  # -1: a float label that is not a whole number
+        if init_batches and keep.any():  # no valid label: the first training batch's check names them
             self.buffer.init.fit(self.domain.to_unit(x[keep]), y[keep], num_classes or int(y.max()) + 1)
 
     def prepare(

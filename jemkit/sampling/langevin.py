@@ -255,7 +255,7 @@ class PYLD(SGLD):
     ``scale="rms"`` divides each chain's gradient by its root mean square over the chain's coordinates before the
     step (``x <- clamp(x - step_size * g / rms(g) + noise, low, high)``, as L2 PGD normalises its steps; ``eps`` is
     not used): every chain moves ``step_size`` per step on average, whatever the energy's scale. A JEM whose
-    generative term is light (jemkit's ``px`` 0.1) has small input gradients, and JEM++'s clipped step then barely
+    generative term is light (jemkit's ``px`` 0.05) has small input gradients, and JEM++'s clipped step then barely
     moves its chains: on Fashion-MNIST their samples stayed as far from the data as the restarts they came from
     (``benchmarks/RESULTS.md``).
 
