@@ -210,7 +210,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "jem": lambda: {"preset": "jem"},
     "jempp": lambda: {"preset": "jempp"},
     "sada": lambda: {"preset": "sada"},
-    # candidates measured while choosing the defaults (screens in benchmarks/results/screen*.md; written out in full
+    # candidates measured while choosing the defaults (screens in benchmarks/results/screens/; written out in full
     # so that they keep their meaning when the defaults change)
     "jem-lr1e-3": lambda: _jem_lr1e3(),
     "jem-lr1e-3-l2": lambda: _jem_lr1e3() | {"weights": {"px": 1.0, "energy_l2": 0.1}},
