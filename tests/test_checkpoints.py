@@ -25,3 +25,28 @@ def test_digits_checkpoint_loads_without_arguments_and_meets_its_accuracy():
     # the replay buffer travels with the checkpoint
     assert jem.buffer.samples.shape == (jem.buffer.capacity, 1, 8, 8) and jem.buffer.capacity == 10_000
     assert torch.isfinite(jem.buffer.samples).all()
+
+
+def test_a_card_names_the_best_detector_that_is_not_the_jems_own_and_keeps_the_previous_card(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(CHECKPOINTS.parent / "benchmarks"))
+    import checkpoint_card
+
+    report = {
+        "calibration": {"accuracy": 0.9, "nll": 0.3, "ece": 0.05, "brier": 0.1},
+        "temperature_scaling": {"temperature": 1.5, "ece": 0.02},
+        "ood": {
+            "noise": {"logpx": {"auroc": 0.99}, "fused": {"auroc": 0.98}, "knn": {"auroc": 0.7}, "vim": {"auroc": 0.8}}
+        },
+    }
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"epoch": 3, "global_step": 30}, ckpt)
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    card_path = tmp_path / "card.json"
+    card_path.write_text(json.dumps({"test/acc": 0.5, "previous": {"test/acc": 0.1}}))
+    argv = ["--ckpt", str(ckpt), "--report", str(tmp_path / "report.json"), "--card", str(card_path)]
+    new = checkpoint_card.main([*argv, "--recipe", "r.yaml", "--settings", "s"])
+    assert new["ood_auroc_best_posthoc"] == {"noise": [0.8, "vim"]} and new["ood_auroc_logpx"] == {"noise": 0.99}
+    assert (new["test/acc"], new["test/ece_temperature_scaled"], new["global_step"]) == (0.9, 0.02, 30)
+    assert json.loads(card_path.read_text())["previous"] == {"test/acc": 0.5}  # one level of history
