@@ -56,15 +56,17 @@ class JEM(pl.LightningModule):
     ``forward`` returns the classifier's logits, so a JEM drops in wherever the classifier was used (a one-logit
     binary head ``g(x)`` is read as the two logits ``[-g(x) / 2, g(x) / 2]``). Settings left at ``None`` come from
     ``preset``, else from jemkit's defaults (:func:`jemkit.presets.default_settings`, chosen on
-    ``benchmarks/quality.py``): JEM++'s proximal sampler ``PYLD(n_steps=5, step_size=0.2)``, chains restarted half
-    from per-class Gaussians and half from the input domain's box (from the box only when the classifier has
-    BatchNorm: :func:`jemkit.presets.default_restarts`), ``log p(x)`` at weight 0.1 with an energy
-    regulariser of 0.01, data noise 0.03, Adam at 1e-3. An explicit argument always wins over the preset.
+    ``benchmarks/quality.py``): proximal Langevin steps of a fixed size ``PYLD(n_steps=5, step_size=0.05,
+    scale="rms")``, chains restarted 80% from per-class Gaussians and 20% from the input domain's box (from the box
+    only when the classifier has BatchNorm: :func:`jemkit.presets.default_restarts`), ``log p(x)`` at weight 0.05
+    with an energy regulariser of 0.01, data noise 0.03, Adam at 1e-3. An explicit argument always wins over the
+    preset.
 
     Args:
         classifier: any ``nn.Module`` mapping a batch of inputs to logits (see ``output_key`` for tuple/dict outputs).
-        preset: named settings of a published method (``"jem"``, ``"jempp"``, ``"sada"``, ``"finetune"``; see
-            :mod:`jemkit.presets`) for the arguments left at ``None``; resolved values are recorded in ``hparams``.
+        preset: named settings of a published method (``"jem"``, ``"jempp"``, ``"sada"``) or jemkit's own
+            (``"finetune"``, ``"rows"``; see :mod:`jemkit.presets`) for the arguments left at ``None``; resolved
+            values are recorded in ``hparams``.
         num_classes: number of classes; inferred from the first batch's logits when ``None``.
         classification_loss: the classification term on the energies ``E(x, .)``: ``"ce"`` (cross-entropy at the
             module's temperature) or an EBM loss of :mod:`jemkit.losses` by name or as ``{"name": ..., **params}``.

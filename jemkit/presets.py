@@ -56,7 +56,7 @@ def default_settings(classifier: nn.Module | None = None) -> dict[str, Any]:
     }
 
 
-def default_restarts(classifier: nn.Module | None = None) -> GaussianInit | UniformInit:
+def default_restarts(classifier: nn.Module | None = None, uniform_fraction: float = 0.2) -> GaussianInit | UniformInit:
     """Where the default replay buffer restarts its chains: 80% from per-class Gaussians of the data (near it, so
     that the chains reach data-like samples in their short lives) and 20% from the whole input box, so that no region
     keeps an untrained energy (without them, inverted clothes were ranked likelier than clothes); from the box only
@@ -65,17 +65,18 @@ def default_restarts(classifier: nn.Module | None = None) -> GaussianInit | Unif
     lose contrast under distribution shift were then all given that class (digits with BatchNorm, mean accuracy
     under shift 75.7% with the mixture, 89.2% with box restarts: ``benchmarks/RESULTS.md``, "Under distribution
     shift"). The rule looks at the classifier only, not at ``sampling_mode``: box restarts were measured with
-    train-mode sampling, the mode ``"auto"`` picks for BatchNorm."""
+    train-mode sampling, the mode ``"auto"`` picks for BatchNorm. ``uniform_fraction``: the share of restarts
+    from the box without BatchNorm (the ``rows`` preset: 0.5)."""
     if classifier is not None and not isinstance(classifier, nn.Module):
         raise TypeError(
             f"classifier must be an nn.Module (the built classifier, not its config), got {type(classifier).__name__}"
         )
     if classifier is not None and has_batchnorm(classifier):
         return UniformInit()
-    return GaussianInit(uniform_fraction=0.2)
+    return GaussianInit(uniform_fraction=uniform_fraction)
 
 
-def _jem() -> dict[str, Any]:
+def _jem(classifier: nn.Module | None = None) -> dict[str, Any]:
     """Grathwohl et al. 2020: SGLD 20 x 1.0 with noise 0.01, 10,000 chains with 5% restarts from U(-1, 1), data noise
     0.03, Adam 1e-4 warmed up over 1,000 steps."""
     return {
@@ -88,7 +89,7 @@ def _jem() -> dict[str, Any]:
     }
 
 
-def _jempp() -> dict[str, Any]:
+def _jempp(classifier: nn.Module | None = None) -> dict[str, Any]:
     """Yang & Ji 2021: proximal SGLD (PYLD) with few steps, chains started from per-class Gaussians fitted to the
     data (informative initialisation), samples kept in the data range, the full log p(x) term. The paper trains a
     WideResNet with SGD at 0.1; with jemkit's Adam, 1e-3 is the rate that keeps the classifier's accuracy."""
@@ -101,7 +102,7 @@ def _jempp() -> dict[str, Any]:
     }
 
 
-def _sada() -> dict[str, Any]:
+def _sada(classifier: nn.Module | None = None) -> dict[str, Any]:
     """Yang, Su & Ji 2023 (SADA-JEM): sharpness-aware minimisation of the whole JEM loss, few SGLD steps."""
     return {
         "sampler": SGLD(n_steps=5, step_size=1.0, noise_std=0.01, clip=(-1.0, 1.0)),
@@ -112,7 +113,7 @@ def _sada() -> dict[str, Any]:
     }
 
 
-def _finetune() -> dict[str, Any]:
+def _finetune(classifier: nn.Module | None = None) -> dict[str, Any]:
     """jemkit's settings for a classifier that is already trained, chosen on ``benchmarks/quality.py --finetune``:
     chains that start from per-class Gaussians of the data, never from uniform noise, short proximal chains, and a
     small generative weight (0.03: 0.1 left the fine-tuned digits CNN under-confident)."""
@@ -125,14 +126,34 @@ def _finetune() -> dict[str, Any]:
     }
 
 
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"jem": _jem, "jempp": _jempp, "sada": _sada, "finetune": _finetune}
-"""Preset name -> a function returning fresh settings (new sampler and buffer objects on every call)."""
+def _rows(classifier: nn.Module | None = None) -> dict[str, Any]:
+    """jemkit 0.3's defaults, kept for tabular rows and 1-D signals, where they measured better than 0.4's
+    (``benchmarks/RESULTS.md``, *Current defaults*: wine's ``log p(x)`` 0.972 against noise and 0.900 against
+    permuted rows, where 0.4's gives 0.918 and 0.840): JEM++'s clipped proximal steps, half of the restarts uniform
+    over the input box (a classifier with BatchNorm restarts from the box only, as with the defaults), ``px`` 0.1."""
+    return {
+        "sampler": PYLD(n_steps=5, step_size=0.2, eps=1.0),
+        "buffer": ReplayBuffer(init=default_restarts(classifier, uniform_fraction=0.5)),
+        "weights": {"px": 0.1},
+    }
 
 
-def preset_settings(name: str) -> dict[str, Any]:
-    """The settings of preset ``name`` (fresh objects); ``ValueError`` naming the presets on an unknown name."""
+PRESETS: dict[str, Callable[[nn.Module | None], dict[str, Any]]] = {
+    "jem": _jem,
+    "jempp": _jempp,
+    "sada": _sada,
+    "finetune": _finetune,
+    "rows": _rows,
+}
+"""Preset name -> a function of the classifier (``None``: not known yet) returning fresh settings (new sampler and
+buffer objects on every call)."""
+
+
+def preset_settings(name: str, classifier: nn.Module | None = None) -> dict[str, Any]:
+    """The settings of preset ``name`` for ``classifier`` (fresh objects); ``ValueError`` naming the presets on an
+    unknown name."""
     check_choice("preset", name, sorted(PRESETS))
-    return PRESETS[name]()
+    return PRESETS[name](classifier)
 
 
 def resolve_settings(preset: str | None, given: dict[str, Any], classifier: nn.Module | None = None) -> dict[str, Any]:
@@ -146,7 +167,7 @@ def resolve_settings(preset: str | None, given: dict[str, Any], classifier: nn.M
     unknown = sorted(set(given) - set(SETTINGS))
     if unknown:
         raise ValueError(f"not settings a preset resolves: {unknown}")
-    chosen = preset_settings(preset) if preset is not None else {}
+    chosen = preset_settings(preset, classifier) if preset is not None else {}
     defaults = default_settings(classifier)
     resolved = {
         key: given.get(key) if given.get(key) is not None else chosen.get(key, defaults[key]) for key in SETTINGS
@@ -162,7 +183,7 @@ def preset_config(name: str | None, classifier: nn.Module | None = None) -> dict
     """The settings of preset ``name`` over jemkit's defaults for ``classifier`` (``None``: the defaults alone) as
     plain config (``class_path``/``init_args`` dicts), as YAML would give them."""
     config = {}
-    settings = default_settings(classifier) | (preset_settings(name) if name is not None else {})
+    settings = default_settings(classifier) | (preset_settings(name, classifier) if name is not None else {})
     for key, value in settings.items():
         if isinstance(value, partial):
             path = f"{value.func.__module__}.{value.func.__qualname__}"

@@ -4,8 +4,9 @@ from functools import partial
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
 
-from jemkit import JEM, PYLD, SGLD, GaussianInit, ReplayBuffer
+from jemkit import JEM, PYLD, SGLD, GaussianInit, ReplayBuffer, UniformInit
 from jemkit.optim import SAM
 from jemkit.presets import PRESETS, preset_settings
 from tests.conftest import TinyMLP
@@ -52,7 +53,6 @@ def test_a_subclass_with_a_preset_initialises_once_and_records_its_settings_once
 
 
 def test_a_buffer_given_without_restarts_gets_the_defaults_or_the_presets():
-    from jemkit import UniformInit
     from jemkit.presets import default_restarts
 
     sized = JEM(TinyMLP(), buffer=ReplayBuffer(capacity=500, storage="uint8"))
@@ -212,3 +212,14 @@ def test_the_defaults_and_jempp_train_a_digits_jem_to_a_measured_level(tmp_path,
     assert result["auroc_noise"] > 0.98, result
     if preset is None:  # jempp's full log p(x) term is more under-confident than the defaults' 0.1
         assert result["ece"] < 0.12, result
+
+
+def test_the_rows_preset_is_the_0_3_defaults_with_box_restarts_for_batchnorm():
+    """jemkit 0.3's defaults, which measured better on rows and signals: clipped steps of 0.2, px 0.1, half of the
+    restarts from the box; a BatchNorm classifier restarts from the box only, as with the defaults."""
+    jem = JEM(TinyMLP(), preset="rows")
+    assert (jem.sampler.step_size, jem.sampler.scale, jem.weights["px"]) == (0.2, "clip", 0.1)
+    assert isinstance(jem.buffer.init, GaussianInit) and jem.buffer.init.uniform_fraction == 0.5
+    with_bn = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    assert isinstance(JEM(with_bn, preset="rows").buffer.init, UniformInit)
+    assert JEM(TinyMLP()).buffer.init.uniform_fraction == 0.2  # the defaults keep theirs
