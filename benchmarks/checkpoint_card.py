@@ -48,6 +48,14 @@ def card(report: dict[str, Any], checkpoint: dict[str, Any], recipe: str, comman
     for score in own:
         result[f"ood_auroc_{score}"] = {s: v[score]["auroc"] for s, v in ood.items() if score in v}
     result["ood_auroc_best_posthoc"] = {s: best_posthoc(v, own) for s, v in ood.items()}
+    if "baseline" in report:  # the plain classifier evaluated beside it (--baseline_ckpt): its energy is logpx
+        base = report["baseline"]
+        result["baseline"] = {
+            "test/acc": base["calibration"]["accuracy"],
+            "test/ece_temperature_scaled": base["temperature_scaling"]["ece"],
+            "ood_auroc_energy": {s: v["logpx"]["auroc"] for s, v in base["ood"].items()},
+            "ood_auroc_best_posthoc": {s: best_posthoc(v, own) for s, v in base["ood"].items()},
+        }
     for section in ("robustness", "generative"):
         if section in report:
             result[section] = report[section]

@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -678,6 +678,17 @@ def _baseline(configs: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _jem_configs(summary: dict[str, dict[str, Any]]) -> Iterator[tuple[str, str, dict, dict]]:
+    """``(scenario, config, its summary, the plain classifier's)`` for every trained JEM configuration of a run."""
+    for scenario, configs in summary.items():
+        plain = _baseline(configs)
+        if plain is None:
+            continue
+        for name, c in configs.items():
+            if name not in ("plain", "pretrained") and "acc" in c:
+                yield scenario, name, c, plain
+
+
 def _best(c: dict[str, Any], ood_set: str, scores: tuple[str, ...]) -> tuple[str, float]:
     """``(name, mean AUROC)`` of the best of ``scores`` against ``ood_set`` (picked per set: an oracle choice)."""
     present = [s for s in scores if s in c["auroc"][ood_set]]
@@ -699,34 +710,28 @@ def toolbox_table(summary: dict[str, dict[str, Any]]) -> str:
         "| JEM + best detector | logpx >= best plain - 0.005 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for scenario, configs in summary.items():
-        plain = _baseline(configs)
-        if plain is None:
-            continue
-        for name, c in configs.items():
-            if name in ("plain", "pretrained") or "acc" not in c:
+    for scenario, name, c, plain in _jem_configs(summary):
+        cal.append(
+            f"| {scenario} | {name} | {100 * plain['acc'][0]:.1f} / {100 * c['acc'][0]:.1f} "
+            f"| {100 * plain['ece'][0]:.1f} / {100 * c['ece'][0]:.1f} "
+            f"| {100 * plain['ece_ts'][0]:.1f} / {100 * c['ece_ts'][0]:.1f} "
+            f"| {plain['temperature'][0]:.2f} / {c['temperature'][0]:.2f} |"
+        )
+        for ood_set in OOD_SETS:
+            if ood_set not in c["auroc"] or ood_set not in plain["auroc"]:
                 continue
-            cal.append(
-                f"| {scenario} | {name} | {100 * plain['acc'][0]:.1f} / {100 * c['acc'][0]:.1f} "
-                f"| {100 * plain['ece'][0]:.1f} / {100 * c['ece'][0]:.1f} "
-                f"| {100 * plain['ece_ts'][0]:.1f} / {100 * c['ece_ts'][0]:.1f} "
-                f"| {plain['temperature'][0]:.2f} / {c['temperature'][0]:.2f} |"
+            own, own_auroc = _best(plain, ood_set, SCORES)
+            det, det_auroc = _best(plain, ood_set, POSTHOC_DETECTORS)
+            jem_det, jem_det_auroc = _best(c, ood_set, POSTHOC_DETECTORS)
+            logpx = c["auroc"][ood_set]["logpx"][0]
+            if ood_set in TOOLBOX_SETS:
+                verdict = "yes" if logpx >= max(own_auroc, det_auroc) - 0.005 else "MISSED"
+            else:
+                verdict = "(no target)"
+            ood.append(
+                f"| {scenario} | {name} | {ood_set} | {own_auroc:.3f} ({own}) | {det_auroc:.3f} ({det}) "
+                f"| {logpx:.3f} | {jem_det_auroc:.3f} ({jem_det}) | {verdict} |"
             )
-            for ood_set in OOD_SETS:
-                if ood_set not in c["auroc"] or ood_set not in plain["auroc"]:
-                    continue
-                own, own_auroc = _best(plain, ood_set, SCORES)
-                det, det_auroc = _best(plain, ood_set, POSTHOC_DETECTORS)
-                jem_det, jem_det_auroc = _best(c, ood_set, POSTHOC_DETECTORS)
-                logpx = c["auroc"][ood_set]["logpx"][0]
-                if ood_set in TOOLBOX_SETS:
-                    verdict = "yes" if logpx >= max(own_auroc, det_auroc) - 0.005 else "MISSED"
-                else:
-                    verdict = "(no target)"
-                ood.append(
-                    f"| {scenario} | {name} | {ood_set} | {own_auroc:.3f} ({own}) | {det_auroc:.3f} ({det}) "
-                    f"| {logpx:.3f} | {jem_det_auroc:.3f} ({jem_det}) | {verdict} |"
-                )
     return "\n".join(
         [
             "Calibration: test ECE (15 bins) before and after temperature scaling (T fitted by NLL on the validation "
@@ -875,40 +880,34 @@ def density_table(summary: dict[str, dict[str, Any]]) -> str:
         "| fresh IS / data IS | step cost (plain steps) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for scenario, configs in summary.items():
-        plain = _baseline(configs)
-        if plain is None:
-            continue
-        for name, c in configs.items():
-            if name in ("plain", "pretrained") or "acc" not in c:
+    for scenario, name, c, plain in _jem_configs(summary):
+        for ood_set in OOD_SETS:
+            if ood_set not in c["auroc"] or ood_set not in plain["auroc"]:
                 continue
-            for ood_set in OOD_SETS:
-                if ood_set not in c["auroc"] or ood_set not in plain["auroc"]:
-                    continue
-                energy = plain["auroc"][ood_set]["logpx"][0]
-                cells = []
-                for score in DENSITY_SCORES:
-                    value = c["auroc"][ood_set].get(score, (float("nan"),))[0]
-                    cells.append(f"{value:.3f}{'' if value >= energy - 0.005 else ' miss'}")
-                best, best_auroc = _best(plain, ood_set, ALL_SCORES)
-                fused = c["auroc"][ood_set].get(RECOMMENDED, (float("nan"),))[0]
-                mark = "" if ood_set not in RECOMMENDED_SETS or fused >= best_auroc - 0.005 else " miss"
-                ood.append(
-                    f"| {scenario} | {name} | {ood_set} | {energy:.3f} | {' | '.join(cells)} | {fused:.3f}{mark} "
-                    f"| {best_auroc:.3f} ({best}) |"
-                )
-            cost = c["ms_per_step"][0] / plain["ms_per_step"][0] if plain["ms_per_step"][0] else float("nan")
-            if "samples" not in c:
-                continue
-            q = {source: {k: v[0] for k, v in values.items()} for source, values in c["samples"].items()}
-            fid = [q[source]["fid"] / q["init"]["fid"] for source in ("buffer", "fresh")]
-            inception = [q[source]["is_mean"] / q["data"]["is_mean"] for source in ("buffer", "fresh")]
-            samples.append(
-                f"| {scenario} | {name} "
-                + "".join(f"| {r:.2f}{'' if r <= 1 / 3 else ' miss'} " for r in fid)
-                + "".join(f"| {r:.2f}{'' if r >= 0.7 else ' miss'} " for r in inception)
-                + f"| {cost:.1f} |"
+            energy = plain["auroc"][ood_set]["logpx"][0]
+            cells = []
+            for score in DENSITY_SCORES:
+                value = c["auroc"][ood_set].get(score, (float("nan"),))[0]
+                cells.append(f"{value:.3f}{'' if value >= energy - 0.005 else ' miss'}")
+            best, best_auroc = _best(plain, ood_set, ALL_SCORES)
+            fused = c["auroc"][ood_set].get(RECOMMENDED, (float("nan"),))[0]
+            mark = "" if ood_set not in RECOMMENDED_SETS or fused >= best_auroc - 0.005 else " miss"
+            ood.append(
+                f"| {scenario} | {name} | {ood_set} | {energy:.3f} | {' | '.join(cells)} | {fused:.3f}{mark} "
+                f"| {best_auroc:.3f} ({best}) |"
             )
+        cost = c["ms_per_step"][0] / plain["ms_per_step"][0] if plain["ms_per_step"][0] else float("nan")
+        if "samples" not in c:
+            continue
+        q = {source: {k: v[0] for k, v in values.items()} for source, values in c["samples"].items()}
+        fid = [q[source]["fid"] / q["init"]["fid"] for source in ("buffer", "fresh")]
+        inception = [q[source]["is_mean"] / q["data"]["is_mean"] for source in ("buffer", "fresh")]
+        samples.append(
+            f"| {scenario} | {name} "
+            + "".join(f"| {r:.2f}{'' if r <= 1 / 3 else ' miss'} " for r in fid)
+            + "".join(f"| {r:.2f}{'' if r >= 0.7 else ' miss'} " for r in inception)
+            + f"| {cost:.1f} |"
+        )
     return "\n".join(
         [
             "Density and samples (issue 33), means over seeds. OOD AUROC: the JEM's density scores against the plain "

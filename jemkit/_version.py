@@ -1,3 +1,3 @@
 """The package version, in one place: ``jemkit.__version__`` and the version recorded in checkpoints."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

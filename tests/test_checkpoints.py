@@ -6,8 +6,11 @@ from pathlib import Path
 import torch
 
 from jemkit import JEM, DigitsDataModule
+from jemkit.data import FashionMNISTDataModule
+from jemkit.data.idx import find_idx_folder
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def test_digits_checkpoint_loads_without_arguments_and_meets_its_accuracy():
@@ -50,3 +53,24 @@ def test_a_card_names_the_best_detector_that_is_not_the_jems_own_and_keeps_the_p
     assert new["ood_auroc_best_posthoc"] == {"noise": [0.8, "vim"]} and new["ood_auroc_logpx"] == {"noise": 0.99}
     assert (new["test/acc"], new["test/ece_temperature_scaled"], new["global_step"]) == (0.9, 0.02, 30)
     assert json.loads(card_path.read_text())["previous"] == {"test/acc": 0.5}  # one level of history
+
+
+def test_the_fashion_checkpoint_loads_with_its_compact_buffer_and_meets_its_card():
+    """The checkpoint alone (CI has no IDX files): its uint8 chains, samples drawn from them, a card within a point
+    of its plain baseline. Where Debian's files are installed, the test accuracy the card records is recomputed."""
+    jem = JEM.load_from_checkpoint(CHECKPOINTS / "jem-fashion-mnist.ckpt", map_location="cpu")
+    recorded = json.loads((CHECKPOINTS / "jem-fashion-mnist.json").read_text())
+    assert jem.buffer.samples.dtype == torch.uint8 and jem.buffer.samples.shape == (10_000, 1, 28, 28)
+    assert recorded["test/acc"] >= recorded["baseline"]["test/acc"] - 0.01  # measured 0.880 against 0.887
+    assert (CHECKPOINTS / "jem-fashion-mnist.ckpt").stat().st_size < 10 * 2**20
+    jem.eval()
+    x = jem.sample(64, source="buffer")
+    assert x.shape == (64, 1, 28, 28) and torch.isfinite(x).all()
+    if find_idx_folder([DEBIAN_FASHION_MNIST]) is None:
+        return
+    dm = FashionMNISTDataModule()
+    dm.setup("test")
+    images, labels = dm.test_dataset.tensors
+    with torch.no_grad():
+        accuracy = (jem(images).argmax(1) == labels).float().mean().item()
+    assert abs(accuracy - recorded["test/acc"]) < 1e-6
