@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
 from jemkit._config import _without_weight_loading, import_path
+from jemkit.callbacks.progress import ProgressLines
 from jemkit.checkpoint import load_checkpoint_file, upgraded_hyper_parameters
 from jemkit.divergence import DivergenceError
 from jemkit.losses import objective_weights
@@ -73,6 +74,14 @@ class JEMCLI(LightningCLI):
         except SystemExit:
             sys.stderr.write(f"The model settings recorded in {ckpt_path} do not parse (see above)\n")
             raise
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """LightningCLI's Trainer, plus a line of progress every 100 steps when standard error is not a terminal (a
+        log file, CI): a progress bar written to a file shows nothing until the run ends."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not sys.stderr.isatty() and not any(isinstance(c, ProgressLines) for c in trainer.callbacks):
+            trainer.callbacks.append(ProgressLines())
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Resolve ``{default_root_dir}`` in any string of the config (logger ``save_dir``, checkpoint ``dirpath``):
@@ -322,7 +331,12 @@ def main(args: list[str] | None = None) -> None:
 
             run(argv[1:])
             return
-        JEMCLI(args=argv, parser_kwargs={"epilog": "Also: `jemkit evaluate --help` evaluates a checkpoint."})
+        epilog = {"epilog": "Also: `jemkit evaluate --help` evaluates a checkpoint."}
+        if args is None:  # the console script: LightningCLI reads sys.argv itself (args= beside it would warn)
+            sys.argv[1:] = argv
+            JEMCLI(args=None, parser_kwargs=epilog)
+        else:
+            JEMCLI(args=argv, parser_kwargs=epilog)
     except (ValueError, TypeError, OSError, DivergenceError) as err:
         if debug:
             raise

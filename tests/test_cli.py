@@ -185,3 +185,54 @@ def test_every_recipe_runs_alone_or_names_the_file_that_completes_it(capsys):
         err = capsys.readouterr().err
         completes = "extends a base recipe" in err or "is a base recipe without data" in err
         assert exit_info.value.code == 0 or (completes and "jemkit fit -c" in err), (recipe.name, err[-500:])
+
+
+def test_the_console_script_parses_sys_argv_without_lightnings_args_warning():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.argv = ['jemkit', 'fit', '--help']; from jemkit.cli import main; main()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--trainer" in done.stdout
+    assert "args parameter" not in done.stderr
+
+
+def test_a_piped_run_prints_a_line_of_progress_every_n_steps(tmp_path):
+    import io
+
+    from jemkit import ReplayBuffer
+    from jemkit.callbacks import ProgressLines
+    from tests.helpers import TinyMLP, toy_loader, trainer
+
+    stream = io.StringIO()
+    jem = JEM(TinyMLP(), buffer=ReplayBuffer(capacity=16))
+    trainer(tmp_path, max_steps=5, callbacks=[ProgressLines(every_n_steps=2, stream=stream)]).fit(jem, toy_loader())
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["step", "2/5"], ["step", "4/5"]]
+    assert all("loss" in line and "s/step" in line for line in lines)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ProgressLines(every_n_steps=0)
+
+
+def test_jemkit_fit_adds_progress_lines_when_its_output_is_not_a_terminal(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from jemkit.callbacks import ProgressLines
+    from jemkit.cli import JEMCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, not a terminal
+    cli = JEMCLI(args=["-c", str(RECIPE), "--trainer.max_steps=1"], run=False)
+    assert sum(isinstance(c, ProgressLines) for c in cli.trainer.callbacks) == 1
+
+
+def test_a_report_section_is_switched_off_from_the_command_line():
+    from jemkit.evaluate import RobustnessOptions
+    from jemkit.evaluate.command import build_parser
+
+    parser = build_parser()
+    off = parser.instantiate_classes(parser.parse_args(["--ckpt", "x.ckpt", "--robustness", "false", "--ood", "false"]))
+    assert off["robustness"] is False and off["ood"] is False
+    on = parser.instantiate_classes(parser.parse_args(["--ckpt", "x.ckpt", "--robustness.defense_steps", "3"]))
+    assert isinstance(on["robustness"], RobustnessOptions) and on["robustness"].defense_steps == 3

@@ -68,8 +68,13 @@ def build_parser() -> ArgumentParser:
         help="the plain classifier to compare with: a `jemkit fit` checkpoint (e.g. weights={px: 0}) or the weights "
         "of the JEM's classifier architecture; evaluated the same way, printed side by side",
     )
-    for name, options in SECTIONS.items():
-        parser.add_class_arguments(options, name, help=(options.__doc__ or "").split("\n\n")[0])
+    for name, options in SECTIONS.items():  # on by default; --<name> false switches a section off
+        parser.add_argument(
+            f"--{name}",
+            type=options | bool,
+            default=options(),
+            help=(options.__doc__ or "").split("\n\n")[0] + f" (on; --{name} false: off)",
+        )
     parser.add_argument(
         "--generative",
         type=GenerativeOptions | None,
@@ -103,7 +108,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
-    sections = {name: init[name] for name in SECTIONS}
+    sections = {name: options() if init[name] is True else init[name] for name, options in SECTIONS.items()}
     torch.manual_seed(cfg.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if not Path(cfg.ckpt).is_file():
