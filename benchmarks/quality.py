@@ -906,7 +906,7 @@ def density_table(summary: dict[str, dict[str, Any]]) -> str:
             f"| {scenario} | {name} "
             + "".join(f"| {r:.2f}{'' if r <= 1 / 3 else ' miss'} " for r in fid)
             + "".join(f"| {r:.2f}{'' if r >= 0.7 else ' miss'} " for r in inception)
-            + f"| {cost:.1f} |"
+            + (f"| {cost:.1f} |" if math.isfinite(cost) else "| - |")
         )
     return "\n".join(
         [

@@ -49,12 +49,18 @@ def test_training_from_scratch_writes_json_and_markdown(tmp_path, monkeypatch):
     row = next(line for line in table.splitlines() if line.startswith("| openset | default | heldout |"))
     assert f"{best_plain['heldout']:.3f}" in row
     # the score-rule table: every candidate's AUROC beside the same best plain score, 'miss' where it is below - 0.005
-    rule_rows = [line for line in table.splitlines() if line.startswith("| openset | default | heldout | ")]
+    rules, density = table.split("Score rules")[1].split("Density and samples")
+    rule_rows = [line for line in rules.splitlines() if line.startswith("| openset | default | heldout | ")]
     rule_row = rule_rows[-1].split(" | ")
     assert rule_row[3].startswith(f"{best_plain['heldout']:.3f}")
     for rule, cell in zip(quality.RULE_CANDIDATES, rule_row[4:], strict=True):
         auroc = jem["auroc"]["heldout"][rule][0]
         assert cell.strip(" |") == f"{auroc:.3f}" + ("" if auroc >= best_plain["heldout"] - 0.005 else " miss")
+    # issue 33's table: the JEM's density beside the plain classifier's energy, 'miss' below it - 0.005
+    density_row = next(line for line in density.splitlines() if line.startswith("| openset | default | heldout | "))
+    energy, logpx = plain["auroc"]["heldout"]["logpx"][0], jem["auroc"]["heldout"]["logpx"][0]
+    cells = density_row.split(" | ")
+    assert cells[3] == f"{energy:.3f}" and cells[4] == f"{logpx:.3f}" + ("" if logpx >= energy - 0.005 else " miss")
     # rebuilt from the saved runs alone, the tables are the same
     merged = quality.main(["--from_json", f"{out}.json", "--out", str(tmp_path / "merged")])
     assert (tmp_path / "merged.md").read_text() == table
