@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from jemkit import __version__
+from jemkit.ood.scores import FUSED_RULES
 
 CALIBRATION = ("accuracy", "nll", "ece", "brier")
 
@@ -32,7 +33,7 @@ def best_posthoc(by_score: dict[str, dict[str, float]], own: tuple[str, ...]) ->
 
 def card(report: dict[str, Any], checkpoint: dict[str, Any], recipe: str, command: str, settings: str) -> dict:
     """The card's fields: the recipe, the run's length, calibration, OOD AUROCs, robustness and sample quality."""
-    own = ("logpx", "fused", "logpx_ic")
+    own = ("logpx", *FUSED_RULES)  # the JEM's density and the fused scores built on it
     result: dict[str, Any] = {
         "recipe": recipe,
         "command": command,

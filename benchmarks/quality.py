@@ -68,7 +68,7 @@ from jemkit.metrics.temperature import fit_temperature  # noqa: E402
 from jemkit.models import MLP, SignalCNN, SmallCNN, SmallResNet  # noqa: E402
 from jemkit.ood.detectors import POSTHOC_DETECTORS  # noqa: E402
 from jemkit.ood.pipeline import datamodule_ood_sets  # noqa: E402
-from jemkit.ood.scores import SCORES, PostHocScores, score_batches  # noqa: E402
+from jemkit.ood.scores import FUSED_PARTS, FUSED_RULES, INPUT_PARTS, SCORES, PostHocScores, score_batches  # noqa: E402
 from jemkit.optim import SAM  # noqa: E402
 from jemkit.pictures import sample_pictures  # noqa: E402
 from jemkit.sampling import SOURCES  # noqa: E402
@@ -91,7 +91,7 @@ FUSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "logpx+mahalanobis+knn+rmd": ("sum", ("logpx", "mahalanobis", "knn", "rmd")),
     "logpx+mahalanobis+knn+rmd+vim": ("sum", ("logpx", "mahalanobis", "knn", "rmd", "vim")),
     "mahalanobis+knn": ("sum", ("mahalanobis", "knn")),  # the control: the same fusion without the JEM's density
-    "logpx_ic": ("sum", ("logpx", "complexity")),  # the density corrected for input complexity (Serra et al. 2020)
+    "logpx_ic": ("sum", FUSED_RULES["logpx_ic"]),  # the density corrected for input complexity (Serra et al. 2020)
     "min(logpx,mahalanobis,knn)": ("min", ("logpx", "mahalanobis", "knn")),
 }
 RULE_CANDIDATES = ("logpx", *POSTHOC_DETECTORS, *FUSIONS)  # one rule each, the same for every scenario
@@ -293,44 +293,35 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
         "buffer": ReplayBuffer(capacity=2000, init=GaussianInit(uniform_fraction=0.5)),
     },
     "mix-sign0.05": lambda: {"sampler": PYLD(n_steps=5, step_size=50.0, eps=0.001)},
-    "mix-rms0.05": lambda: {"sampler": _RMSStep(n_steps=5, step_size=0.05)},
-    "mix-rms0.1": lambda: {"sampler": _RMSStep(n_steps=5, step_size=0.1)},
+    "mix-rms0.05": lambda: {"sampler": PYLD(n_steps=5, step_size=0.05, scale="rms")},
+    "mix-rms0.1": lambda: {"sampler": PYLD(n_steps=5, step_size=0.1, scale="rms")},
     "gauss-rms0.05": lambda: {
-        "sampler": _RMSStep(n_steps=5, step_size=0.05),
+        "sampler": PYLD(n_steps=5, step_size=0.05, scale="rms"),
         "buffer": ReplayBuffer(init=GaussianInit()),
     },
     "mix0.2-rms0.05": lambda: {
-        "sampler": _RMSStep(n_steps=5, step_size=0.05),
+        "sampler": PYLD(n_steps=5, step_size=0.05, scale="rms"),
         "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.2)),
     },
     "mix0.2-rms0.05-px0.05": lambda: {
-        "sampler": _RMSStep(n_steps=5, step_size=0.05),
+        "sampler": PYLD(n_steps=5, step_size=0.05, scale="rms"),
         "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.2)),
         "weights": {"px": 0.05},
     },
     "mix0.2-rms0.02": lambda: {
-        "sampler": _RMSStep(n_steps=5, step_size=0.02),
+        "sampler": PYLD(n_steps=5, step_size=0.02, scale="rms"),
         "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.2)),
     },
     "mix0.2-rms0.05-noise": lambda: {
-        "sampler": _RMSStep(n_steps=5, step_size=0.05, noise_std=0.01),
+        "sampler": PYLD(n_steps=5, step_size=0.05, noise_std=0.01, scale="rms"),
         "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.2)),
     },
     "mix0.2-rms0.05-l2-0.1": lambda: {
-        "sampler": _RMSStep(n_steps=5, step_size=0.05),
+        "sampler": PYLD(n_steps=5, step_size=0.05, scale="rms"),
         "buffer": ReplayBuffer(init=GaussianInit(uniform_fraction=0.2)),
         "weights": {"energy_l2": 0.1},
     },
 }
-
-
-class _RMSStep(PYLD):
-    """Screening only: a proximal step of ``step_size`` times the gradient divided by its root mean square over each
-    sample's coordinates, so that chains move the same whatever the energy's scale."""
-
-    def update(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        rms = grad.flatten(1).square().mean(1).sqrt().clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-        return SGLD.update(self, x, grad / rms)
 
 
 def _jem_lr1e3() -> dict[str, Any]:
@@ -436,7 +427,7 @@ def run_one(
     splits = {"val": _capped(dm.val_dataset, cap), "test": test, **ood}
     if dump is not None:
         splits = {"train": _capped(dm.train_dataset, cap), **splits}
-    own = (*SCORES, "complexity")  # the classifier's scores, and the inputs' complexity that logpx_ic reads
+    own = (*SCORES, *INPUT_PARTS)  # the classifier's scores, and the input statistics that logpx_ic reads
     scores = {name: score_batches(jem, loader(d), own, jem.temperature, posthoc=posthoc) for name, d in splits.items()}
     auroc = _aurocs(scores)
     if dump is not None:
@@ -538,7 +529,7 @@ def _rescore(run: dict[str, Any], folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"no dumped scores for {run['scenario']} / {run['config']} / seed {run['seed']}: {path}")
     saved = torch.load(path, weights_only=True)["scores"]
-    base = (*SCORES, "complexity", *POSTHOC_DETECTORS)
+    base = (*SCORES, *INPUT_PARTS, *POSTHOC_DETECTORS)
     scores = {split: {k: v for k, v in values.items() if k in base} for split, values in saved.items()}
     return run | {"auroc": _aurocs(scores)}
 
@@ -861,7 +852,7 @@ def rule_table(summary: dict[str, dict[str, Any]], rules: tuple[str, ...] | None
 
 
 DENSITY_SCORES = ("logpx", "logpx_ic")  # the JEM's density, and the same corrected for input complexity
-RECOMMENDED = "logpx+mahalanobis+knn"  # the report's `fused` score
+RECOMMENDED = "+".join(FUSED_PARTS)  # the report's `fused` score, as FUSIONS names it
 RECOMMENDED_SETS = ("noise", "vflip", "digits", "heldout")  # issue 33: against the best single detector
 
 
@@ -896,9 +887,9 @@ def density_table(summary: dict[str, dict[str, Any]]) -> str:
                 f"| {scenario} | {name} | {ood_set} | {energy:.3f} | {' | '.join(cells)} | {fused:.3f}{mark} "
                 f"| {best_auroc:.3f} ({best}) |"
             )
-        cost = c["ms_per_step"][0] / plain["ms_per_step"][0] if plain["ms_per_step"][0] else float("nan")
         if "samples" not in c:
             continue
+        cost = c["ms_per_step"][0] / plain["ms_per_step"][0] if plain["ms_per_step"][0] else float("nan")
         q = {source: {k: v[0] for k, v in values.items()} for source, values in c["samples"].items()}
         fid = [q[source]["fid"] / q["init"]["fid"] for source in ("buffer", "fresh")]
         inception = [q[source]["is_mean"] / q["data"]["is_mean"] for source in ("buffer", "fresh")]

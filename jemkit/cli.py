@@ -331,12 +331,10 @@ def main(args: list[str] | None = None) -> None:
 
             run(argv[1:])
             return
-        epilog = {"epilog": "Also: `jemkit evaluate --help` evaluates a checkpoint."}
         if args is None:  # the console script: LightningCLI reads sys.argv itself (args= beside it would warn)
             sys.argv[1:] = argv
-            JEMCLI(args=None, parser_kwargs=epilog)
-        else:
-            JEMCLI(args=argv, parser_kwargs=epilog)
+        epilog = {"epilog": "Also: `jemkit evaluate --help` evaluates a checkpoint."}
+        JEMCLI(args=None if args is None else argv, parser_kwargs=epilog)
     except (ValueError, TypeError, OSError, DivergenceError) as err:
         if debug:
             raise
